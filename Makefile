@@ -1,0 +1,22 @@
+# The two fresh-machine commands of the README:
+#   make serve   installs everything into .venv and serves the bundled model_store/
+#   make test    installs everything into .venv and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install serve test bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+serve: install
+	$(BIN)/dgserve serve
+
+test: install
+	$(BIN)/python -m pytest

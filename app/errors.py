@@ -1,0 +1,151 @@
+"""Every error dgserve raises on purpose, in one place.
+
+Each carries the HTTP status and a stable machine-readable ``code``; the API's one
+exception handler turns them into ``{"error": {"code", "message", "request_id"}}``.
+This module is pure Python so the batcher, the store and the CLI can use it without
+pulling in FastAPI or torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DGServeError(Exception):
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+# --- 404 -------------------------------------------------------------------
+
+
+class NotFoundError(DGServeError):
+    status_code = 404
+    code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"model {name!r} is not in the store")
+        self.name = name
+
+
+class VersionNotFoundError(NotFoundError):
+    code = "version_not_found"
+
+    def __init__(self, name: str, version: int | str, available: list[int]) -> None:
+        have = ", ".join(map(str, available)) or "none"
+        super().__init__(f"model {name!r} has no version {version!r} (available: {have})")
+        self.name = name
+        self.version = version
+
+
+class InspectionNotFoundError(NotFoundError):
+    code = "inspection_not_found"
+
+    def __init__(self, inspection_id: str) -> None:
+        super().__init__(f"no inspection record with id {inspection_id!r}")
+
+
+# --- request content ---------------------------------------------------------
+
+
+class UnsupportedMediaTypeError(DGServeError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class PayloadTooLargeError(DGServeError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class InvalidRequestError(DGServeError):
+    status_code = 422
+    code = "invalid_request"
+
+
+class InvalidImageError(DGServeError):
+    status_code = 422
+    code = "invalid_image"
+
+    def __init__(self, message: str, part: str | None = None) -> None:
+        super().__init__(f"part {part!r}: {message}" if part else message)
+        self.part = part
+
+
+class ImageTooLargeError(InvalidImageError):
+    """More pixels than the configured limit: a decompression bomb is refused."""
+
+    code = "image_too_large"
+
+
+# --- capacity and time -------------------------------------------------------
+
+
+class RetryableError(DGServeError):
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+class QueueFullError(RetryableError):
+    code = "overloaded"
+
+
+class NotReadyError(RetryableError):
+    code = "not_ready"
+
+
+class ShuttingDownError(RetryableError):
+    code = "shutting_down"
+
+
+class DeadlineExceededError(DGServeError):
+    status_code = 504
+    code = "deadline_exceeded"
+
+
+# --- model store (raised at load time; a bad store never crashes the server) ---
+
+
+class StoreError(DGServeError):
+    code = "store_error"
+
+
+class ManifestError(StoreError):
+    """A manifest that is missing, malformed, or disagrees with its architecture."""
+
+    code = "invalid_manifest"
+
+    def __init__(self, path: Path | str, field: str | None, message: str) -> None:
+        where = f"{path}" + (f" [{field}]" if field else "")
+        super().__init__(f"{where}: {message}")
+        self.path = str(path)
+        self.field = field
+
+
+class WeightsError(StoreError):
+    """Weights that are missing, corrupt, fail their checksum or do not fit the model."""
+
+    code = "invalid_weights"
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = str(path)

@@ -1,0 +1,93 @@
+"""Plain, serialisable records of the path each image took through a network.
+
+Modules that route (DG-Net stages) or reason over a graph (GloRe units) keep the
+tensors of their last forward pass; ``collect_connectivity`` turns those into one
+``ImageConnectivity`` per image, built only of lists, numbers and strings so the
+server can store and return them as JSON without knowing about torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from torch import nn
+
+
+@dataclass
+class StageConnectivity:
+    """One DG-Net stage for one image.
+
+    ``adjacency[target][source]`` is the weight of edge source→target after
+    thresholding: closed edges are exactly 0. Node 0 is the stage input, nodes
+    1..N the blocks, node N+1 the output node.
+    """
+
+    stage: str
+    nodes: list[str]
+    adjacency: list[list[float]]
+    thresholds: list[float | None]
+    executed: list[bool]
+    open_edges: int
+    possible_edges: int
+
+    @property
+    def active_edge_fraction(self) -> float:
+        return self.open_edges / self.possible_edges if self.possible_edges else 1.0
+
+    @property
+    def skipped_nodes(self) -> int:
+        return sum(1 for ran in self.executed if not ran)
+
+
+@dataclass
+class GloReUnitConnectivity:
+    """One GloRe unit for one image.
+
+    ``adjacency`` is the learned node-interaction matrix A_g (the same for every
+    image); ``projection`` gives, for each location of the unit's input feature map,
+    the graph node that location projects to most strongly.
+    """
+
+    unit: str
+    num_nodes: int
+    adjacency: list[list[float]]
+    projection: list[list[int]]
+
+
+@dataclass
+class ImageConnectivity:
+    stages: list[StageConnectivity] = field(default_factory=list)
+    glore_units: list[GloReUnitConnectivity] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@runtime_checkable
+class ConnectivitySource(Protocol):
+    """A module that recorded connectivity during its last forward pass."""
+
+    def image_connectivity(self, name: str) -> list[StageConnectivity] | list[GloReUnitConnectivity]:
+        """One record per image of the last batch, named ``name``."""
+        ...
+
+
+def collect_connectivity(model: nn.Module, batch_size: int) -> list[ImageConnectivity]:
+    """Gather every routing/graph module's record of the last forward, per image."""
+    images = [ImageConnectivity() for _ in range(batch_size)]
+    for name, module in model.named_modules():
+        if not isinstance(module, ConnectivitySource):
+            continue
+        records = module.image_connectivity(name)
+        if len(records) != batch_size:
+            raise RuntimeError(
+                f"{name} recorded {len(records)} images but the batch had {batch_size}; "
+                "was the model called since?"
+            )
+        for image, record in zip(images, records, strict=True):
+            if isinstance(record, StageConnectivity):
+                image.stages.append(record)
+            else:
+                image.glore_units.append(record)
+    return images
