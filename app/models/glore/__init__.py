@@ -1,0 +1,28 @@
+"""GloRe (Chen et al., CVPR 2019): the Global Reasoning unit and GloRe ResNets.
+
+Importing this package registers the GloRe classification models.
+"""
+
+from dgserve.models.glore import resnet, unit
+from dgserve.models.glore.resnet import (
+    RES3_RES4_PLACEMENT,
+    RES4_PLACEMENT,
+    GloReResNet,
+    GloReStage,
+    build_glore_resnet,
+)
+from dgserve.models.glore.unit import GloReUnit, GloReUnit1d, GloReUnit2d, GloReUnit3d
+
+__all__ = [
+    "RES3_RES4_PLACEMENT",
+    "RES4_PLACEMENT",
+    "GloReResNet",
+    "GloReStage",
+    "GloReUnit",
+    "GloReUnit1d",
+    "GloReUnit2d",
+    "GloReUnit3d",
+    "build_glore_resnet",
+    "resnet",
+    "unit",
+]
