@@ -57,14 +57,14 @@ def resnet_fpn_backbone(body: nn.Module, trainable_layers: int, out_channels: in
     )
 
 
-def _norm(frozen_bn: bool) -> type[nn.Module]:
+def norm_for(frozen_bn: bool) -> type[nn.Module]:
     # Frozen BN suits fine-tuning from ImageNet statistics; training from scratch
     # (the bundled models) needs BN that learns.
     return FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
 
 
 def _dgnet_body(depth: int, frozen_bn: bool, tau_init: float) -> nn.Module:
-    plain = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}[depth](norm_layer=_norm(frozen_bn))
+    plain = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}[depth](norm_layer=norm_for(frozen_bn))
     return dgnet_from_torchvision(plain, tau_init)
 
 
@@ -105,5 +105,5 @@ def fasterrcnn_glore_resnet50_fpn(
     **kwargs: Any,
 ) -> FasterRCNN:
     """Faster R-CNN + FPN on a GloRe ResNet-50 (3 units at Res4, 1/L normalised for any input size)."""
-    body = glore_resnet50(norm_layer=_norm(frozen_bn), normalize=True)
+    body = glore_resnet50(norm_layer=norm_for(frozen_bn), normalize=True)
     return FasterRCNN(resnet_fpn_backbone(body, trainable_backbone_layers), num_classes=num_classes, **kwargs)

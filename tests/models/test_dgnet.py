@@ -34,7 +34,7 @@ def varied_images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 def test_seven_backbones_registered() -> None:
-    assert DGNET_MODELS == sorted(
+    assert set(DGNET_MODELS) >= set(
         [
             "dgnet_mobilenet_v2",
             "dgnet_regnet_x_1_6gf",

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from dgserve.models.glore.unit import GloReUnit2d
+from dgserve.models.widths import set_widths
 from dgserve.models.registry import register_model
 
 Placement = Mapping[str, Sequence[int]]
@@ -98,11 +99,14 @@ class GloReResNet(ResNet):
         normalize: bool = False,
         num_nodes: Callable[[int], int] | None = None,
         num_states: Callable[[int], int] | None = None,
+        widths: Sequence[int] | None = None,
         **resnet_kwargs: Any,
     ) -> None:
         super().__init__(
             block, list(layers), num_classes=num_classes, norm_layer=norm_layer, **resnet_kwargs
         )
+        if widths is not None:
+            set_widths(self, block, layers, widths)
         self.placement: dict[str, tuple[int, ...]] = {}
         for stage_name, indices in placement.items():
             if stage_name not in _STAGES:
@@ -153,6 +157,7 @@ def build_glore_resnet(
     normalize: bool = False,
     num_nodes: Callable[[int], int] | None = None,
     num_states: Callable[[int], int] | None = None,
+    widths: Sequence[int] | None = None,
     **resnet_kwargs: Any,
 ) -> GloReResNet:
     """Any torchvision-style ResNet with GloRe units; see ``GloReResNet``."""
@@ -165,6 +170,7 @@ def build_glore_resnet(
         normalize=normalize,
         num_nodes=num_nodes,
         num_states=num_states,
+        widths=widths,
         **resnet_kwargs,
     )
 
