@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test bench
+.PHONY: install serve test container-test
 
 install: $(VENV)/.installed
 
@@ -20,3 +20,7 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# Builds the image and runs the compose stack end to end with podman or docker (slow; see docs/deploy.md).
+container-test:
+	scripts/container_test.sh
