@@ -1,0 +1,76 @@
+"""GET /v1/inspections/{id} and GET /v1/inspections: stored records, one or many.
+
+The listing is for analysis: ``Accept: application/x-ndjson`` or ``?format=ndjson``
+streams one JSON record per line as the store pages them in, so a long listing never
+sits in memory whole; plain JSON (the default) gathers them into one document.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from dgserve.api import get_state
+from dgserve.api.schemas import ErrorResponse, InspectionListResponse, InspectionRecordResponse
+from dgserve.errors import InvalidRequestError
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["inspections"])
+
+NDJSON = "application/x-ndjson"
+
+
+@router.get(
+    "/v1/inspections/{inspection_id}",
+    response_model=InspectionRecordResponse,
+    responses={404: {"model": ErrorResponse, "description": "no record with this id (or it has expired)"}},
+)
+async def get_inspection(
+    request: Request, inspection_id: Annotated[str, Path(max_length=128)]
+) -> Response:
+    """The stored record of one image: model, version, time, predictions, full connectivity."""
+    record = await get_state(request).require_inspections().get(inspection_id)
+    return Response(json.dumps(record.to_dict()), media_type="application/json")
+
+
+@router.get(
+    "/v1/inspections",
+    response_model=InspectionListResponse,
+    responses={
+        200: {"content": {NDJSON: {"schema": {"$ref": "#/components/schemas/InspectionRecordResponse"}}}},
+        422: {"model": ErrorResponse},
+    },
+)
+async def list_inspections(
+    request: Request,
+    model: Annotated[str | None, Query(description="only this model's records")] = None,
+    since: Annotated[datetime | None, Query(description="ISO 8601; records created at or after (UTC if no offset)")] = None,
+    limit: Annotated[int, Query(ge=1, description="most records (at most DGSERVE_INSPECTION_LIST_MAX)")] = 100,
+    connectivity: Annotated[bool, Query(description="false leaves connectivity out ({}), much smaller")] = True,
+    format: Annotated[Literal["json", "ndjson"] | None, Query(description="ndjson: one record per line")] = None,
+) -> Response:
+    """Records oldest first (created_at, then id)."""
+    state = get_state(request)
+    cap = state.settings.inspection_list_max
+    if limit > cap:
+        raise InvalidRequestError(f"limit {limit} is over the maximum of {cap}; page with ?since=")
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    records = state.require_inspections().list(
+        model=model, since=since, limit=limit, include_connectivity=connectivity
+    )
+    if format == "ndjson" or (format is None and NDJSON in request.headers.get("accept", "")):
+        return StreamingResponse(_ndjson(records), media_type=NDJSON)
+    lines = [json.dumps(record.to_dict()) async for record in records]
+    return Response(f'{{"records":[{",".join(lines)}],"count":{len(lines)}}}', media_type="application/json")
+
+
+async def _ndjson(records: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    async for record in records:
+        yield (json.dumps(record.to_dict()) + "\n").encode()

@@ -1,0 +1,34 @@
+"""``run(settings)``: serve the app with uvicorn (what ``dgserve serve`` calls)."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from dgserve.api.app import create_app
+from dgserve.settings import Settings
+
+__all__ = ["run"]
+
+# Long enough for in-flight batches of a big model on a CPU to finish.
+GRACEFUL_SHUTDOWN_S = 30
+
+
+def run(settings: Settings) -> None:
+    """Build the app from ``settings`` and serve it until interrupted."""
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        # Request ids and client addresses come from our own middleware and settings;
+        # a proxy's X-Forwarded-* is only honoured when configured via uvicorn itself.
+        proxy_headers=False,
+    )
+    uvicorn.Server(config).run()

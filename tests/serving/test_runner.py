@@ -1,0 +1,169 @@
+"""ModelWorker: batched results equal single-image ones, failures stay in their batch,
+detections map back to the original pixels, and records reach the sink."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from dgserve.models.registry import create_model
+from dgserve.serving.batcher import DynamicBatcher
+from dgserve.serving.runner import ImageResult, InferenceItem, ModelWorker, strip_matrices
+from dgserve.store import LoadedModel, Manifest, ModelStore
+
+pytestmark = pytest.mark.timeout(120)
+
+LABELS = ["cat", "dog", "bird"]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    torch.manual_seed(0)
+    store = ModelStore(tmp_path_factory.mktemp("store"))
+    store.save(
+        create_model("dgnet_resnet18", num_classes=3), name="clf", architecture="dgnet_resnet18",
+        arch_kwargs={"num_classes": 3}, labels=LABELS,
+        preprocessing={"input_size": [32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+    )
+    return store.load("clf")
+
+
+@pytest.fixture
+def worker(loaded: LoadedModel) -> Iterator[ModelWorker]:
+    w = ModelWorker(loaded, CPU, name="test-worker")
+    yield w
+    w.close()
+
+
+def items(n: int, seed: int = 0, **kw: Any) -> list[InferenceItem]:
+    gen = torch.Generator().manual_seed(seed)
+    return [InferenceItem(torch.randn(3, 32, 32, generator=gen), (32, 32), **kw) for _ in range(n)]
+
+
+def test_batch_and_single_results_agree(worker: ModelWorker) -> None:
+    batch = items(4)
+    together = worker.infer_batch(batch)
+    for item, joint in zip(batch, together, strict=True):
+        [alone] = worker.infer_batch([item])
+        assert [p["index"] for p in alone.predictions] == [p["index"] for p in joint.predictions]
+        for a, b in zip(alone.predictions, joint.predictions, strict=True):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+        for sa, sb in zip(alone.connectivity["stages"], joint.connectivity["stages"], strict=True):
+            assert sa["executed"] == sb["executed"] and sa["nodes"] == sb["nodes"]
+            assert torch.allclose(torch.tensor(sa["adjacency"]), torch.tensor(sb["adjacency"]), atol=1e-4)
+        assert json.loads(joint.connectivity_json) == joint.connectivity
+
+
+def test_top_k_per_item_and_summaries(worker: ModelWorker) -> None:
+    first, second = items(2)
+    one, three = worker.infer_batch([InferenceItem(first.tensor, (32, 32), top_k=1), InferenceItem(second.tensor, (32, 32), top_k=9)])
+    assert len(one.predictions) == 1 and len(three.predictions) == 3
+    assert sum(p["score"] for p in three.predictions) == pytest.approx(1.0, abs=1e-5)
+    for stage in three.connectivity["stages"]:
+        assert stage["active_edge_fraction"] == stage["open_edges"] / stage["possible_edges"]
+        assert stage["skipped_nodes"] == stage["executed"].count(False)
+    light = strip_matrices(three.connectivity)
+    assert all("adjacency" not in s and "executed" in s for s in light["stages"])
+    assert "adjacency" in three.connectivity["stages"][0]  # the original is untouched
+
+
+class Poisoned(nn.Module):
+    """The real model, except that a batch holding a NaN image raises."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        if bool(torch.isnan(x).any()):
+            raise RuntimeError("poisoned batch")
+        out: Tensor = self.inner(x)
+        return out
+
+
+@pytest.mark.asyncio
+async def test_a_failing_batch_fails_only_its_requests(loaded: LoadedModel) -> None:
+    poisoned = LoadedModel(loaded.manifest, Poisoned(loaded.model), loaded.path)
+    seen: list[int] = []
+
+    def sink(batch: Sequence[InferenceItem], results: list[ImageResult]) -> None:
+        seen.append(len(results))
+        for r in results:
+            r.inspection_id = "stored"
+
+    worker = ModelWorker(poisoned, CPU, name="poisoned", sink=sink)
+    bad = InferenceItem(torch.full((3, 32, 32), float("nan")), (32, 32))
+    good = items(3, seed=1)
+    try:
+        async with DynamicBatcher([worker], max_batch_size=2, max_delay_s=0.5, max_queue_size=8) as batcher:
+            outcomes = await asyncio.gather(
+                *(batcher.submit(item) for item in [bad, *good]), return_exceptions=True
+            )
+            again = await batcher.submit(good[0])  # the worker keeps serving
+    finally:
+        worker.close()
+    assert [type(o).__name__ for o in outcomes] == ["RuntimeError", "RuntimeError", "ImageResult", "ImageResult"]
+    assert "poisoned" in str(outcomes[0]) and outcomes[0] is outcomes[1]
+    assert isinstance(again, ImageResult) and again.inspection_id == "stored"
+    assert seen == [2, 1]  # the sink only sees batches that succeeded
+
+
+class FixedDetector(nn.Module):
+    """Returns the same detections (in its input's coordinates) for every image."""
+
+    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        return [
+            {
+                "boxes": torch.tensor([[0.0, 0.0, 10.0, 20.0], [5.0, 5.0, 150.0, 40.0], [1.0, 1.0, 2.0, 2.0]]),
+                "labels": torch.tensor([1, 2, 1]),
+                "scores": torch.tensor([0.9, 0.6, 0.4]),
+            }
+            for _ in images
+        ]
+
+
+def detection_manifest() -> Manifest:
+    return Manifest.model_validate(
+        {
+            "schema_version": 1, "name": "det", "version": 1, "architecture": "fasterrcnn_dgnet_resnet50_fpn",
+            "task": "detection", "arch_kwargs": {"num_classes": 3}, "labels": ["ball", "box"],
+            "preprocessing": {"input_size": [64, 64], "mean": [0.5] * 3, "std": [0.25] * 3, "resize": "letterbox"},
+            "thresholds": {"score_threshold": 0.5, "max_detections": 5},
+            "weights": {"sha256": "0" * 64}, "created_at": datetime.now(UTC),
+        }
+    )
+
+
+def test_detections_map_back_to_original_pixels() -> None:
+    worker = ModelWorker(LoadedModel(detection_manifest(), FixedDetector(), Path(".")), CPU, name="det")
+    try:
+        # The tensor is the original at half size: boxes double, then clamp to 200 x 100.
+        item = InferenceItem(torch.zeros(3, 50, 100), (100, 200), scale=0.5)
+        strict = InferenceItem(torch.zeros(3, 50, 100), (100, 200), scale=0.5, score_threshold=0.8)
+        default, high = worker.infer_batch([item, strict])
+    finally:
+        worker.close()
+    assert [d["box"] for d in default.predictions] == [[0.0, 0.0, 20.0, 40.0], [10.0, 10.0, 200.0, 80.0]]
+    assert [(d["label"], d["index"]) for d in default.predictions] == [("ball", 1), ("box", 2)]
+    assert [d["score"] for d in high.predictions] == [pytest.approx(0.9)]
+    assert default.connectivity == {"stages": [], "glore_units": []}
+
+
+@pytest.mark.asyncio
+async def test_warm_up_runs_a_batch_without_the_sink(loaded: LoadedModel) -> None:
+    calls: list[int] = []
+    worker = ModelWorker(loaded, CPU, name="warm", sink=lambda batch, results: calls.append(len(results)))
+    try:
+        assert await worker.warm_up() > 0
+    finally:
+        worker.close()
+    assert calls == []
