@@ -117,6 +117,7 @@ def _record_sink(state: AppState, served: ServedModel) -> BatchSink:
                     "predictions": result.predictions,
                 },
                 connectivity=result.connectivity,
+                connectivity_json=result.connectivity_json,
             )
             result.inspection_id = record.id
             await store.put(record)

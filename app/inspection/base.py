@@ -17,7 +17,7 @@ import abc
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -78,6 +78,9 @@ class InspectionRecord:
     created_at: datetime
     prediction: dict[str, Any]
     connectivity: dict[str, Any]
+    # The same connectivity as JSON text, when the producer already has it: a GloRe
+    # record runs to megabytes, and encoding it again would stall the event loop.
+    connectivity_json: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -94,6 +97,7 @@ class InspectionRecord:
         prediction: dict[str, Any],
         connectivity: dict[str, Any],
         created_at: datetime | None = None,
+        connectivity_json: str | None = None,
     ) -> InspectionRecord:
         """A record with a fresh id, created now unless ``created_at`` is given."""
         return cls(
@@ -104,6 +108,7 @@ class InspectionRecord:
             created_at=utc_now() if created_at is None else created_at,
             prediction=prediction,
             connectivity=connectivity,
+            connectivity_json=connectivity_json,
         )
 
     def to_dict(self) -> dict[str, Any]:

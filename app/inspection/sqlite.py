@@ -153,7 +153,7 @@ class _Pending:
             task=record.task,
             created_at_us=_to_us(record.created_at, "created_at"),
             prediction=_dumps(record.prediction),
-            connectivity=_dumps(record.connectivity),
+            connectivity=record.connectivity_json if record.connectivity_json is not None else _dumps(record.connectivity),
         )
 
     @property

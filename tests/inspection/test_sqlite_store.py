@@ -558,3 +558,22 @@ def test_factory_passes_bad_options_to_the_store() -> None:
         open_inspection_store("x.db", max_records=0)
     with pytest.raises(TypeError):
         open_inspection_store("x.db", no_such_option=1)
+
+
+@pytest.mark.asyncio
+async def test_preserialised_connectivity_is_stored_as_given(tmp_path: Path) -> None:
+    """A producer that already has the JSON text is not made to encode it again."""
+    store = SQLiteInspectionStore(tmp_path / "pre.sqlite3")
+    await store.start()
+    try:
+        connectivity = {"stages": [{"adjacency": [[0.0, 1.0], [0.5, 0.0]]}]}
+        text = json.dumps(connectivity)
+        record = InspectionRecord.new(
+            model="m", version=1, task="classification", prediction={}, connectivity=connectivity,
+            connectivity_json=text,
+        )
+        await store.put(record)
+        await store.flush()
+        assert (await store.get(record.id)).connectivity == connectivity
+    finally:
+        await store.close()
