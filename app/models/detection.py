@@ -68,32 +68,27 @@ def _dgnet_body(depth: int, frozen_bn: bool, tau_init: float) -> nn.Module:
     return dgnet_from_torchvision(plain, tau_init)
 
 
-@register_model("fasterrcnn_dgnet_resnet50_fpn", task="detection", family="dgnet")
-def fasterrcnn_dgnet_resnet50_fpn(
-    num_classes: int = 91,
-    *,
-    trainable_backbone_layers: int = 3,
-    frozen_bn: bool = True,
-    tau_init: float = DEFAULT_TAU,
-    **kwargs: Any,
-) -> FasterRCNN:
-    """Faster R-CNN + FPN on a DG-Net ResNet-50."""
-    body = _dgnet_body(50, frozen_bn, tau_init)
-    return FasterRCNN(resnet_fpn_backbone(body, trainable_backbone_layers), num_classes=num_classes, **kwargs)
+def _register_dgnet_detector(depth: int) -> None:
+    name = f"fasterrcnn_dgnet_resnet{depth}_fpn"
+
+    def builder(
+        num_classes: int = 91,
+        *,
+        trainable_backbone_layers: int = 3,
+        frozen_bn: bool = True,
+        tau_init: float = DEFAULT_TAU,
+        **kwargs: Any,
+    ) -> FasterRCNN:
+        body = _dgnet_body(depth, frozen_bn, tau_init)
+        return FasterRCNN(resnet_fpn_backbone(body, trainable_backbone_layers), num_classes=num_classes, **kwargs)
+
+    builder.__name__ = name
+    description = f"Faster R-CNN + FPN on a DG-Net ResNet-{depth}."
+    register_model(name, task="detection", family="dgnet", description=description)(builder)
 
 
-@register_model("fasterrcnn_dgnet_resnet101_fpn", task="detection", family="dgnet")
-def fasterrcnn_dgnet_resnet101_fpn(
-    num_classes: int = 91,
-    *,
-    trainable_backbone_layers: int = 3,
-    frozen_bn: bool = True,
-    tau_init: float = DEFAULT_TAU,
-    **kwargs: Any,
-) -> FasterRCNN:
-    """Faster R-CNN + FPN on a DG-Net ResNet-101."""
-    body = _dgnet_body(101, frozen_bn, tau_init)
-    return FasterRCNN(resnet_fpn_backbone(body, trainable_backbone_layers), num_classes=num_classes, **kwargs)
+for _depth in (50, 101):
+    _register_dgnet_detector(_depth)
 
 
 @register_model("fasterrcnn_glore_resnet50_fpn", task="detection", family="glore")

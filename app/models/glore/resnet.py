@@ -175,128 +175,56 @@ def build_glore_resnet(
     )
 
 
-@register_model("glore_resnet50", task="classification", family="glore")
-def glore_resnet50(
-    num_classes: int = 1000,
-    *,
-    norm_layer: Callable[..., nn.Module] | None = None,
-    normalize: bool = False,
-    **kw: Any,
-) -> GloReResNet:
-    """ResNet-50 with 3 GloRe units at Res4 (GloRe Table 2)."""
-    return build_glore_resnet(
-        Bottleneck,
-        [3, 4, 6, 3],
-        RES4_PLACEMENT,
-        num_classes=num_classes,
-        norm_layer=norm_layer,
-        normalize=normalize,
-        **kw,
-    )
-
-
-@register_model("glore_resnet50_2_3", task="classification", family="glore")
-def glore_resnet50_2_3(
-    num_classes: int = 1000,
-    *,
-    norm_layer: Callable[..., nn.Module] | None = None,
-    normalize: bool = False,
-    **kw: Any,
-) -> GloReResNet:
-    """ResNet-50 with 2 GloRe units at Res3 and 3 at Res4 (GloRe Table 2)."""
-    return build_glore_resnet(
-        Bottleneck,
-        [3, 4, 6, 3],
-        RES3_RES4_PLACEMENT,
-        num_classes=num_classes,
-        norm_layer=norm_layer,
-        normalize=normalize,
-        **kw,
-    )
-
-
-@register_model("glore_resnet101", task="classification", family="glore")
-def glore_resnet101(
-    num_classes: int = 1000,
-    *,
-    norm_layer: Callable[..., nn.Module] | None = None,
-    normalize: bool = False,
-    **kw: Any,
-) -> GloReResNet:
-    """ResNet-101 with 2 GloRe units at Res3 and 3 at Res4."""
-    return build_glore_resnet(
-        Bottleneck,
-        [3, 4, 23, 3],
-        RES3_RES4_PLACEMENT,
-        num_classes=num_classes,
-        norm_layer=norm_layer,
-        normalize=normalize,
-        **kw,
-    )
-
-
-@register_model("glore_resnext101_32x4d", task="classification", family="glore")
-def glore_resnext101_32x4d(
-    num_classes: int = 1000,
-    *,
-    norm_layer: Callable[..., nn.Module] | None = None,
-    normalize: bool = False,
-    **kw: Any,
-) -> GloReResNet:
-    """ResNeXt-101 (32x4d) with 2 GloRe units at Res3 and 3 at Res4 (GloRe Table 2)."""
-    return build_glore_resnet(
-        Bottleneck,
-        [3, 4, 23, 3],
-        RES3_RES4_PLACEMENT,
-        num_classes=num_classes,
-        norm_layer=norm_layer,
-        normalize=normalize,
-        groups=32,
-        width_per_group=4,
-        **kw,
-    )
-
-
 # torchvision has no ResNet-200 builder; [3, 24, 36, 3] Bottlenecks is He et al.'s
 # (2016, "Identity Mappings") depth-200 layout, here in torchvision's post-activation form.
 _RESNET200_LAYERS: Final = (3, 24, 36, 3)
 
 
-@register_model("glore_resnet200", task="classification", family="glore")
-def glore_resnet200(
-    num_classes: int = 1000,
-    *,
-    norm_layer: Callable[..., nn.Module] | None = None,
-    normalize: bool = False,
-    **kw: Any,
-) -> GloReResNet:
-    """ResNet-200 with 3 GloRe units at Res4 (GloRe Table 2)."""
-    return build_glore_resnet(
-        Bottleneck,
-        _RESNET200_LAYERS,
-        RES4_PLACEMENT,
-        num_classes=num_classes,
-        norm_layer=norm_layer,
-        normalize=normalize,
-        **kw,
-    )
+def _registered(
+    name: str,
+    layers: Sequence[int],
+    placement: Placement,
+    description: str,
+    **fixed: Any,
+) -> Callable[..., GloReResNet]:
+    """Register one Table 2 network; ``fixed`` holds ResNet arguments such as ResNeXt's groups."""
+
+    def builder(
+        num_classes: int = 1000,
+        *,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        normalize: bool = False,
+        **kw: Any,
+    ) -> GloReResNet:
+        return build_glore_resnet(
+            Bottleneck, layers, placement, num_classes=num_classes, norm_layer=norm_layer, normalize=normalize,
+            **fixed, **kw,
+        )  # fmt: skip
+
+    builder.__name__ = name
+    builder.__doc__ = description
+    return register_model(name, task="classification", family="glore", description=description)(builder)
 
 
-@register_model("glore_resnet200_2_3", task="classification", family="glore")
-def glore_resnet200_2_3(
-    num_classes: int = 1000,
-    *,
-    norm_layer: Callable[..., nn.Module] | None = None,
-    normalize: bool = False,
-    **kw: Any,
-) -> GloReResNet:
-    """ResNet-200 with 2 GloRe units at Res3 and 3 at Res4 (GloRe Table 2)."""
-    return build_glore_resnet(
-        Bottleneck,
-        _RESNET200_LAYERS,
-        RES3_RES4_PLACEMENT,
-        num_classes=num_classes,
-        norm_layer=norm_layer,
-        normalize=normalize,
-        **kw,
-    )
+glore_resnet50 = _registered(
+    "glore_resnet50", [3, 4, 6, 3], RES4_PLACEMENT, "ResNet-50 with 3 GloRe units at Res4 (GloRe Table 2)."
+)
+glore_resnet50_2_3 = _registered(
+    "glore_resnet50_2_3", [3, 4, 6, 3], RES3_RES4_PLACEMENT,
+    "ResNet-50 with 2 GloRe units at Res3 and 3 at Res4 (GloRe Table 2).",
+)  # fmt: skip
+glore_resnet101 = _registered(
+    "glore_resnet101", [3, 4, 23, 3], RES3_RES4_PLACEMENT, "ResNet-101 with 2 GloRe units at Res3 and 3 at Res4."
+)
+glore_resnext101_32x4d = _registered(
+    "glore_resnext101_32x4d", [3, 4, 23, 3], RES3_RES4_PLACEMENT,
+    "ResNeXt-101 (32x4d) with 2 GloRe units at Res3 and 3 at Res4 (GloRe Table 2).",
+    groups=32, width_per_group=4,
+)  # fmt: skip
+glore_resnet200 = _registered(
+    "glore_resnet200", _RESNET200_LAYERS, RES4_PLACEMENT, "ResNet-200 with 3 GloRe units at Res4 (GloRe Table 2)."
+)
+glore_resnet200_2_3 = _registered(
+    "glore_resnet200_2_3", _RESNET200_LAYERS, RES3_RES4_PLACEMENT,
+    "ResNet-200 with 2 GloRe units at Res3 and 3 at Res4 (GloRe Table 2).",
+)  # fmt: skip
