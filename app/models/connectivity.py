@@ -54,6 +54,22 @@ class GloReUnitConnectivity:
     adjacency: list[list[float]]
     projection: list[list[int]]
 
+    @property
+    def projection_summary(self) -> dict[str, Any]:
+        """How the image's locations spread over the graph nodes, without the full map."""
+        counts: dict[int, int] = {}
+        for row in self.projection:
+            for node in row:
+                counts[node] = counts.get(node, 0) + 1
+        total = sum(counts.values()) or 1
+        top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+        return {
+            "height": len(self.projection),
+            "width": len(self.projection[0]) if self.projection else 0,
+            "nodes_used": len(counts),
+            "top_nodes": [{"node": node, "fraction": n / total} for node, n in top],
+        }
+
 
 @dataclass
 class ImageConnectivity:
@@ -61,7 +77,14 @@ class ImageConnectivity:
     glore_units: list[GloReUnitConnectivity] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-able, with the derived figures a client would otherwise recompute."""
+        return {
+            "stages": [
+                {**asdict(s), "active_edge_fraction": s.active_edge_fraction, "skipped_nodes": s.skipped_nodes}
+                for s in self.stages
+            ],
+            "glore_units": [{**asdict(u), "projection_summary": u.projection_summary} for u in self.glore_units],
+        }
 
 
 @runtime_checkable

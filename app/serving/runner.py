@@ -71,28 +71,6 @@ def strip_matrices(connectivity: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _summarise(connectivity: dict[str, Any]) -> dict[str, Any]:
-    # Derived figures a client would otherwise recompute from the matrices.
-    for stage in connectivity.get("stages", []):
-        possible = stage["possible_edges"]
-        stage["active_edge_fraction"] = stage["open_edges"] / possible if possible else 1.0
-        stage["skipped_nodes"] = sum(1 for ran in stage["executed"] if not ran)
-    for unit in connectivity.get("glore_units", []):
-        counts: dict[int, int] = {}
-        for row in unit["projection"]:
-            for node in row:
-                counts[node] = counts.get(node, 0) + 1
-        total = sum(counts.values()) or 1
-        top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
-        unit["projection_summary"] = {
-            "height": len(unit["projection"]),
-            "width": len(unit["projection"][0]) if unit["projection"] else 0,
-            "nodes_used": len(counts),
-            "top_nodes": [{"node": node, "fraction": n / total} for node, n in top],
-        }
-    return connectivity
-
-
 class ModelWorker:
     """One replica of one model version on one device; an async batch handler."""
 
@@ -142,7 +120,7 @@ class ModelWorker:
             records = collect_connectivity(self.loaded.model, len(items))
         results = []
         for preds, record in zip(predictions, records, strict=True):
-            connectivity = _summarise(record.to_dict())
+            connectivity = record.to_dict()
             results.append(ImageResult(preds, connectivity, json.dumps(connectivity), record))
         return results
 

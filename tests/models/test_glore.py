@@ -273,12 +273,12 @@ def test_placement() -> None:
 def test_bad_placement_rejected() -> None:
     from torchvision.models.resnet import Bottleneck
 
-    from dgserve.models.glore import build_glore_resnet
+    from dgserve.models.glore.resnet import GloReResNet
 
     with pytest.raises(ValueError):
-        build_glore_resnet(Bottleneck, [3, 4, 6, 3], {"layer2": (4,)})
+        GloReResNet(Bottleneck, [3, 4, 6, 3], {"layer2": (4,)})
     with pytest.raises(ValueError):
-        build_glore_resnet(Bottleneck, [3, 4, 6, 3], {"layer5": (0,)})
+        GloReResNet(Bottleneck, [3, 4, 6, 3], {"layer5": (0,)})
 
 
 def test_torchvision_weights_load_with_only_unit_keys_missing() -> None:

@@ -9,7 +9,6 @@ from dgserve.models.glore.resnet import (
     RES4_PLACEMENT,
     GloReResNet,
     GloReStage,
-    build_glore_resnet,
 )
 from dgserve.models.glore.unit import GloReUnit, GloReUnit1d, GloReUnit2d, GloReUnit3d
 
@@ -22,7 +21,6 @@ __all__ = [
     "GloReUnit1d",
     "GloReUnit2d",
     "GloReUnit3d",
-    "build_glore_resnet",
     "resnet",
     "unit",
 ]

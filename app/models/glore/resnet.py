@@ -147,34 +147,6 @@ def _block_out_channels(block: nn.Module) -> int:
     raise TypeError(f"cannot tell the output channels of a {type(block).__name__}")
 
 
-def build_glore_resnet(
-    block: type[BasicBlock | Bottleneck],
-    layers: Sequence[int],
-    placement: Placement,
-    *,
-    num_classes: int = 1000,
-    norm_layer: Callable[..., nn.Module] | None = None,
-    normalize: bool = False,
-    num_nodes: Callable[[int], int] | None = None,
-    num_states: Callable[[int], int] | None = None,
-    widths: Sequence[int] | None = None,
-    **resnet_kwargs: Any,
-) -> GloReResNet:
-    """Any torchvision-style ResNet with GloRe units; see ``GloReResNet``."""
-    return GloReResNet(
-        block,
-        layers,
-        placement,
-        num_classes=num_classes,
-        norm_layer=norm_layer,
-        normalize=normalize,
-        num_nodes=num_nodes,
-        num_states=num_states,
-        widths=widths,
-        **resnet_kwargs,
-    )
-
-
 # torchvision has no ResNet-200 builder; [3, 24, 36, 3] Bottlenecks is He et al.'s
 # (2016, "Identity Mappings") depth-200 layout, here in torchvision's post-activation form.
 _RESNET200_LAYERS: Final = (3, 24, 36, 3)
@@ -196,7 +168,7 @@ def _registered(
         normalize: bool = False,
         **kw: Any,
     ) -> GloReResNet:
-        return build_glore_resnet(
+        return GloReResNet(
             Bottleneck, layers, placement, num_classes=num_classes, norm_layer=norm_layer, normalize=normalize,
             **fixed, **kw,
         )  # fmt: skip
