@@ -1,21 +1,29 @@
 """Serving overhead in one run: raw batched model throughput vs the HTTP server's.
 
 (a) raw: ``model(batch)`` in this process under ``torch.inference_mode`` at batch size
-    B, on tensors already preprocessed (decoding, preprocessing, connectivity
-    collection and JSON are all excluded -- the strictest baseline);
-(b) server: a real ``dgserve serve`` (uvicorn) started by this script on 127.0.0.1 with
-    a free port, the same model and max_batch_size=B, under N concurrent httpx
-    clients each posting one JPEG at a time (the server decodes, preprocesses,
-    batches, records connectivity, stores the inspection record and answers JSON).
+    B, in a thread of its own, on tensors already preprocessed (decoding,
+    preprocessing, connectivity collection and JSON are all excluded -- the strictest
+    baseline);
+(b) server: a real ``dgserve serve`` (uvicorn) started by this script on 127.0.0.1,
+    the same model and max_batch_size=B, under N concurrent keep-alive connections
+    each posting one request at a time (the server decodes, preprocesses, batches,
+    records connectivity, stores the inspection record and answers JSON).
 
-Prints both rates, p50/p99 latency, the mean batch size the server formed, and
-server/raw. Usage::
+This machine may be shared, and its speed drifts over minutes. So the two are measured
+in alternating rounds -- raw, then server, R times, each over the same number of
+images -- and each round's ratio compares measurements taken side by side; the
+summary is the median round. Each round also says where a shortfall comes from: the
+server's own compute time per image (from its metrics) against raw's, the CPU cores
+the server process used, and the load generator's CPU (it shares the cores).
+
+Usage::
 
     python benchmarks/serve_throughput.py --create dgnet_resnet50 --image-size 224 \\
         --batch-size 8 --clients 32 --requests 256
 
 ``--create ARCH`` saves a temporary store entry with random weights (throughput does
 not depend on the weights); otherwise ``--store``/``--model`` name an existing one.
+``--images-per-request K`` posts multipart requests of K images each.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ import argparse
 import asyncio
 import io
 import json
+import math
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -32,19 +42,24 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from dgserve.models.registry import create_model
-from dgserve.store import ModelStore
 from dgserve.serving.images import decode_image, preprocess_classification
 from dgserve.settings import default_model_store
-from dgserve.store.manifest import Preprocessing
+from dgserve.store import LoadedModel, ModelStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import Request, build_post, multipart_body, run_load  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+HOST = "127.0.0.1"
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,15 +67,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--store", type=Path, default=None, help="model store (default: the bundled one; ignored with --create)")
     p.add_argument("--model", default="bench", help="model name in the store")
     p.add_argument("--create", default=None, metavar="ARCH", help="save ARCH with random weights as --model first")
-    p.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients")
-    p.add_argument("--requests", type=int, default=256, help="measured requests (one image each)")
+    p.add_argument("--clients", type=int, default=32, help="concurrent HTTP connections")
+    p.add_argument("--requests", type=int, default=256, help="measured requests per round")
+    p.add_argument("--images-per-request", type=int, default=1, help="K > 1 posts multipart requests of K images")
     p.add_argument("--batch-size", type=int, default=8, help="B: raw batch size and the server's max_batch_size")
     p.add_argument("--image-size", type=int, default=224, help="model input size (square)")
-    p.add_argument("--raw-batches", type=int, default=6, help="timed raw batches")
+    p.add_argument("--rounds", type=int, default=3, help="alternating raw/server rounds")
     p.add_argument("--raw-warmup", type=int, default=3, help="untimed raw batches first (allocator, oneDNN caches)")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="server max_delay_ms")
-    p.add_argument("--show-batches", action="store_true", help="print the server's batch-size histogram")
     p.add_argument("--no-connectivity", action="store_true", help="ask the server for ?connectivity=false")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
     return p.parse_args()
 
 
@@ -69,78 +85,19 @@ def prepare_store(args: argparse.Namespace, tmp: Path) -> Path:
         return args.store or default_model_store()
     # Always a temporary store: a benchmark never writes into a real one.
     root = tmp / "model_store"
-    store = ModelStore(root)
     labels = [f"class_{i}" for i in range(1000)]
-    size = [args.image_size, args.image_size]
-    store.save(
+    ModelStore(root).save(
         create_model(args.create, num_classes=len(labels)), name=args.model, architecture=args.create,
         arch_kwargs={"num_classes": len(labels)}, labels=labels,
-        preprocessing={"input_size": size, "mean": MEAN, "std": STD},
+        preprocessing={"input_size": [args.image_size, args.image_size], "mean": MEAN, "std": STD},
         description="random weights, for benchmarking",
     )
     print(f"created {args.create} as {args.model!r} (random weights) in a temporary store")
     return root
 
 
-def measure_raw(root: Path, args: argparse.Namespace) -> float:
-    torch.set_num_threads(os.cpu_count() or 1)  # what the server's single CPU worker gets
-    loaded = ModelStore(root).load(args.model)
-    if loaded.manifest.task != "classification":
-        raise SystemExit(f"{args.model!r} is a {loaded.manifest.task} model; this benchmark drives /classify")
-    pre: Preprocessing = loaded.manifest.preprocessing
-    # The very images the clients send, preprocessed outside the timing: with DG-Net
-    # the input decides which blocks run, so random tensors would time another path.
-    images = [decode_image(data, max_pixels=10**9) for data in test_images(args)]
-    batch = torch.stack([preprocess_classification(images[i % len(images)], pre) for i in range(args.batch_size)])
-
-    def timed() -> float:
-        with torch.inference_mode():
-            for _ in range(args.raw_warmup):
-                loaded.model(batch)
-            started = time.perf_counter()
-            for _ in range(args.raw_batches):
-                loaded.model(batch)
-            return time.perf_counter() - started
-
-    # In a thread of its own, as the server's worker runs it.
-    with ThreadPoolExecutor(max_workers=1) as executor:
-        took = executor.submit(timed).result()
-    return args.batch_size * args.raw_batches / took
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(root: Path, data_dir: Path, port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
-    batching = {"max_batch_size": args.batch_size, "max_delay_ms": args.max_delay_ms,
-                "max_queue_size": max(256, 4 * args.clients)}
-    env = {**os.environ, "DGSERVE_MODELS": args.model, "DGSERVE_BATCHING": json.dumps({args.model: batching}),
-           "DGSERVE_ACCESS_LOG": "false", "DGSERVE_LOG_LEVEL": "warning"}
-    command = [sys.executable, "-c", "from dgserve.cli import main; main()", "serve", "--host", "127.0.0.1",
-               "--port", str(port), "--store", str(root), "--data-dir", str(data_dir)]
-    return subprocess.Popen(command, env=env)
-
-
-async def wait_ready(base: str, server: subprocess.Popen[bytes], timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(base_url=base) as client:
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise RuntimeError(f"server exited with {server.returncode}")
-            try:
-                if (await client.get("/readyz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.2)
-    raise TimeoutError("server did not become ready")
-
-
-def test_images(args: argparse.Namespace) -> list[bytes]:
-    return [jpeg(args.image_size, seed) for seed in range(8)]
+def test_images(size: int) -> list[bytes]:
+    return [jpeg(size, seed) for seed in range(8)]
 
 
 def jpeg(size: int, seed: int) -> bytes:
@@ -151,42 +108,156 @@ def jpeg(size: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-async def load_test(base: str, args: argparse.Namespace) -> tuple[float, list[float], float]:
-    images = test_images(args)
-    url = f"/v1/models/{args.model}/classify" + ("?connectivity=false" if args.no_connectivity else "")
-    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=600) as client:
+# --- (a) raw ---------------------------------------------------------------------------
 
-        async def post(i: int) -> float:
+
+class RawModel:
+    """The model in this process, timed on the very images the clients send."""
+
+    def __init__(self, root: Path, args: argparse.Namespace) -> None:
+        torch.set_num_threads(os.cpu_count() or 1)  # what the server's single CPU worker gets
+        self.loaded: LoadedModel = ModelStore(root).load(args.model)
+        if self.loaded.manifest.task != "classification":
+            raise SystemExit(f"{args.model!r} is a {self.loaded.manifest.task} model; this benchmark drives /classify")
+        pre = self.loaded.manifest.preprocessing
+        # With DG-Net the input decides which blocks run, so random tensors would time another path.
+        images = [decode_image(data, max_pixels=10**9) for data in test_images(args.image_size)]
+        self.batch = torch.stack(
+            [preprocess_classification(images[i % len(images)], pre) for i in range(args.batch_size)]
+        )
+        # The server's worker runs the model in a thread of its own; so does this.
+        self._executor = ThreadPoolExecutor(max_workers=1)
+        self._executor.submit(self._run, args.raw_warmup).result()
+
+    def _run(self, batches: int) -> float:
+        with torch.inference_mode():
             started = time.perf_counter()
-            response = await client.post(url, content=images[i % len(images)], headers={"content-type": "image/jpeg"})
-            response.raise_for_status()
+            for _ in range(batches):
+                self.loaded.model(self.batch)
             return time.perf_counter() - started
 
-        await asyncio.gather(*(post(i) for i in range(args.clients)))  # warm-up, not measured
-        counter = iter(range(args.requests))
-        latencies: list[float] = []
-
-        async def client_loop() -> None:
-            for i in counter:
-                latencies.append(await post(i))
-
-        started = time.perf_counter()
-        await asyncio.gather(*(client_loop() for _ in range(args.clients)))
-        took = time.perf_counter() - started
-        metrics = (await client.get("/metrics")).text
-    if args.show_batches:
-        print("\n".join(line for line in metrics.splitlines() if line.startswith("dgserve_batch_size_bucket")))
-    total = {"sum": 0.0, "count": 0.0}
-    for line in metrics.splitlines():
-        for key in total:
-            if line.startswith(f"dgserve_batch_size_{key}{{"):
-                total[key] += float(line.rsplit(" ", 1)[1])
-    return args.requests / took, latencies, total["sum"] / max(1.0, total["count"])
+    def images_per_s(self, batches: int) -> float:
+        return batches * self.batch.shape[0] / self._executor.submit(self._run, batches).result()
 
 
-def percentile(values: list[float], q: float) -> float:
+# --- (b) server ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(root: Path, data_dir: Path, port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    batching = {"max_batch_size": args.batch_size, "max_delay_ms": args.max_delay_ms,
+                "max_queue_size": max(256, 4 * args.clients * args.images_per_request)}
+    env = {**os.environ, "DGSERVE_MODELS": args.model, "DGSERVE_BATCHING": json.dumps({args.model: batching}),
+           "DGSERVE_ACCESS_LOG": "false", "DGSERVE_LOG_LEVEL": "warning"}
+    command = [sys.executable, "-c", "from dgserve.cli import main; main()", "serve", "--host", HOST,
+               "--port", str(port), "--store", str(root), "--data-dir", str(data_dir)]
+    return subprocess.Popen(command, env=env)
+
+
+def wait_ready(base: str, server: subprocess.Popen[bytes], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"server exited with {server.returncode}")
+        try:
+            if httpx.get(f"{base}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("server did not become ready")
+
+
+def build_requests(port: int, args: argparse.Namespace) -> list[Request]:
+    images = test_images(args.image_size)
+    path = f"/v1/models/{args.model}/classify" + ("?connectivity=false" if args.no_connectivity else "")
+    k = args.images_per_request
+    out = []
+    for i in range(args.requests):
+        if k == 1:
+            out.append(build_post(HOST, port, path, images[i % len(images)], "image/jpeg"))
+        else:
+            body, content_type = multipart_body([images[(i * k + j) % len(images)] for j in range(k)])
+            out.append(build_post(HOST, port, path, body, content_type, images=k))
+    return out
+
+
+@dataclass
+class ServerSide:
+    """Counters scraped from the server's /metrics and /proc, for deltas over a round."""
+
+    compute_s: float
+    batches: float
+    batched_images: float
+    cpu_s: float | None
+
+    @classmethod
+    def read(cls, base: str, pid: int) -> ServerSide:
+        text = httpx.get(f"{base}/metrics").text
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in ("dgserve_compute_seconds_sum", "dgserve_batch_size_count", "dgserve_batch_size_sum"):
+                    values[sample.name] = values.get(sample.name, 0.0) + sample.value
+        return cls(values.get("dgserve_compute_seconds_sum", 0.0), values.get("dgserve_batch_size_count", 0.0),
+                   values.get("dgserve_batch_size_sum", 0.0), process_cpu_s(pid))
+
+    def __sub__(self, other: ServerSide) -> ServerSide:
+        cpu = None if self.cpu_s is None or other.cpu_s is None else self.cpu_s - other.cpu_s
+        return ServerSide(self.compute_s - other.compute_s, self.batches - other.batches,
+                          self.batched_images - other.batched_images, cpu)
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process, from /proc (None where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+# --- the run ---------------------------------------------------------------------------
+
+
+def one_round(raw_model: RawModel, base: str, port: int, server: subprocess.Popen[bytes],
+              requests: list[Request], args: argparse.Namespace) -> dict[str, float]:
+    images = sum(r.images for r in requests)
+    raw = raw_model.images_per_s(max(1, math.ceil(images / args.batch_size)))
+    before, cpu_before = ServerSide.read(base, server.pid), self_cpu_s()
+    load = asyncio.run(run_load(HOST, port, requests, args.clients))
+    loadgen_cpu = self_cpu_s() - cpu_before
+    side = ServerSide.read(base, server.pid) - before
+    if load.errors:
+        raise RuntimeError(f"{len(load.errors)} requests failed, e.g. {load.errors[0]}")
+    rate = load.images / load.seconds
+    mean_batch = side.batched_images / max(1.0, side.batches)
+    return {
+        "raw_images_per_s": raw,
+        "server_images_per_s": rate,
+        "ratio": rate / raw,
+        "p50_ms": percentile(load.latencies_s, 50) * 1e3,
+        "p99_ms": percentile(load.latencies_s, 99) * 1e3,
+        "mean_batch": mean_batch,
+        "raw_ms_per_image": 1e3 / raw,
+        "server_compute_ms_per_image": 1e3 * side.compute_s / max(1.0, side.batched_images),
+        "server_cores": (side.cpu_s / load.seconds) if side.cpu_s is not None else float("nan"),
+        "loadgen_cores": loadgen_cpu / load.seconds,
+    }
 
 
 def main() -> None:
@@ -194,29 +265,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dgserve-bench-") as tmp_name:
         tmp = Path(tmp_name)
         root = prepare_store(args, tmp)
-        print(f"model {args.model!r}, B={args.batch_size}, {args.image_size}px, {os.cpu_count()} CPU cores, "
-              f"device {'cuda' if torch.cuda.is_available() else 'cpu'}")
-        # Raw is measured before and after the server run; on a shared machine the
-        # spread between the two says how far to trust the ratio.
-        raw_before = measure_raw(root, args)
-        print(f"(a) raw model(batch) throughput:   {raw_before:8.2f} images/s  (preprocessing excluded)")
+        print(f"model {args.model!r}, B={args.batch_size}, {args.image_size}px, {args.clients} connections, "
+              f"{args.requests} requests x {args.images_per_request} image(s) per round, {args.rounds} rounds, "
+              f"{os.cpu_count()} CPU cores, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+        raw_model = RawModel(root, args)
         port = free_port()
         server = start_server(root, tmp / "data", port, args)
+        rounds = []
         try:
-            base = f"http://127.0.0.1:{port}"
-            asyncio.run(wait_ready(base, server))
-            rate, latencies, mean_batch = asyncio.run(load_test(base, args))
+            base = f"http://{HOST}:{port}"
+            wait_ready(base, server)
+            requests = build_requests(port, args)
+            asyncio.run(run_load(HOST, port, requests[: args.clients], args.clients))  # warm-up, not measured
+            for i in range(args.rounds):
+                r = one_round(raw_model, base, port, server, requests, args)
+                rounds.append(r)
+                print(f"round {i + 1}: raw {r['raw_images_per_s']:.2f} img/s | server {r['server_images_per_s']:.2f} "
+                      f"img/s, p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, mean batch {r['mean_batch']:.2f} "
+                      f"| server/raw {r['ratio']:.3f}")
+                print(f"         compute per image: in the server {r['server_compute_ms_per_image']:.2f} ms, "
+                      f"raw {r['raw_ms_per_image']:.2f} ms | server process {r['server_cores']:.2f} cores, "
+                      f"load generator {r['loadgen_cores']:.2f} cores", flush=True)
         finally:
             server.terminate()
             server.wait(timeout=60)
-        raw_after = measure_raw(root, args)
-    raw = (raw_before + raw_after) / 2
-    print(f"    raw again after the server run: {raw_after:8.2f} images/s  (mean {raw:.2f})")
-    print(f"(b) server throughput, {args.clients} clients: {rate:8.2f} images/s  "
-          f"(decode + preprocess + connectivity + JSON included)")
-    print(f"    latency p50 {percentile(latencies, 50) * 1000:.0f} ms, p99 {percentile(latencies, 99) * 1000:.0f} ms, "
-          f"mean batch {mean_batch:.2f}")
-    print(f"server/raw = {rate / raw:.3f}")
+    ratios = sorted(r["ratio"] for r in rounds)
+    median = statistics.median(ratios)
+    print(f"server/raw = {median:.3f} (median of {len(ratios)} rounds; min {ratios[0]:.3f}, max {ratios[-1]:.3f})")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                         "rounds": rounds, "median_ratio": median}, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -24,6 +23,7 @@ from dgserve.api.errors import RequestContextMiddleware, endpoint_of, install_er
 from dgserve.api.routes import health, inference, inspections, metrics, models
 from dgserve.inspection import InspectionRecord, open_inspection_store
 from dgserve.metrics import Metrics
+from dgserve.serving.images import new_decode_pool
 from dgserve.serving.registry import ModelRegistry, ServedModel
 from dgserve.serving.runner import BatchSink, ImageResult, InferenceItem
 from dgserve.settings import Settings
@@ -65,7 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.dgserve
     settings = state.settings
-    state.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="dgserve-decode")
+    state.decode_pool = new_decode_pool(settings.decode_threads)
     store = None
     try:
         await asyncio.to_thread(settings.data_dir.mkdir, parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ server can store and return them as JSON without knowing about torch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
@@ -77,13 +77,28 @@ class ImageConnectivity:
     glore_units: list[GloReUnitConnectivity] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able, with the derived figures a client would otherwise recompute."""
+        """JSON-able, with the derived figures a client would otherwise recompute.
+
+        The lists are shared with the records, not copied (``dataclasses.asdict`` would
+        deep-copy every matrix, per image, on the serving path); the result is meant
+        to be serialised, not mutated.
+        """
         return {
             "stages": [
-                {**asdict(s), "active_edge_fraction": s.active_edge_fraction, "skipped_nodes": s.skipped_nodes}
+                {
+                    "stage": s.stage, "nodes": s.nodes, "adjacency": s.adjacency, "thresholds": s.thresholds,
+                    "executed": s.executed, "open_edges": s.open_edges, "possible_edges": s.possible_edges,
+                    "active_edge_fraction": s.active_edge_fraction, "skipped_nodes": s.skipped_nodes,
+                }
                 for s in self.stages
             ],
-            "glore_units": [{**asdict(u), "projection_summary": u.projection_summary} for u in self.glore_units],
+            "glore_units": [
+                {
+                    "unit": u.unit, "num_nodes": u.num_nodes, "adjacency": u.adjacency, "projection": u.projection,
+                    "projection_summary": u.projection_summary,
+                }
+                for u in self.glore_units
+            ],
         }
 
 
@@ -96,12 +111,25 @@ class ConnectivitySource(Protocol):
         ...
 
 
-def collect_connectivity(model: nn.Module, batch_size: int) -> list[ImageConnectivity]:
-    """Gather every routing/graph module's record of the last forward, per image."""
+def connectivity_sources(model: nn.Module) -> list[tuple[str, ConnectivitySource]]:
+    """The modules of ``model`` that record connectivity, with their qualified names.
+
+    Fixed for a model's lifetime, so a server finds them once: the runtime protocol
+    check behind this costs microseconds per module, every batch, for hundreds of
+    modules.
+    """
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, ConnectivitySource)]
+
+
+def collect_connectivity(
+    model: nn.Module, batch_size: int, sources: list[tuple[str, ConnectivitySource]] | None = None
+) -> list[ImageConnectivity]:
+    """Gather every routing/graph module's record of the last forward, per image.
+
+    ``sources`` is ``connectivity_sources(model)``, when the caller already has it.
+    """
     images = [ImageConnectivity() for _ in range(batch_size)]
-    for name, module in model.named_modules():
-        if not isinstance(module, ConnectivitySource):
-            continue
+    for name, module in connectivity_sources(model) if sources is None else sources:
         records = module.image_connectivity(name)
         if len(records) != batch_size:
             raise RuntimeError(

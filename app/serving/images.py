@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
 import numpy as np
@@ -41,6 +42,7 @@ __all__ = [
     "boxes_to_original",
     "check_content_type",
     "decode_image",
+    "new_decode_pool",
     "preprocess_classification",
     "preprocess_detection",
     "to_rgb",
@@ -80,6 +82,22 @@ torchvision's detector resizes every image itself and never lets the longer side
 exceed its ``max_size``; anything beyond a comfortable margin over that is decoded
 pixels it would throw away, so larger photos are downscaled here, where it is cheap.
 """
+
+
+# --- the pool -------------------------------------------------------------------
+
+
+def new_decode_pool(threads: int) -> ThreadPoolExecutor:
+    """A pool for :func:`decode_image` and the preprocessing, ``threads`` wide.
+
+    Each of its threads keeps torch to one intra-op thread. The pool runs beside the
+    model workers, and a torch op in a decode thread would otherwise start an OpenMP
+    team as wide as the machine: on a small host that oversubscribes the cores and
+    stalls the workers' own teams at their barriers, slowing the model more than the
+    decode gains. One image's resize gains little from a team anyway.
+    """
+    return ThreadPoolExecutor(threads, thread_name_prefix="dgserve-decode", initializer=torch.set_num_threads,
+                              initargs=(1,))
 
 
 # --- content type ---------------------------------------------------------------

@@ -196,7 +196,6 @@ class ModelRegistry:
         """Load every discovered version in turn; failures are recorded, never raised."""
         if not self.discovered:
             await asyncio.to_thread(self.discover)
-        self._set_torch_threads()
         for group in self.groups.values():
             for served in group.versions.values():
                 if served.state == "pending":
@@ -214,14 +213,14 @@ class ModelRegistry:
                     worker.close()
                 served.workers = []
 
-    def _set_torch_threads(self) -> None:
-        if not any(d.type == "cpu" for d in self.devices):
-            return
-        # torch's intra-op pool is process-wide: split the cores among the replicas that
-        # may compute at once on the CPU, so they do not oversubscribe it.
+    def _worker_threads(self, device: torch.device) -> int | None:
+        """torch intra-op threads for one worker on ``device`` (None: leave torch's default)."""
+        if device.type != "cpu":
+            return None
+        # Split the cores among the replicas that may compute at once on the CPU, so
+        # they do not oversubscribe it.
         cpu_replicas = self.settings.instances_per_device * sum(d.type == "cpu" for d in self.devices)
-        threads = self.settings.torch_threads or max(1, (os.cpu_count() or 1) // cpu_replicas)
-        torch.set_num_threads(threads)
+        return self.settings.torch_threads or max(1, (os.cpu_count() or 1) // cpu_replicas)
 
     async def _load(self, served: ServedModel) -> None:
         served.state = "loading"
@@ -233,7 +232,9 @@ class ModelRegistry:
                     loaded = await asyncio.to_thread(self._replica, served, device)
                     sink = self.sink_factory(served) if self.sink_factory is not None else None
                     name = f"{served.name}-v{served.version}-{device}-{len(served.workers)}"
-                    served.workers.append(ModelWorker(loaded, device, name=name, sink=sink))
+                    served.workers.append(ModelWorker(
+                        loaded, device, name=name, sink=sink, threads=self._worker_threads(device)
+                    ))
             served.manifest = served.workers[0].manifest
             served.graph = describe_graph(served.workers[0].loaded.model)
             if self.settings.warmup:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dgserve.models.connectivity import ImageConnectivity, collect_connectivity
+from dgserve.models.connectivity import ImageConnectivity, collect_connectivity, connectivity_sources
 from dgserve.serving.images import boxes_to_original
 from dgserve.store import LoadedModel, Manifest
 
@@ -74,7 +74,15 @@ def strip_matrices(connectivity: dict[str, Any]) -> dict[str, Any]:
 class ModelWorker:
     """One replica of one model version on one device; an async batch handler."""
 
-    def __init__(self, loaded: LoadedModel, device: torch.device, *, name: str, sink: BatchSink | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: torch.device,
+        *,
+        name: str,
+        sink: BatchSink | None = None,
+        threads: int | None = None,
+    ) -> None:
         self.loaded = loaded
         self.manifest: Manifest = loaded.manifest
         self.device = device
@@ -82,7 +90,15 @@ class ModelWorker:
         self.sink = sink
         # One thread per replica: the replica's forward state is not thread-safe, and
         # the event loop must never run a forward itself.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        # torch's OpenMP team size is a per-thread setting: fixing it in the worker's own
+        # thread keeps it whatever other threads (the decode pool) set for themselves.
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix=name,
+            initializer=None if threads is None else torch.set_num_threads,
+            initargs=() if threads is None else (threads,),
+        )
+        self._sources = connectivity_sources(loaded.model)
         self._cuda = device.type == "cuda"
         # A stream per worker lets several instances on one GPU overlap their copies
         # and kernels instead of queueing on the device's default stream.
@@ -117,7 +133,7 @@ class ModelWorker:
                 predictions = self._classify(items)
             else:
                 predictions = self._detect(items)
-            records = collect_connectivity(self.loaded.model, len(items))
+            records = collect_connectivity(self.loaded.model, len(items), self._sources)
         results = []
         for preds, record in zip(predictions, records, strict=True):
             connectivity = record.to_dict()

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from dgserve.models.registry import create_model
 from dgserve.serving.batcher import DynamicBatcher
+from dgserve.serving.images import new_decode_pool
 from dgserve.serving.runner import ImageResult, InferenceItem, ModelWorker, strip_matrices
 from dgserve.store import LoadedModel, Manifest, ModelStore
 
@@ -167,3 +168,22 @@ async def test_warm_up_runs_a_batch_without_the_sink(loaded: LoadedModel) -> Non
     finally:
         worker.close()
     assert calls == []
+
+
+def test_worker_and_decode_threads_keep_their_own_torch_thread_counts(loaded: LoadedModel) -> None:
+    # The decode pool pins its threads to one torch thread; a worker created before or
+    # after it must keep the count it was given, and this thread must keep its own.
+    before = torch.get_num_threads()
+    early = ModelWorker(loaded, CPU, name="early", threads=2)
+    pool = new_decode_pool(2)
+    late = ModelWorker(loaded, CPU, name="late", threads=3)
+    try:
+        assert [pool.submit(torch.get_num_threads).result() for _ in range(4)] == [1, 1, 1, 1]
+        assert early._executor.submit(torch.get_num_threads).result() == 2
+        assert late._executor.submit(torch.get_num_threads).result() == 3
+        assert torch.get_num_threads() == before
+    finally:
+        pool.shutdown()
+        early.close()
+        late.close()
+        torch.set_num_threads(before)  # the global default new threads inherit

@@ -146,21 +146,22 @@ class DGStage(nn.Module):
         if self.last_adjacency is None or self.last_executed is None:
             raise RuntimeError(f"stage {name} has not run yet")
         adj = self.last_adjacency.cpu()
-        ran = self.last_executed.cpu()
         open_edges = (adj[:, 2:, 1:] > 0).sum(dim=(1, 2)).tolist()
         thresholds: list[float | None] = [None, *self.tau.detach().cpu().tolist(), None]
         nodes = self.node_names
+        # One tolist() per batch, not per image: on a small model this conversion is a
+        # visible share of the time the worker holds the GIL.
         return [
             StageConnectivity(
                 stage=name,
                 nodes=nodes,
-                adjacency=adj[b].tolist(),
+                adjacency=matrix,
                 thresholds=thresholds,
-                executed=ran[b].tolist(),
-                open_edges=int(open_edges[b]),
+                executed=ran,
+                open_edges=int(opened),
                 possible_edges=self.possible_edges,
             )
-            for b in range(adj.shape[0])
+            for matrix, ran, opened in zip(adj.tolist(), self.last_executed.cpu().tolist(), open_edges, strict=True)
         ]
 
     def gated_edge_weights(self) -> list[Tensor]:
