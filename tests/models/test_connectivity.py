@@ -17,22 +17,22 @@ from dgserve.models.connectivity import (
 from dgserve.models.registry import create_model
 
 
+def _after_one_forward(arch: str, batch: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=4).eval()
+    with torch.inference_mode():
+        model(torch.randn(batch, 3, 64, 64))
+    return model
+
+
 @pytest.fixture(scope="module")
 def dgnet() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = create_model("dgnet_resnet18_slim", num_classes=4).eval()
-    with torch.inference_mode():
-        model(torch.randn(3, 3, 64, 64))
-    return model
+    return _after_one_forward("dgnet_resnet18_slim", 3)
 
 
 @pytest.fixture(scope="module")
 def glore() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = create_model("glore_resnet18_slim", num_classes=4).eval()
-    with torch.inference_mode():
-        model(torch.randn(2, 3, 64, 64))
-    return model
+    return _after_one_forward("glore_resnet18_slim", 2)
 
 
 def test_sources_are_the_routing_and_graph_modules(dgnet: torch.nn.Module, glore: torch.nn.Module) -> None:
