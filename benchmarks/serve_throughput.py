@@ -76,6 +76,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--raw-warmup", type=int, default=3, help="untimed raw batches first (allocator, oneDNN caches)")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="server max_delay_ms")
     p.add_argument("--no-connectivity", action="store_true", help="ask the server for ?connectivity=false")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device for raw and for the server (default: cuda when there is one)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
     return p.parse_args()
 
@@ -116,15 +118,17 @@ class RawModel:
 
     def __init__(self, root: Path, args: argparse.Namespace) -> None:
         torch.set_num_threads(os.cpu_count() or 1)  # what the server's single CPU worker gets
-        self.loaded: LoadedModel = ModelStore(root).load(args.model)
+        self.device = torch.device(args.device)
+        self.loaded: LoadedModel = ModelStore(root).load(args.model, device=self.device)
         if self.loaded.manifest.task != "classification":
             raise SystemExit(f"{args.model!r} is a {self.loaded.manifest.task} model; this benchmark drives /classify")
         pre = self.loaded.manifest.preprocessing
         # With DG-Net the input decides which blocks run, so random tensors would time another path.
         images = [decode_image(data, max_pixels=10**9) for data in test_images(args.image_size)]
+        # Already on the device: raw excludes the host-to-device copy the server makes.
         self.batch = torch.stack(
             [preprocess_classification(images[i % len(images)], pre) for i in range(args.batch_size)]
-        )
+        ).to(self.device)
         # The server's worker runs the model in a thread of its own; so does this.
         self._executor = ThreadPoolExecutor(max_workers=1)
         self._executor.submit(self._run, args.raw_warmup).result()
@@ -134,6 +138,8 @@ class RawModel:
             started = time.perf_counter()
             for _ in range(batches):
                 self.loaded.model(self.batch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             return time.perf_counter() - started
 
     def images_per_s(self, batches: int) -> float:
@@ -152,8 +158,9 @@ def free_port() -> int:
 def start_server(root: Path, data_dir: Path, port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
     batching = {"max_batch_size": args.batch_size, "max_delay_ms": args.max_delay_ms,
                 "max_queue_size": max(256, 4 * args.clients * args.images_per_request)}
-    env = {**os.environ, "DGSERVE_MODELS": args.model, "DGSERVE_BATCHING": json.dumps({args.model: batching}),
-           "DGSERVE_ACCESS_LOG": "false", "DGSERVE_LOG_LEVEL": "warning"}
+    env = {**os.environ, "DGSERVE_MODELS": args.model, "DGSERVE_DEVICES": args.device,
+           "DGSERVE_BATCHING": json.dumps({args.model: batching}), "DGSERVE_ACCESS_LOG": "false",
+           "DGSERVE_LOG_LEVEL": "warning"}
     command = [sys.executable, "-c", "from dgserve.cli import main; main()", "serve", "--host", HOST,
                "--port", str(port), "--store", str(root), "--data-dir", str(data_dir)]
     return subprocess.Popen(command, env=env)
@@ -267,7 +274,8 @@ def main() -> None:
         root = prepare_store(args, tmp)
         print(f"model {args.model!r}, B={args.batch_size}, {args.image_size}px, {args.clients} connections, "
               f"{args.requests} requests x {args.images_per_request} image(s) per round, {args.rounds} rounds, "
-              f"{os.cpu_count()} CPU cores, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+              f"{os.cpu_count()} CPU cores, device {args.device}"
+              + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else ""))
         raw_model = RawModel(root, args)
         port = free_port()
         server = start_server(root, tmp / "data", port, args)

@@ -1,0 +1,113 @@
+"""The CUDA path: workers on a GPU give the CPU's answers, through the real app too.
+
+Skipped where no CUDA device is present (the CI machine); run them on a GPU host with
+``.venv/bin/python -m pytest tests/serving/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dgserve.data.scenes import render_classification
+from dgserve.serving.runner import InferenceItem, ModelWorker
+from dgserve.serving.images import decode_image, preprocess_classification, preprocess_detection
+from dgserve.settings import Settings, default_model_store
+from dgserve.store import ModelStore
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.timeout(300),
+]
+
+STORE = default_model_store()
+CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _items(name: str, n: int) -> list[InferenceItem]:
+    manifest = ModelStore(STORE).load(name).manifest
+    out = []
+    for i in range(n):
+        image, _ = render_classification(7, i, manifest.preprocessing.input_size[0])
+        img = decode_image(_png(image), max_pixels=10**8)
+        if manifest.task == "classification":
+            out.append(InferenceItem(preprocess_classification(img, manifest.preprocessing), (img.height, img.width)))
+        else:
+            tensor, scale = preprocess_detection(img, manifest.preprocessing)
+            out.append(InferenceItem(tensor, (img.height, img.width), scale=scale))
+    return out
+
+
+@pytest.mark.parametrize("name", ["shapes-dgnet", "shapes-glore", "shapes-detector"])
+def test_gpu_worker_matches_cpu_worker(name: str) -> None:
+    store = ModelStore(STORE)
+    cpu = ModelWorker(store.load(name, device=CPU), CPU, name="cpu")
+    gpu = ModelWorker(store.load(name, device=GPU), GPU, name="gpu")
+    try:
+        batch = _items(name, 4)
+        on_cpu, on_gpu = cpu.infer_batch(batch), gpu.infer_batch(batch)
+    finally:
+        cpu.close()
+        gpu.close()
+    for a, b in zip(on_cpu, on_gpu, strict=True):
+        if "box" not in (a.predictions[0] if a.predictions else {}):
+            assert [p["index"] for p in a.predictions] == [p["index"] for p in b.predictions]
+            for pa, pb in zip(a.predictions, b.predictions, strict=True):
+                assert pa["score"] == pytest.approx(pb["score"], abs=1e-3)
+        else:
+            assert len(a.predictions) == len(b.predictions)
+            for pa, pb in zip(a.predictions, b.predictions, strict=True):
+                assert pa["label"] == pb["label"]
+                assert pa["box"] == pytest.approx(pb["box"], abs=1.0)
+        # Which edges close may flip only for weights within float noise of τ.
+        for sa, sb in zip(a.connectivity["stages"], b.connectivity["stages"], strict=True):
+            assert sa["executed"] == sb["executed"]
+            assert torch.allclose(torch.tensor(sa["adjacency"]), torch.tensor(sb["adjacency"]), atol=1e-3)
+
+
+def test_gpu_worker_copies_from_pinned_memory_on_its_own_stream() -> None:
+    worker = ModelWorker(ModelStore(STORE).load("shapes-dgnet", device=GPU), GPU, name="gpu")
+    try:
+        assert worker._stream is not None and worker._stream != torch.cuda.default_stream(GPU)
+        moved = worker._to_device(torch.ones(3, 8, 8))
+        assert moved.device == GPU
+        [result] = worker.infer_batch(_items("shapes-dgnet", 1))
+        assert result.connectivity["stages"]
+    finally:
+        worker.close()
+
+
+def test_app_serves_on_the_gpu(tmp_path: Path) -> None:
+    import httpx
+
+    from dgserve.api.app import create_app
+
+    async def scenario() -> None:
+        app = create_app(Settings(model_store=STORE, data_dir=tmp_path, devices="cuda:0"))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
+                while (await client.get("/readyz")).status_code != 200:
+                    await asyncio.sleep(0.05)
+                image, _ = render_classification(7, 0, 64)
+                response = await client.post("/v1/models/shapes-dgnet/classify", content=_png(image),
+                                             headers={"content-type": "image/png"})  # fmt: skip
+                assert response.status_code == 200, response.text
+                result = response.json()["results"][0]
+                record = (await client.get(f"/v1/inspections/{result['id']}")).json()
+                assert record["connectivity"] == result["connectivity"]
+                described = (await client.get("/v1/models/shapes-dgnet")).json()
+                assert "cuda" in str(described)
+
+    asyncio.run(scenario())
