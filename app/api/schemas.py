@@ -65,6 +65,9 @@ class GloReUnitConnectivity(BaseModel):
     adjacency: list[list[float]] | None = Field(
         None, description="the learned N x N interaction graph A_g; left out with ?connectivity=false"
     )
+    adjacency_digest: str = Field(
+        "", description="names A_g's content: equal digests, equal matrices (A_g is a weight, so one per unit per version)"
+    )
     projection: list[list[int]] | None = Field(
         None, description="per feature-map location, the node it projects to most; left out with ?connectivity=false"
     )

@@ -38,10 +38,18 @@ How it behaves, and why:
   microseconds since the Unix epoch (UTC), so it sorts and compares exactly.
   ``prediction`` is compact JSON text. ``connectivity`` is compact JSON compressed
   with zlib (level 1) in a BLOB: on the registered models this is 2.1-3.7x smaller
-  than the JSON (DG-Net ResNet-50: 2,336 -> 753 bytes; GloRe ResNet-50: 4.1 MB ->
-  1.9 MB), and level 6 gains under 10% more for 3-7x the CPU on large payloads.
+  than the JSON (DG-Net ResNet-50: 2,336 -> 753 bytes), and level 6 gains under 10%
+  more for 3-7x the CPU on large payloads.
   ``PRAGMA user_version`` holds the schema version; a file from a newer schema is
   refused rather than misread.
+* **Shared graphs are kept once.** A GloRe unit's A_g is the same in every record of a
+  model version, so a record is stored without it, and table ``graphs`` keeps each
+  matrix once under its ``adjacency_digest`` (zlib-compressed JSON), written in the same
+  transaction as the first record that needs it. Reads put it back, so what is read
+  equals what was put. A GloRe-ResNet-50 record (4.3 MB of JSON, 2.0 MB compressed
+  whole) is stored in about 800 bytes, plus its three graphs (1.9 MB) once. Graphs
+  outlive the records that named them: there is one per unit per model version, not
+  one per image. Schema 2 added the table; schema 1 files open and gain it.
 
 One process owns the file: several replicas need a shared store (see
 ``InspectionStore``), not several writers on one SQLite file.
@@ -60,6 +68,7 @@ import sqlite3
 import threading
 import zlib
 from collections import deque
+from functools import partial
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -68,12 +77,13 @@ from typing import Any, Literal
 
 from dgserve.errors import InspectionNotFoundError
 from dgserve.inspection.base import InspectionRecord, InspectionStore, utc_now
+from dgserve.inspection.graphs import GraphTextCache, attach_shared, split_shared
 
 __all__ = ["SQLiteInspectionStore"]
 
 log = logging.getLogger(__name__)
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inspections (
     id            TEXT    NOT NULL PRIMARY KEY,
@@ -87,6 +97,10 @@ CREATE TABLE IF NOT EXISTS inspections (
 -- id is in both indexes so that listing pages by (created_at_us, id) never sorts.
 CREATE INDEX IF NOT EXISTS inspections_created ON inspections (created_at_us, id);
 CREATE INDEX IF NOT EXISTS inspections_model_created ON inspections (model, created_at_us, id);
+CREATE TABLE IF NOT EXISTS graphs (
+    digest TEXT NOT NULL PRIMARY KEY,
+    body   BLOB NOT NULL
+);
 """
 _COLUMNS = "id, model, version, task, created_at_us, prediction"
 _INSERT = (
@@ -103,6 +117,8 @@ _ID_CHUNK = 500
 _RETRY_MIN_S = 0.05
 _RETRY_MAX_S = 5.0
 _CLOSE_ATTEMPTS = 3
+# Encoded graphs kept in memory: a GloRe-ResNet-50's units take about 7 MB.
+_GRAPH_CACHE_BYTES = 64 * 2**20
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US = timedelta(microseconds=1)
@@ -140,12 +156,29 @@ class _Pending:
     task: str
     created_at_us: int
     prediction: str
-    connectivity: str
+    connectivity: str  # without the shared graphs
+    graphs: dict[str, str]  # digest -> JSON text of each shared graph it names
     seq: int = 0
     enqueued_at: float = 0.0
 
     @classmethod
-    def encode(cls, record: InspectionRecord) -> _Pending:
+    def encode(cls, record: InspectionRecord, cache: GraphTextCache) -> _Pending:
+        stored, shared = split_shared(record.connectivity)
+        graphs: dict[str, str] = {}
+        if shared:
+            # Without its graphs the record is small, so encoding it again is cheap; each
+            # graph is encoded once and then found in the cache, shared by every record.
+            connectivity = _dumps(stored)
+            for digest, matrix in shared.items():
+                text = cache.get(digest)
+                if text is None:
+                    text = _dumps(matrix)
+                    cache.put(digest, text)
+                graphs[digest] = text
+        elif record.connectivity_json is not None:
+            connectivity = record.connectivity_json
+        else:
+            connectivity = _dumps(record.connectivity)
         return cls(
             id=record.id,
             model=record.model,
@@ -153,7 +186,8 @@ class _Pending:
             task=record.task,
             created_at_us=_to_us(record.created_at, "created_at"),
             prediction=_dumps(record.prediction),
-            connectivity=record.connectivity_json if record.connectivity_json is not None else _dumps(record.connectivity),
+            connectivity=connectivity,
+            graphs=graphs,
         )
 
     @property
@@ -176,13 +210,18 @@ class _Pending:
             task=self.task,
             created_at=_from_us(self.created_at_us),
             prediction=json.loads(self.prediction),
-            connectivity=json.loads(self.connectivity) if include_connectivity else {},
+            connectivity=(
+                attach_shared(json.loads(self.connectivity), lambda digest: json.loads(self.graphs[digest]))
+                if include_connectivity
+                else {}
+            ),
         )
 
 
-def _record_from_row(row: Sequence[Any]) -> InspectionRecord:
-    """A row of ``_COLUMNS``, optionally followed by the connectivity BLOB."""
-    connectivity = json.loads(zlib.decompress(row[6])) if len(row) > 6 else {}
+def _record_from_row(row: Sequence[Any], graph: Callable[[str], Any]) -> InspectionRecord:
+    """A row of ``_COLUMNS``, optionally followed by the connectivity BLOB; ``graph(digest)``
+    gives a shared graph."""
+    connectivity = attach_shared(json.loads(zlib.decompress(row[6])), graph) if len(row) > 6 else {}
     return InspectionRecord(
         id=row[0],
         model=row[1],
@@ -316,6 +355,7 @@ class SQLiteInspectionStore(InspectionStore):
         self._progress = asyncio.Event()
         self._stop_retention = asyncio.Event()
         self._writer_error: BaseException | None = None
+        self._graph_texts = GraphTextCache(_GRAPH_CACHE_BYTES)
 
         self._conn_lock = threading.Lock()  # the writer connection, across worker threads
         self._writer_conn: sqlite3.Connection | None = None
@@ -422,7 +462,7 @@ class SQLiteInspectionStore(InspectionStore):
             raise RuntimeError(f"{self!r} does not accept records")
         if self._writer_error is not None:
             raise RuntimeError(f"{self!r}: the writer has stopped") from self._writer_error
-        pending = _Pending.encode(record)
+        pending = _Pending.encode(record, self._graph_texts)
         if self._full():
             self._space_waiters += 1
             self._wake.set()
@@ -528,9 +568,17 @@ class SQLiteInspectionStore(InspectionStore):
     def _write_batch(self, batch: Sequence[_Pending]) -> None:
         # Compress before BEGIN: the write lock is held only for the inserts.
         rows = [p.params() for p in batch]
+        texts = {digest: text for p in batch for digest, text in p.graphs.items()}
         with self._conn_lock:
             conn = self._writer()
+            # Only this connection writes, so a graph found here is still there at COMMIT.
+            graphs = [
+                (digest, zlib.compress(text.encode(), _ZLIB_LEVEL))
+                for digest, text in texts.items()
+                if conn.execute("SELECT 1 FROM graphs WHERE digest = ?", (digest,)).fetchone() is None
+            ]
             with _write_transaction(conn):
+                conn.executemany("INSERT OR IGNORE INTO graphs (digest, body) VALUES (?, ?)", graphs)
                 conn.executemany(_INSERT, rows)
 
     def _writer(self) -> sqlite3.Connection:
@@ -616,7 +664,18 @@ class SQLiteInspectionStore(InspectionStore):
             row = conn.execute(
                 f"SELECT {_COLUMNS}, connectivity FROM inspections WHERE id = ?", (inspection_id,)
             ).fetchone()
-        return None if row is None else _record_from_row(row)
+            return None if row is None else _record_from_row(row, partial(self._graph, conn))
+
+    def _graph(self, conn: sqlite3.Connection, digest: str) -> Any:
+        """A shared graph by digest, from the cache or else the file (read in a worker thread)."""
+        text = self._graph_texts.get(digest)
+        if text is None:
+            row = conn.execute("SELECT body FROM graphs WHERE digest = ?", (digest,)).fetchone()
+            if row is None:
+                raise RuntimeError(f"{self.path}: a record names graph {digest}, which the file lacks")
+            text = zlib.decompress(row[0]).decode()
+            self._graph_texts.put(digest, text)
+        return json.loads(text)
 
     async def list(
         self,
@@ -702,7 +761,8 @@ class SQLiteInspectionStore(InspectionStore):
         params.append(limit)
         with self._readers_pool().connection() as conn:
             rows = conn.execute(sql, params).fetchall()
-        return [((row[4], row[0]), _record_from_row(row)) for row in rows]
+            graph = partial(self._graph, conn)
+            return [((row[4], row[0]), _record_from_row(row, graph)) for row in rows]
 
     async def count(self) -> int:
         self._check_readable()

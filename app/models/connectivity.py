@@ -8,10 +8,24 @@ server can store and return them as JSON without knowing about torch.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+
+
+def adjacency_digest(matrix: Tensor) -> str:
+    """A content digest of a matrix: equal digests mean equal float32 values.
+
+    Over the shape and the float32 bytes, so it names exactly what ``tolist()`` (and
+    therefore the JSON) of the float32 matrix holds.
+    """
+    data = matrix.detach().to(torch.float32).cpu().contiguous()
+    digest = hashlib.sha256(repr(tuple(data.shape)).encode())
+    digest.update(data.numpy().tobytes())
+    return digest.hexdigest()[:32]
 
 
 @dataclass
@@ -45,7 +59,7 @@ class GloReUnitConnectivity:
     """One GloRe unit for one image.
 
     ``adjacency`` is the learned node-interaction matrix A_g (the same for every
-    image); ``projection`` gives, for each location of the unit's input feature map,
+    image, named by ``adjacency_digest``); ``projection`` gives, for each location of the unit's input feature map,
     the graph node that location projects to most strongly.
     """
 
@@ -53,6 +67,9 @@ class GloReUnitConnectivity:
     num_nodes: int
     adjacency: list[list[float]]
     projection: list[list[int]]
+    # Identifies the adjacency's content (equal digests, equal matrices), so that a
+    # store keeps one copy of a graph every image of a model version shares.
+    adjacency_digest: str = ""
 
     @property
     def projection_summary(self) -> dict[str, Any]:
@@ -94,7 +111,8 @@ class ImageConnectivity:
             ],
             "glore_units": [
                 {
-                    "unit": u.unit, "num_nodes": u.num_nodes, "adjacency": u.adjacency, "projection": u.projection,
+                    "unit": u.unit, "num_nodes": u.num_nodes, "adjacency": u.adjacency,
+                    "adjacency_digest": u.adjacency_digest, "projection": u.projection,
                     "projection_summary": u.projection_summary,
                 }
                 for u in self.glore_units

@@ -9,7 +9,7 @@ interleave with another batch on the same replica.
 What a batch returns per image is final: predictions already cut to the caller's
 ``top_k`` / ``score_threshold``, and the connectivity both as a dict (for the
 inspection store) and as JSON text serialised once in the worker thread, so the event
-loop neither walks nor re-encodes the matrices (a GloRe-ResNet-50 record is ~4 MB).
+loop neither walks nor re-encodes the matrices (a GloRe-ResNet-50 record is ~4.3 MB).
 """
 
 from __future__ import annotations

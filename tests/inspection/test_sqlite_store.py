@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from dgserve.errors import InspectionNotFoundError
 from dgserve.inspection import (
@@ -33,6 +32,9 @@ from dgserve.inspection import (
 )
 
 pytestmark = pytest.mark.timeout(10)
+
+# What the conftest's open_store fixture gives: starts a store with these kwargs.
+StoreFactory = Callable[..., Awaitable[SQLiteInspectionStore]]
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 NEVER = 3600.0  # a flush interval no test waits out: records stay queued until flushed
@@ -53,8 +55,6 @@ CONNECTIVITY: dict[str, Any] = {
     ],
     "glore_units": [],
 }
-
-StoreFactory = Callable[..., Awaitable[SQLiteInspectionStore]]
 
 
 def record(
@@ -79,22 +79,6 @@ def rows_on_disk(path: Path) -> int:
     with closing(sqlite3.connect(path)) as conn:
         (n,) = conn.execute("SELECT COUNT(*) FROM inspections").fetchone()
     return int(n)
-
-
-@pytest_asyncio.fixture
-async def open_store(tmp_path: Path) -> AsyncIterator[StoreFactory]:
-    """Starts stores on tmp_path/inspections.db and closes every one after the test."""
-    stores: list[SQLiteInspectionStore] = []
-
-    async def factory(**kwargs: Any) -> SQLiteInspectionStore:
-        store = SQLiteInspectionStore(tmp_path / "inspections.db", **kwargs)
-        stores.append(store)
-        await store.start()
-        return store
-
-    yield factory
-    for store in stores:
-        await store.close()
 
 
 class Gate:
@@ -433,7 +417,7 @@ async def test_the_file_is_in_wal_mode_with_the_documented_format(open_store: St
         ).fetchone()
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(inspections)")}
     assert mode == "wal"
-    assert version == 1
+    assert version == 2
     assert created_at_us == int(T0.timestamp()) * 1_000_000
     assert json.loads(prediction) == rec.prediction
     assert json.loads(zlib.decompress(blob)) == CONNECTIVITY

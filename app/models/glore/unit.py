@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from dgserve.models.connectivity import GloReUnitConnectivity
+from dgserve.models.connectivity import GloReUnitConnectivity, adjacency_digest
 
 Dims = Literal[1, 2, 3]
 
@@ -150,7 +150,9 @@ class GloReUnit(nn.Module):
         """
         if self._projection is None:
             return []
-        adjacency: list[list[float]] = self.adjacency.float().cpu().tolist()
+        matrix = self.adjacency.float().cpu().contiguous()
+        adjacency: list[list[float]] = matrix.tolist()
+        digest = adjacency_digest(matrix)
         width = self._projection.shape[-1]
         maps = self._projection.cpu().reshape(self._projection.shape[0], -1, width)
         return [
@@ -160,6 +162,7 @@ class GloReUnit(nn.Module):
                 # Copied per record so that no two images share (and can mutate) one list.
                 adjacency=[row[:] for row in adjacency],
                 projection=image_map.tolist(),
+                adjacency_digest=digest,
             )
             for image_map in maps
         ]
