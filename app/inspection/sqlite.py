@@ -46,8 +46,9 @@ How it behaves, and why:
   model version, so a record is stored without it, and table ``graphs`` keeps each
   matrix once under its ``adjacency_digest`` (zlib-compressed JSON), written in the same
   transaction as the first record that needs it. Reads put it back, so what is read
-  equals what was put. A GloRe-ResNet-50 record (4.3 MB of JSON, 2.0 MB compressed
-  whole) is stored in about 800 bytes, plus its three graphs (1.9 MB) once. Graphs
+  equals what was put. A GloRe-ResNet-50 record (4.1 MB of compact JSON, 1.9 MB
+  compressed whole) is stored in 800 bytes, plus its three graphs (1.9 MB) once
+  (``benchmarks/inspection_storage.py``). Graphs
   outlive the records that named them: there is one per unit per model version, not
   one per image. Schema 2 added the table; schema 1 files open and gain it.
 
