@@ -12,6 +12,7 @@ response falls outside it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -58,44 +59,76 @@ def multipart_body(files: Sequence[bytes], mime: str = "image/jpeg") -> tuple[by
     return bytes(out), f"multipart/form-data; boundary={boundary}"
 
 
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wire: bytes) -> int:
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, wire: bytes) -> tuple[int, bool]:
+    """Send one request, read its response; ``(status, the server closes the connection)``."""
     writer.write(wire)
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split(b" ", 2)[1])
     length = None
+    closes = False
     for line in lines[1:]:
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
+        name = name.strip().lower()
+        if name == b"content-length":
             length = int(value)
-        elif name.strip().lower() == b"transfer-encoding":
+        elif name == b"transfer-encoding":
             raise RuntimeError("chunked responses are outside this generator's subset")
+        elif name == b"connection":
+            closes = value.strip().lower() == b"close"
     if length is None:
         raise RuntimeError("response without Content-Length")
     await reader.readexactly(length)
-    return status
+    return status, closes
 
 
-async def run_load(host: str, port: int, requests: Sequence[Request], clients: int) -> LoadResult:
-    """Send every request once over ``clients`` connections; each waits for its answer."""
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def _close(connection: Connection | None) -> None:
+    if connection is not None:
+        connection[1].close()
+        with contextlib.suppress(OSError):
+            await connection[1].wait_closed()
+
+
+async def run_load(
+    host: str, port: int, requests: Sequence[Request], clients: int, timeout_s: float = 600.0
+) -> LoadResult:
+    """Send every request once over ``clients`` connections; each waits for its answer.
+
+    A failed exchange (refused, reset, closed early, or over ``timeout_s``) is counted
+    in ``errors`` and its connection replaced; so is a connection the server closes.
+    Latencies are those of answered requests, whatever their status.
+    """
     result = LoadResult()
     work: Iterator[Request] = iter(requests)
 
     async def client() -> None:
-        reader, writer = await asyncio.open_connection(host, port)
+        connection: Connection | None = None
         try:
             for request in work:
                 started = time.perf_counter()
-                status = await _exchange(reader, writer, request.wire)
+                try:
+                    if connection is None:
+                        connection = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+                    status, closes = await asyncio.wait_for(_exchange(*connection, request.wire), timeout_s)
+                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as exc:
+                    result.errors.append(f"{type(exc).__name__}: {exc}")
+                    await _close(connection)
+                    connection = None
+                    continue
                 result.latencies_s.append(time.perf_counter() - started)
+                if closes:
+                    await _close(connection)
+                    connection = None
                 if status != 200:
                     result.errors.append(f"HTTP {status}")
                     continue
                 result.requests += 1
                 result.images += request.images
         finally:
-            writer.close()
-            await writer.wait_closed()
+            await _close(connection)
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))

@@ -296,7 +296,11 @@ def main() -> None:
                       f"load generator {r['loadgen_cores']:.2f} cores", flush=True)
         finally:
             server.terminate()
-            server.wait(timeout=60)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
     ratios = sorted(r["ratio"] for r in rounds)
     median = statistics.median(ratios)
     print(f"server/raw = {median:.3f} (median of {len(ratios)} rounds; min {ratios[0]:.3f}, max {ratios[-1]:.3f})")

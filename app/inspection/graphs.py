@@ -19,50 +19,52 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DIGEST_KEY", "SHARED_KEY", "GraphTextCache", "attach_shared", "split_shared"]
+__all__ = ["DIGEST_KEY", "MARKER", "SHARED_KEY", "GraphTextCache", "attach_shared", "split_shared"]
 
 SHARED_KEY = "adjacency"
 DIGEST_KEY = "adjacency_digest"
+MARKER = "adjacency_shared"  # in a stored unit: its matrix is kept apart, under its digest
 
 
 def split_shared(connectivity: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(connectivity without the shared matrices, {digest: matrix})``.
 
-    The input is not modified. Without any shareable unit, it is returned as it is
-    with an empty dict.
+    Only a unit that has both a digest and its matrix (a list) is split; the matrix's
+    place is taken by ``MARKER: true``, so a read restores exactly the units that were
+    split and leaves alone one that arrived without its matrix. The input is not
+    modified. Without any shareable unit, it is returned as it is with an empty dict.
     """
     units = connectivity.get("glore_units") or []
-    if not any(unit.get(DIGEST_KEY) and SHARED_KEY in unit for unit in units):
+    if not any(_shareable(unit) for unit in units):
         return connectivity, {}
     shared: dict[str, Any] = {}
     kept = []
     for unit in units:
-        digest = unit.get(DIGEST_KEY)
-        if digest and SHARED_KEY in unit:
-            shared[digest] = unit[SHARED_KEY]
-            unit = {key: value for key, value in unit.items() if key != SHARED_KEY}
+        if _shareable(unit):
+            shared[unit[DIGEST_KEY]] = unit[SHARED_KEY]
+            unit = {(MARKER if key == SHARED_KEY else key): (True if key == SHARED_KEY else value)
+                    for key, value in unit.items()}
         kept.append(unit)
     return {**connectivity, "glore_units": kept}, shared
 
 
-def attach_shared(connectivity: dict[str, Any], lookup: Callable[[str], Any]) -> dict[str, Any]:
-    """Put each unit's matrix back, in place, from ``lookup(digest)``; returns ``connectivity``.
+def _shareable(unit: dict[str, Any]) -> bool:
+    return bool(unit.get(DIGEST_KEY)) and isinstance(unit.get(SHARED_KEY), list)
 
-    The matrix goes back where ``split_shared`` took it from, just before the digest,
-    so the record reads exactly as it was produced.
+
+def attach_shared(connectivity: dict[str, Any], lookup: Callable[[str], Any]) -> dict[str, Any]:
+    """Put back, in place, each matrix ``split_shared`` took out, from ``lookup(digest)``.
+
+    The matrix goes back where it was, so the record reads exactly as it was produced.
+    Returns ``connectivity``.
     """
     units = connectivity.get("glore_units") or []
     for index, unit in enumerate(units):
-        digest = unit.get(DIGEST_KEY)
-        if not digest or SHARED_KEY in unit:
+        if not unit.get(MARKER):
             continue
-        matrix = lookup(digest)
-        restored: dict[str, Any] = {}
-        for key, value in unit.items():
-            if key == DIGEST_KEY:
-                restored[SHARED_KEY] = matrix
-            restored[key] = value
-        units[index] = restored
+        matrix = lookup(unit[DIGEST_KEY])
+        units[index] = {(SHARED_KEY if key == MARKER else key): (matrix if key == MARKER else value)
+                        for key, value in unit.items()}
     return connectivity
 
 

@@ -570,14 +570,16 @@ class SQLiteInspectionStore(InspectionStore):
         # Compress before BEGIN: the write lock is held only for the inserts.
         rows = [p.params() for p in batch]
         texts = {digest: text for p in batch for digest, text in p.graphs.items()}
+        stored: set[str] = set()
+        if texts:
+            with self._conn_lock:
+                conn = self._writer()
+                stored = {d for d in texts if conn.execute("SELECT 1 FROM graphs WHERE digest = ?", (d,)).fetchone()}
+        # Only this store writes, and it never deletes a graph, so one found above is still
+        # there at COMMIT; the new ones are compressed outside the lock, like the records.
+        graphs = [(d, zlib.compress(text.encode(), _ZLIB_LEVEL)) for d, text in texts.items() if d not in stored]
         with self._conn_lock:
             conn = self._writer()
-            # Only this connection writes, so a graph found here is still there at COMMIT.
-            graphs = [
-                (digest, zlib.compress(text.encode(), _ZLIB_LEVEL))
-                for digest, text in texts.items()
-                if conn.execute("SELECT 1 FROM graphs WHERE digest = ?", (digest,)).fetchone() is None
-            ]
             with _write_transaction(conn):
                 conn.executemany("INSERT OR IGNORE INTO graphs (digest, body) VALUES (?, ?)", graphs)
                 conn.executemany(_INSERT, rows)

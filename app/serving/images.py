@@ -34,6 +34,7 @@ from dgserve.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from dgserve.serving.threads import pin_torch_threads
 from dgserve.store.manifest import Interpolation, Preprocessing
 
 __all__ = [
@@ -96,7 +97,7 @@ def new_decode_pool(threads: int) -> ThreadPoolExecutor:
     stalls the workers' own teams at their barriers, slowing the model more than the
     decode gains. One image's resize gains little from a team anyway.
     """
-    return ThreadPoolExecutor(threads, thread_name_prefix="dgserve-decode", initializer=torch.set_num_threads,
+    return ThreadPoolExecutor(threads, thread_name_prefix="dgserve-decode", initializer=pin_torch_threads,
                               initargs=(1,))
 
 

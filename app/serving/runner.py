@@ -29,6 +29,7 @@ from torch import Tensor
 
 from dgserve.models.connectivity import ImageConnectivity, collect_connectivity, connectivity_sources
 from dgserve.serving.images import boxes_to_original
+from dgserve.serving.threads import pin_torch_threads
 from dgserve.store import LoadedModel, Manifest
 
 __all__ = ["BatchSink", "ImageResult", "InferenceItem", "ModelWorker", "strip_matrices"]
@@ -90,12 +91,12 @@ class ModelWorker:
         self.sink = sink
         # One thread per replica: the replica's forward state is not thread-safe, and
         # the event loop must never run a forward itself.
-        # torch's OpenMP team size is a per-thread setting: fixing it in the worker's own
-        # thread keeps it whatever other threads (the decode pool) set for themselves.
+        # torch's OpenMP team size is a per-thread setting: pinned in the worker's own
+        # thread, it stays whatever other threads (the decode pool) set for themselves.
         self._executor = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix=name,
-            initializer=None if threads is None else torch.set_num_threads,
+            initializer=None if threads is None else pin_torch_threads,
             initargs=() if threads is None else (threads,),
         )
         self._sources = connectivity_sources(loaded.model)

@@ -156,3 +156,31 @@ async def test_a_schema_1_file_opens_and_its_inline_graphs_still_read(
     with closing(sqlite3.connect(path)) as conn:
         (version,) = conn.execute("PRAGMA user_version").fetchone()
     assert version == 2
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("unit_matrix", ["missing", None], ids=["no-adjacency-key", "adjacency-null"])
+async def test_a_unit_without_its_matrix_is_stored_as_it_came(
+    open_store: StoreFactory, glore_connectivity: list[dict[str, Any]], unit_matrix: Any
+) -> None:
+    # Say, a client that stored a ?connectivity=false response: digest, no matrix. It
+    # must neither poison the shared graph nor break reading the full records.
+    full = glore_connectivity[0]
+    stripped = json.loads(json.dumps(full))
+    for unit in stripped["glore_units"]:
+        if unit_matrix == "missing":
+            del unit["adjacency"]
+        else:
+            unit["adjacency"] = unit_matrix
+    store = await open_store(**QUEUED)
+    first, second = new_record(stripped), new_record(full)
+    for rec in (first, second):
+        await store.put(rec)
+    for rec in (first, second):
+        assert (await store.get(rec.id)).connectivity == rec.connectivity
+    await store.flush()
+    store._graph_texts = GraphTextCache(2**20)  # forget, so reads go to the file
+    for rec in (first, second):
+        assert (await store.get(rec.id)).connectivity == rec.connectivity
+    listed = {r.id: r.connectivity async for r in store.list()}
+    assert listed == {first.id: first.connectivity, second.id: second.connectivity}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -171,14 +172,19 @@ async def test_warm_up_runs_a_batch_without_the_sink(loaded: LoadedModel) -> Non
 
 
 def test_worker_and_decode_threads_keep_their_own_torch_thread_counts(loaded: LoadedModel) -> None:
-    # The decode pool pins its threads to one torch thread; a worker created before or
-    # after it must keep the count it was given, and this thread must keep its own.
+    # Each pool's threads are started (initializer run) before any other pool's set
+    # their count, and only queried afterwards: ATen's lazy per-thread initialisation
+    # would then overwrite a count set naively with the last one set anywhere.
     before = torch.get_num_threads()
     early = ModelWorker(loaded, CPU, name="early", threads=2)
+    early._executor.submit(lambda: None).result()
     pool = new_decode_pool(2)
+    started = threading.Barrier(2)
+    list(pool.map(lambda _: started.wait(timeout=10), range(2)))  # both decode threads exist now
     late = ModelWorker(loaded, CPU, name="late", threads=3)
+    late._executor.submit(lambda: None).result()
     try:
-        assert [pool.submit(torch.get_num_threads).result() for _ in range(4)] == [1, 1, 1, 1]
+        assert sorted(pool.map(lambda _: (started.wait(timeout=10), torch.get_num_threads())[1], range(2))) == [1, 1]
         assert early._executor.submit(torch.get_num_threads).result() == 2
         assert late._executor.submit(torch.get_num_threads).result() == 3
         assert torch.get_num_threads() == before
@@ -186,4 +192,4 @@ def test_worker_and_decode_threads_keep_their_own_torch_thread_counts(loaded: Lo
         pool.shutdown()
         early.close()
         late.close()
-        torch.set_num_threads(before)  # the global default new threads inherit
+        torch.set_num_threads(before)  # the process-wide value new threads start from
