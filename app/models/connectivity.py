@@ -59,8 +59,9 @@ class GloReUnitConnectivity:
     """One GloRe unit for one image.
 
     ``adjacency`` is the learned node-interaction matrix A_g (the same for every
-    image, named by ``adjacency_digest``); ``projection`` gives, for each location of the unit's input feature map,
-    the graph node that location projects to most strongly.
+    image, named by ``adjacency_digest``); ``projection`` gives, for each location of
+    the unit's input feature map, the graph node that location projects to most
+    strongly.
     """
 
     unit: str

@@ -159,8 +159,10 @@ class GloReUnit(nn.Module):
             GloReUnitConnectivity(
                 unit=name,
                 num_nodes=self.num_nodes,
-                # Copied per record so that no two images share (and can mutate) one list.
-                adjacency=[row[:] for row in adjacency],
+                # One list for the whole batch: A_g is a weight, the same for every image,
+                # and records are read, never mutated (to_dict shares lists too), so a
+                # per-image copy of an N x N matrix would be work for nothing.
+                adjacency=adjacency,
                 projection=image_map.tolist(),
                 adjacency_digest=digest,
             )
