@@ -72,9 +72,9 @@ def test_dockerignore_keeps_the_context_small(lib: SimpleNamespace) -> None:
     def ignored(path: str) -> bool:
         return any(fnmatch(path, p) or fnmatch(path, p.removeprefix("**/")) or path.split("/")[0] == p for p in patterns)
 
-    for path in (".venv", ".git", "data", "tests", "__pycache__", "app/__pycache__", "dgserve.egg-info"):
+    for path in (".venv", ".git", "data", "tests", "__pycache__", "app/dgserve/__pycache__", "dgserve.egg-info"):
         assert ignored(path), f"{path} should not be sent to the build"
-    for path in ("pyproject.toml", "README.md", "app", "app/cli.py", "model_store"):
+    for path in ("pyproject.toml", "README.md", "app", "app/dgserve/cli.py", "model_store"):
         assert not ignored(path), f"{path} is needed by the build"
 
 

@@ -1,0 +1,128 @@
+"""Server configuration: every knob is a ``DGSERVE_*`` environment variable or a CLI flag.
+
+``Settings`` is only ever built by the CLI or by whoever calls ``create_app`` (tests,
+benchmarks); nothing here runs at import time, so importing dgserve never reads the
+environment. The README's settings table is generated from the descriptions below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+import dgserve
+
+__all__ = ["BatchingOverride", "Settings", "default_model_store"]
+
+
+def default_model_store() -> Path:
+    """The repository's bundled ``model_store/`` when dgserve runs from a checkout, else ./model_store."""
+    bundled = Path(dgserve.__file__).resolve().parents[2] / "model_store"
+    return bundled if bundled.is_dir() else Path("model_store")
+
+
+def _default_decode_threads() -> int:
+    # Decoding releases the GIL inside PIL, so a few threads overlap well; more than the
+    # cores would only steal time from the model's own threads.
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class BatchingOverride(BaseModel):
+    """Per-model batching values that replace the manifest's (unset fields keep it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: PositiveInt | None = None
+    max_delay_ms: NonNegativeFloat | None = None
+    max_queue_size: PositiveInt | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DGSERVE_", extra="ignore", protected_namespaces=())
+
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port.")
+    model_store: Path = Field(
+        default_factory=default_model_store,
+        description="Model store directory (default: the repo's bundled model_store/, else ./model_store).",
+    )
+    data_dir: Path = Field(Path("data"), description="Where the inspection database lives.")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated model names to serve; empty means every model in the store.",
+    )
+    versions: Literal["all", "latest"] = Field(
+        "all", description="Load every stored version of each model, or only the highest."
+    )
+
+    devices: str = Field("auto", description='"auto" (every GPU, else CPU), "cpu", or e.g. "cuda:0,cuda:1".')
+    instances_per_device: PositiveInt = Field(
+        1, description="Workers (model replicas) per model per device, each with its own thread."
+    )
+    torch_threads: PositiveInt | None = Field(
+        None,
+        description="torch intra-op threads for CPU workers; default: CPU cores / CPU instances per model.",
+    )
+
+    max_batch_size: PositiveInt | None = Field(None, description="Global override of every manifest's max_batch_size.")
+    max_delay_ms: NonNegativeFloat | None = Field(None, description="Global override of every manifest's max_delay_ms.")
+    max_queue_size: PositiveInt | None = Field(None, description="Global override of every manifest's max_queue_size.")
+    batching: dict[str, BatchingOverride] = Field(
+        default_factory=dict,
+        description='Per-model overrides as JSON, e.g. {"name": {"max_batch_size": 16}}; beat the global ones.',
+    )
+
+    default_timeout_ms: float = Field(
+        30_000.0, gt=0, description="Deadline of a request without ?timeout_ms=, from arrival to result."
+    )
+    max_body_bytes: PositiveInt = Field(32 * 1024 * 1024, description="Largest request body accepted (413 above).")
+    max_image_pixels: PositiveInt = Field(
+        40_000_000, description="Largest decoded image (width × height) accepted (422 above): stops decompression bombs."
+    )
+    max_images_per_request: PositiveInt = Field(64, description="Most image parts in one multipart request.")
+    decode_threads: PositiveInt = Field(
+        default_factory=_default_decode_threads, description="Threads that decode and resize images."
+    )
+    warmup: bool = Field(True, description="Run one dummy batch through each worker before it is marked ready.")
+
+    inspection_url: str | None = Field(
+        None,
+        description="Where inspection records are kept, as a URL (sqlite:///path.db) or a path; "
+        "default: inspections.sqlite3 in the data directory.",
+    )
+    inspection_max_age_s: float = Field(
+        7 * 24 * 3600.0, gt=0, description="Inspection records older than this are deleted."
+    )
+    inspection_max_records: PositiveInt = Field(1_000_000, description="Most inspection records kept (oldest go first).")
+    inspection_list_max: PositiveInt = Field(10_000, description="Largest ?limit= of GET /v1/inspections.")
+
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
+    access_log: bool = Field(True, description="uvicorn's per-request access log.")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "cpu"):
+            return value
+        for item in value.split(","):
+            kind, _, index = item.strip().partition(":")
+            if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+                raise ValueError(f"{item!r} is not a device; use auto, cpu, cuda or cuda:N")
+        return value
+
+    @property
+    def inspection_location(self) -> str | Path:
+        """``inspection_url``, or the embedded SQLite file under ``data_dir``."""
+        return self.inspection_url or self.data_dir / "inspections.sqlite3"
