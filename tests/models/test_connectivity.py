@@ -8,12 +8,8 @@ from dataclasses import fields
 import pytest
 import torch
 
-from dgserve.models.connectivity import (
-    GloReUnitConnectivity,
-    StageConnectivity,
-    collect_connectivity,
-    connectivity_sources,
-)
+from dgserve.connectivity import GloReUnitConnectivity, StageConnectivity
+from dgserve.models.connectivity import collect_connectivity, connectivity_sources
 from dgserve.models.registry import create_model
 
 
@@ -52,9 +48,9 @@ def test_precomputed_sources_give_the_same_records(dgnet: torch.nn.Module) -> No
 def test_records_differ_per_image(dgnet: torch.nn.Module) -> None:
     records = collect_connectivity(dgnet, 3)
     # Each image has its own matrix object: one image's record never aliases another's.
-    matrices = [r.stages[0].adjacency for r in records]
+    matrices = [r["stages"][0].adjacency for r in records]
     assert len({id(m) for m in matrices}) == 3
-    assert all(len(m) == len(records[0].stages[0].nodes) for m in matrices)
+    assert all(len(m) == len(records[0]["stages"][0].nodes) for m in matrices)
 
 
 @pytest.mark.parametrize("which", ["dgnet", "glore"])
@@ -63,12 +59,12 @@ def test_to_dict_carries_every_field_and_the_derived_figures(which: str, request
     batch = 3 if which == "dgnet" else 2
     record = collect_connectivity(model, batch)[0]
     data = json.loads(json.dumps(record.to_dict()))
-    for stage, raw in zip(data["stages"], record.stages, strict=True):
+    for stage, raw in zip(data["stages"], record["stages"], strict=True):
         assert {f.name for f in fields(StageConnectivity)} <= stage.keys()
         assert stage["adjacency"] == raw.adjacency
         assert stage["active_edge_fraction"] == raw.active_edge_fraction
         assert stage["skipped_nodes"] == raw.skipped_nodes
-    for unit, raw_unit in zip(data["glore_units"], record.glore_units, strict=True):
+    for unit, raw_unit in zip(data["glore_units"], record["glore_units"], strict=True):
         assert {f.name for f in fields(GloReUnitConnectivity)} <= unit.keys()
         assert unit["projection_summary"] == raw_unit.projection_summary
     assert data["stages"] or data["glore_units"]

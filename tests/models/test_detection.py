@@ -45,9 +45,9 @@ def test_detector_trains_and_returns_connectivity(name: str) -> None:
     assert len(detections) == 2 and {"boxes", "labels", "scores"} <= detections[0].keys()
     records = collect_connectivity(model, 2)
     if get_entry(name).family == "dgnet":
-        assert [s.stage for s in records[0].stages] == [f"backbone.body.layer{i}" for i in range(1, 5)]
+        assert [s.stage for s in records[0]["stages"]] == [f"backbone.body.layer{i}" for i in range(1, 5)]
     else:
-        assert len(records[0].glore_units) == 3
+        assert len(records[0]["glore_units"]) == 3
 
 
 @pytest.mark.parametrize("name", DETECTION_MODELS)

@@ -84,10 +84,10 @@ def test_routers_weight_edges_per_image() -> None:
     with torch.no_grad():
         model(x)
     records = collect_connectivity(model, batch_size=6)
-    patterns = {tuple(tuple(r) for s in img.stages for r in s.adjacency) for img in records}
+    patterns = {tuple(tuple(r) for s in img["stages"] for r in s.adjacency) for img in records}
     assert len(patterns) > 1, "every image took the same path"
     for img in records:
-        for stage in img.stages:
+        for stage in img["stages"]:
             taus = stage.thresholds
             for target, row in enumerate(stage.adjacency):
                 for source, w in enumerate(row):
@@ -113,12 +113,12 @@ def test_nodes_without_open_input_are_skipped_and_batch_equals_single() -> None:
         for i in range(8):
             singles.append(model(x[i : i + 1]))
             single_records.extend(collect_connectivity(model, 1))
-    skipped = [sum(s.skipped_nodes for s in r.stages) for r in batch_records]
+    skipped = [sum(s.skipped_nodes for s in r["stages"]) for r in batch_records]
     assert any(skipped), "the test routers skipped no node; it would not test skipping"
     assert len(set(skipped)) > 1, "every image skipped the same nodes"
     torch.testing.assert_close(batch_out, torch.cat(singles), atol=1e-5, rtol=1e-5)
     for b, s in zip(batch_records, single_records, strict=True):
-        for sb, ss in zip(b.stages, s.stages, strict=True):
+        for sb, ss in zip(b["stages"], s["stages"], strict=True):
             assert sb.executed == ss.executed
             torch.testing.assert_close(torch.tensor(sb.adjacency), torch.tensor(ss.adjacency))
 
@@ -214,7 +214,7 @@ def test_chain_pinned_routes_like_the_backbone(name: str) -> None:
     with torch.no_grad():
         model(torch.randn(2, 3, 64, 64))
     for img in collect_connectivity(model, 2):
-        for stage in img.stages:
+        for stage in img["stages"]:
             n = len(stage.nodes)
             expected = [[1.0 if t == s + 1 else 0.0 for s in range(n)] for t in range(n)]
             assert stage.adjacency == expected

@@ -9,11 +9,8 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from dgserve.models import registry
-from dgserve.models.connectivity import (
-    ConnectivitySource,
-    GloReUnitConnectivity,
-    collect_connectivity,
-)
+from dgserve.connectivity import ConnectivitySource, GloReUnitConnectivity
+from dgserve.models.connectivity import collect_connectivity
 from dgserve.models.glore import (
     GloReResNet,
     GloReStage,
@@ -184,8 +181,8 @@ def test_model_connectivity_per_image() -> None:
     images = collect_connectivity(model, batch_size=2)
     assert len(images) == 2
     for image in images:
-        assert not image.stages
-        names = [u.unit for u in image.glore_units]
+        assert not image["stages"]
+        names = [u.unit for u in image["glore_units"]]
         assert names == [
             "layer2.units.0",
             "layer2.units.2",
@@ -193,7 +190,7 @@ def test_model_connectivity_per_image() -> None:
             "layer3.units.2",
             "layer3.units.4",
         ]
-        for record in image.glore_units:
+        for record in image["glore_units"]:
             # 64 px input: Res3 maps are 8x8 (C=512, N=128), Res4 maps 4x4 (C=1024, N=256)
             side, nodes = (8, 128) if record.unit.startswith("layer2") else (4, 256)
             assert record.num_nodes == nodes

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from dgserve.models.connectivity import StageConnectivity
+from dgserve.connectivity import StageConnectivity, StageGraph
 from dgserve.models.dgnet.routing import DEFAULT_TEMPERATURE, Router, threshold_edges
 
 DEFAULT_TAU = 0.1
@@ -163,6 +163,9 @@ class DGStage(nn.Module):
             )
             for matrix, ran, opened in zip(adj.tolist(), self.last_executed.cpu().tolist(), open_edges, strict=True)
         ]
+
+    def graph_description(self, name: str) -> StageGraph:
+        return StageGraph(name=name, nodes=self.node_names, possible_edges=self.possible_edges)
 
     def gated_edge_weights(self) -> list[Tensor]:
         """The last training forward's gated edge weights, still attached to the graph."""

@@ -23,7 +23,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from dgserve.models.connectivity import GloReUnitConnectivity, adjacency_digest
+from dgserve.connectivity import GloReUnitConnectivity, GloReUnitGraph
+from dgserve.models.connectivity import adjacency_digest
 
 Dims = Literal[1, 2, 3]
 
@@ -168,6 +169,10 @@ class GloReUnit(nn.Module):
             )
             for image_map in maps
         ]
+
+    def graph_description(self, name: str) -> GloReUnitGraph:
+        return GloReUnitGraph(name=name, num_nodes=self.num_nodes, num_states=self.num_states,
+                              in_channels=self.in_channels)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:

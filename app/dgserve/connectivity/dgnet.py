@@ -1,0 +1,53 @@
+"""The DG-Net stage kind: each stage's thresholded edge matrix and which blocks ran."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from dgserve.connectivity.base import ConnectivityRecord, GraphDescription, matrix, register_kind, value
+
+__all__ = ["StageConnectivity", "StageGraph"]
+
+
+@dataclass(frozen=True, slots=True)
+class StageGraph(GraphDescription):
+    kind: ClassVar[str] = "stages"
+
+    name: str
+    nodes: list[str]
+    possible_edges: int
+
+
+@register_kind
+@dataclass(frozen=True, slots=True)
+class StageConnectivity(ConnectivityRecord):
+    """One DG-Net stage for one image.
+
+    ``adjacency[target][source]`` is the weight of edge source→target after
+    thresholding: closed edges are exactly 0. Node 0 is the stage input, nodes
+    1..N the blocks, node N+1 the output node.
+    """
+
+    kind: ClassVar[str] = "stages"
+    derived: ClassVar[tuple[str, ...]] = ("active_edge_fraction", "skipped_nodes")
+    Graph: ClassVar[type[GraphDescription]] = StageGraph
+
+    stage: str = value("the stage's module name")
+    nodes: list[str] = value("node names: input, the blocks, output")
+    adjacency: list[list[float]] = matrix(
+        "adjacency[target][source] edge weight after thresholding (closed edges 0); "
+        "left out with ?connectivity=false"
+    )
+    thresholds: list[float | None] = value("each node's threshold tau (None for input and output)")
+    executed: list[bool] = value("which nodes ran for this image")
+    open_edges: int = value("routed edges left open")
+    possible_edges: int = value("routed edges in the complete DAG")
+
+    @property
+    def active_edge_fraction(self) -> float:
+        return self.open_edges / self.possible_edges if self.possible_edges else 1.0
+
+    @property
+    def skipped_nodes(self) -> int:
+        return sum(1 for ran in self.executed if not ran)
