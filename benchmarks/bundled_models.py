@@ -1,11 +1,12 @@
 """Figures of the models shipped in model_store/, measured on a fresh held-out draw.
 
-    .venv/bin/python benchmarks/bundled_models.py [--seed 20251] [--images 600] [--scenes 150]
+    .venv/bin/python benchmarks/bundled_models.py [--seed 20251] [--images 600]
 
-Prints, per model: held-out top-1 (classifiers) or COCOeval mAP@0.5 (detector), the
-closed-edge fraction and the number of distinct active-edge patterns (DG-Net), and
-the size on disk. It uses dgserve.training's evaluation code; tests/test_bundled_models.py
-checks the same targets with independent code.
+Prints, per model: its task's held-out figure (top-1 for classifiers, COCOeval mAP@0.5
+for detectors, ...), the closed-edge fraction and the number of distinct active-edge
+patterns (DG-Net), and the size on disk. It uses each task's own evaluation, on the
+generated data the task trains on; tests/test_bundled_models.py checks the same
+targets with independent code.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from pathlib import Path
 
 import torch
 
-from dgserve.data.datasets import ShapesClassification, ShapesDetection
-from dgserve.serving.images import preprocess_classification
-from dgserve.store import ModelStore
-from dgserve.training.data import collate_detection
-from dgserve.training.evaluate import evaluate_classification, evaluate_detection
+from dgserve.model_store import ModelStore
+from dgserve.tasks import get_task
+from dgserve.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, default=ROOT / "model_store")
     parser.add_argument("--seed", type=int, default=20251)
-    parser.add_argument("--images", type=int, default=600)
-    parser.add_argument("--scenes", type=int, default=150)
+    parser.add_argument("--images", type=int, default=600, help="held-out images (or scenes) per model")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -42,17 +40,13 @@ def main() -> None:
         size = sum(p.stat().st_size for p in loaded.path.iterdir())
         total += size
         started = time.perf_counter()
-        if manifest.task == "classification":
-            data = ShapesClassification(args.images, args.seed, manifest.preprocessing.input_size[0],
-                                        transform=lambda img: preprocess_classification(img, manifest.preprocessing))  # fmt: skip
-            batches = torch.utils.data.DataLoader(data, batch_size=50)
-            result = evaluate_classification(loaded.model, batches, len(manifest.labels), progress=False)
-            figure = f"top-1 {result['top1']:.4f} on {result['images']} images"
-        else:
-            data = ShapesDetection(args.scenes, args.seed, manifest.preprocessing.input_size[0])
-            batches = torch.utils.data.DataLoader(data, batch_size=10, collate_fn=collate_detection)
-            result = evaluate_detection(loaded.model, batches, len(manifest.labels) + 1, progress=False)
-            figure = f"mAP@0.5 {result['mAP50']:.4f} (mAP {result['mAP']:.4f}) on {result['images']} scenes"
+        task = get_task(manifest.task)
+        # A fresh draw: the seed differs from every training and held-out seed the cards name.
+        config = TrainConfig(name=name, train_size=0, val_size=args.images, data_seed=args.seed + 1, val_seed=args.seed)
+        data = task.datasets(config, manifest.preprocessing)
+        batches = torch.utils.data.DataLoader(data.val, batch_size=25, collate_fn=task.collate)
+        result = task.evaluate(loaded.model, batches, task.head_size(manifest.labels), progress=False)
+        figure = f"{task.headline(result)} on {result['images']} images"
         if "connectivity" in result:
             conn = result["connectivity"]
             figure += f", closed edges {conn['closed_edge_fraction']:.1%}, {conn['distinct_patterns']} patterns"

@@ -20,9 +20,11 @@ from pycocotools.cocoeval import COCOeval
 
 from dgserve.data import CLASSES, export_coco
 from dgserve.data.scenes import render_classification
-from dgserve.models.connectivity import ImageConnectivity, collect_connectivity
-from dgserve.serving.images import preprocess_classification, preprocess_detection
-from dgserve.store import LoadedModel, ModelStore
+from dgserve.connectivity import ImageConnectivity
+from dgserve.models.connectivity import collect_connectivity
+from dgserve.imaging import preprocess
+from dgserve.tasks.detection import Detection
+from dgserve.model_store import LoadedModel, ModelStore
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "model_store"
@@ -46,12 +48,12 @@ def _load(name: str) -> LoadedModel:
 def _edge_pattern(record: ImageConnectivity) -> tuple[float, ...]:
     # Routed edges only: rows 2.. (blocks after the first, then the output), columns 1.. (blocks).
     return tuple(
-        w for stage in record.stages for r, row in enumerate(stage.adjacency) for c, w in enumerate(row) if r >= 2 and 1 <= c < r
+        w for stage in record["stages"] for r, row in enumerate(stage.adjacency) for c, w in enumerate(row) if r >= 2 and 1 <= c < r
     )
 
 
 def _check_instance_aware(records: list[ImageConnectivity], groups: list[int]) -> dict[str, float]:
-    closed = [1 - sum(s.open_edges for s in r.stages) / sum(s.possible_edges for s in r.stages) for r in records]
+    closed = [1 - sum(s.open_edges for s in r["stages"]) / sum(s.possible_edges for s in r["stages"]) for r in records]
     weights = torch.tensor([_edge_pattern(r) for r in records])
     patterns = {tuple(row) for row in (weights > 0).tolist()}
     class_means = torch.stack([weights[torch.tensor(groups) == g].mean(0) for g in sorted(set(groups))])
@@ -80,7 +82,7 @@ def test_classifier_top1_on_held_out_images(name: str) -> None:
     correct, records, labels = 0, [], []
     for start in range(0, CLASSIFICATION_IMAGES, BATCH):
         rendered = [render_classification(HELD_OUT_SEED, i, 64) for i in range(start, start + BATCH)]
-        x = torch.stack([preprocess_classification(img, loaded.manifest.preprocessing) for img, _ in rendered])
+        x = torch.stack([preprocess(img, loaded.manifest.preprocessing) for img, _ in rendered])
         y = torch.tensor([label for _, label in rendered])
         with torch.no_grad():
             correct += int((loaded.model(x).argmax(1) == y).sum())
@@ -109,7 +111,7 @@ def test_detector_map50_by_cocoeval_and_instance_aware_routing(tmp_path: Path) -
         tensors = []
         for image_id in ids:
             with Image.open(tmp_path / "images" / truth.imgs[image_id]["file_name"]) as img:
-                tensor, scale = preprocess_detection(img.convert("RGB"), loaded.manifest.preprocessing)
+                tensor, scale = Detection().prepare(img.convert("RGB"), loaded.manifest.preprocessing)
             assert scale == 1.0
             tensors.append(tensor)
         with torch.no_grad():

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from dgserve.data import scenes
-from dgserve.data.datasets import ShapesClassification, ShapesDetection, collate_detection
+from dgserve.data.datasets import ShapesClassification, ShapesDetection
+from dgserve.tasks.detection import collate_batch as collate_detection
 from dgserve.data.export import export_coco, export_image_folder
 from dgserve.data.scenes import (
     BACKGROUNDS,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from dgserve.training import TrainConfig
+from dgserve.training.config import TrainConfig
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dgserve.models.connectivity import ImageConnectivity, StageConnectivity
+from dgserve.connectivity import ImageConnectivity, StageConnectivity
 from dgserve.training.augment import dihedral_batch, dihedral_detection
-from dgserve.training.evaluate import ConnectivityStats, evaluate_detection
+from dgserve.tasks.detection import Detection
+from dgserve.training.evaluate import ConnectivityStats
+
+evaluate_detection = Detection().evaluate
 
 
 class _Oracle(nn.Module):
@@ -43,7 +46,7 @@ def _record(adjacency: list[list[float]]) -> ImageConnectivity:
     open_edges = sum(1 for r in range(2, 4) for c in range(1, r) if adjacency[r][c] > 0)
     stage = StageConnectivity("layer1", ["input", "0", "1", "output"], adjacency, [None, 0.1, 0.1, None],
                               [True] * 4, open_edges, 3)  # fmt: skip
-    return ImageConnectivity(stages=[stage])
+    return ImageConnectivity([stage])
 
 
 def test_connectivity_stats_count_closed_edges_patterns_and_class_differences() -> None:

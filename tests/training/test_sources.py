@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -10,8 +11,9 @@ from typer.testing import CliRunner
 from dgserve.cli import app
 from dgserve.data import CLASSES, export_coco, export_image_folder
 from dgserve.data.datasets import ShapesDetection
-from dgserve.store import ModelStore
-from dgserve.training.data import CocoDetection, default_preprocessing
+from dgserve.data.sources import CocoDetection
+from dgserve.model_store import ModelStore
+from dgserve.tasks.detection import Detection
 
 TINY_DETECTOR = [
     "-k", "width=8", "-k", "fpn_channels=16", "-k", "representation_size=32", "-k", "min_size=64", "-k", "max_size=64",
@@ -35,7 +37,8 @@ def test_imagefolder_source_trains_and_stores_the_folder_labels(tmp_path: Path) 
 
 def test_coco_source_matches_the_generated_scenes(tmp_path: Path) -> None:
     annotations = export_coco(tmp_path / "coco", n=4, seed=9, size=64, max_objects=3)
-    coco = CocoDetection(annotations, default_preprocessing("detection", 64))
+    task = Detection()
+    coco = CocoDetection(annotations, partial(task.prepare, pre=task.default_preprocessing(64)))
     generated = ShapesDetection(4, 9, 64, 3)
     assert coco.labels == list(CLASSES)
     for i in range(4):

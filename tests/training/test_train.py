@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from dgserve.data import CLASSES
 from dgserve.models.dgnet.stage import DGStage
 from dgserve.models.registry import create_model
-from dgserve.store import ModelStore
-from dgserve.training import train
-from dgserve.training.data import default_preprocessing
+from dgserve.model_store import ModelStore
+from dgserve.training.run import train
+from dgserve.tasks import get_task
 from dgserve.training.checkpoint import META, TENSORS
 
 from .conftest import tiny_classifier, tiny_detector
@@ -150,7 +150,7 @@ def test_routers_of_an_imported_chain_are_relaxed_so_they_can_learn(tmp_path: Pa
         stage.pin_chain()  # what `dgserve import-torchvision` stores
     ModelStore(tmp_path / "store").save(
         model, name="imported", architecture="dgnet_resnet18_slim", arch_kwargs={"num_classes": 8, "width": 8},
-        labels=list(CLASSES), preprocessing=default_preprocessing("classification", 32), dtype="float32",
+        labels=list(CLASSES), preprocessing=get_task("classification").default_preprocessing(32), dtype="float32",
     )  # fmt: skip
     tuned, _ = train(tiny_classifier(tmp_path, name="tuned", architecture=None, from_store="imported", train="routers",
                                      lr=0.02, sparsity=0.5, epochs=2))  # fmt: skip

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from dgserve.store import Manifest
-from dgserve.store.manifest import describe_validation_error
+from dgserve.model_store import Manifest
+from dgserve.model_store.manifest import describe_validation_error
 
 EXAMPLE: dict[str, Any] = {
     "schema_version": 1,

@@ -17,9 +17,6 @@ DataSource = Literal["generated", "imagefolder", "coco"]
 TrainScope = Literal["all", "routers", "routers+head"]
 OptimizerName = Literal["adamw", "sgd"]
 
-# Input sizes the bundled models use when none is given: small enough for 2 CPU cores.
-DEFAULT_INPUT_SIZE = {"classification": 64, "detection": 128}
-
 # Settings that may differ between a run and its resumption without changing the result.
 # Where and how the result is stored does not change the training either.
 _RESUMABLE = {

@@ -6,17 +6,15 @@ range or a label list that does not fit the head fails when the model is loaded,
 not on the first request.
 
 Label convention: ``arch_kwargs["num_classes"]`` is what the architecture's builder
-receives. For classification ``len(labels) == num_classes``. For detection
-``num_classes`` counts the background class (torchvision's convention) and
-``labels`` does *not*: ``len(labels) == num_classes - 1``, class id ``k >= 1``
-is ``labels[k - 1]``, and ``"__background__"`` is refused as a label so the two
-conventions cannot be mixed. Use :meth:`Manifest.class_name` instead of indexing.
+receives; how the labels fit it is the task's rule (``dgserve.tasks``): a classifier
+has one label per output, a detector's ``num_classes`` also counts the background
+class. Use :meth:`Manifest.class_name` instead of indexing.
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Any, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import (
     AwareDatetime,
@@ -31,10 +29,10 @@ from pydantic import (
     model_validator,
 )
 
-from dgserve.models.registry import Task
+if TYPE_CHECKING:
+    from dgserve.tasks import Task
 
 SCHEMA_VERSION = 1
-BACKGROUND = "__background__"
 
 StorageDtype = Literal["float32", "float16"]
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
@@ -103,7 +101,7 @@ class Manifest(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     version: PositiveInt
     architecture: str = Field(min_length=1, description="name in dgserve.models.registry")
-    task: Task
+    task: str = Field(description="a task in dgserve.tasks: classification, detection, ...")
     arch_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to create_model")
     labels: list[str] = Field(min_length=1)
     preprocessing: Preprocessing
@@ -115,6 +113,12 @@ class Manifest(_Strict):
 
     # Field validators below read earlier fields from info.data, so the declaration
     # order above (task, arch_kwargs, labels, preprocessing) matters.
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        _task(value)  # ValueError naming the known tasks
+        return value
 
     @field_validator("arch_kwargs")
     @classmethod
@@ -136,31 +140,27 @@ class Manifest(_Strict):
         task, kwargs = info.data.get("task"), info.data.get("arch_kwargs")
         if task is None or kwargs is None:
             return labels  # already reported on its own field
-        n = kwargs["num_classes"]
-        if task == "detection":
-            if BACKGROUND in labels:
-                raise ValueError(f"leave {BACKGROUND!r} out: detection labels exclude the background class")
-            if len(labels) != n - 1:
-                raise ValueError(
-                    f"{len(labels)} labels but detection num_classes={n} (which counts background) "
-                    f"needs {n - 1}"
-                )
-        elif len(labels) != n:
-            raise ValueError(f"{len(labels)} labels but arch_kwargs.num_classes={n}")
+        _task(task).check_labels(labels, kwargs["num_classes"])
         return labels
 
     @field_validator("preprocessing")
     @classmethod
-    def _resize_suits_task(cls, value: Preprocessing, info: ValidationInfo) -> Preprocessing:
-        if info.data.get("task") == "detection" and value.resize == "center_crop":
-            raise ValueError("resize 'center_crop' cuts objects off and breaks box coordinates; use letterbox or stretch")
+    def _preprocessing_suits_task(cls, value: Preprocessing, info: ValidationInfo) -> Preprocessing:
+        task = info.data.get("task")
+        if task is not None:
+            _task(task).check_preprocessing(value)
         return value
 
     def class_name(self, class_id: int) -> str:
-        """Label of a model output index (classification) or class id (detection, 0 = background)."""
-        if self.task == "detection":
-            return BACKGROUND if class_id == 0 else self.labels[class_id - 1]
-        return self.labels[class_id]
+        """The label of a model output index (what that index means is the task's rule)."""
+        return _task(self.task).class_name(self.labels, class_id)
+
+
+def _task(name: str) -> Task:
+    # Imported here, not at the top: the tasks build on this module's Preprocessing.
+    from dgserve.tasks import get_task
+
+    return get_task(name)
 
 
 def field_path(loc: tuple[int | str, ...]) -> str | None:

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from dgserve.models import registry
 from dgserve.models.registry import ModelEntry
-from dgserve.store import ModelStore, StoredVersion
-from dgserve.store.weights import sha256_file
+from dgserve.model_store import ModelStore, StoredVersion
+from dgserve.model_store.weights import sha256_file
 
 LABELS = ["cat", "dog", "bird"]
 PREPROCESSING: dict[str, Any] = {

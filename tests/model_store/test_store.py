@@ -19,7 +19,7 @@ from dgserve.errors import (
     VersionNotFoundError,
     WeightsError,
 )
-from dgserve.store import LoadedModel, Manifest, ModelStore, StoredVersion
+from dgserve.model_store import LoadedModel, Manifest, ModelStore, StoredVersion
 
 EditManifest = Callable[[StoredVersion, Callable[[dict[str, Any]], None]], None]
 RewriteWeights = Callable[[StoredVersion, dict[str, Tensor] | bytes], None]

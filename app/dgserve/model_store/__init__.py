@@ -1,7 +1,7 @@
 """The versioned model store: ``<root>/<name>/<version>/{manifest.json, model.safetensors, card.md}``."""
 
-from dgserve.store.manifest import Batching, Manifest, Preprocessing, Thresholds, WeightsInfo
-from dgserve.store.store import LoadedModel, ModelStore, StoredVersion
+from dgserve.model_store.manifest import Batching, Manifest, Preprocessing, Thresholds, WeightsInfo
+from dgserve.model_store.store import LoadedModel, ModelStore, StoredVersion
 
 __all__ = [
     "Batching",

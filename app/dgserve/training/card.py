@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dgserve.tasks import Task
 from dgserve.training.config import TrainConfig
 from dgserve.training.loop import History
 
@@ -16,6 +17,7 @@ from dgserve.training.loop import History
 def render_card(
     *,
     config: TrainConfig,
+    task: Task,
     name: str,
     architecture: str,
     arch_kwargs: dict[str, Any],
@@ -63,14 +65,14 @@ def render_card(
         "",
         "## Held-out metrics per epoch",
         "",
-        *_epoch_table(history.epochs),
+        *_epoch_table(task, history.epochs),
         "",
         "## Final held-out metrics",
         "",
-        *_final(final, labels),
+        *task.card_results(final, labels),
     ]
     if "connectivity" in final:
-        lines += ["", "## Edge sparsity (inference path, held-out set)", "", *_connectivity(final, labels)]
+        lines += ["", "## Edge sparsity (inference path, held-out set)", "", *_connectivity(task, final, labels)]
     return "\n".join(lines) + "\n"
 
 
@@ -84,9 +86,8 @@ def _sparsity_line(config: TrainConfig, routed: bool) -> str:
     )
 
 
-def _epoch_table(epochs: list[dict[str, Any]]) -> list[str]:
-    metric = "top1" if "top1" in epochs[0] else "mAP50"
-    title = "top-1" if metric == "top1" else "mAP@0.5"
+def _epoch_table(task: Task, epochs: list[dict[str, Any]]) -> list[str]:
+    metric, title = task.metric
     routed = "connectivity" in epochs[0]
     head = f"| epoch | train loss | held-out {title} |" + (" closed edges | distinct patterns |" if routed else "")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -99,17 +100,7 @@ def _epoch_table(epochs: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
-def _final(final: dict[str, Any], labels: list[str]) -> list[str]:
-    if "top1" in final:
-        per_class = ", ".join(f"{label} {acc:.3f}" for label, acc in zip(labels, final["per_class_top1"], strict=True))
-        return [f"- Top-1: **{final['top1']:.4f}** on {final['images']} held-out images.", f"- Per class: {per_class}."]
-    return [
-        f"- mAP@0.5 (pycocotools COCOeval, bbox): **{final['mAP50']:.4f}**; mAP@[0.5:0.95]: {final['mAP']:.4f}.",
-        f"- {final['images']} held-out images, {final['boxes']} ground-truth boxes.",
-    ]
-
-
-def _connectivity(final: dict[str, Any], labels: list[str]) -> list[str]:
+def _connectivity(task: Task, final: dict[str, Any], labels: list[str]) -> list[str]:
     conn = final["connectivity"]
     lines = [
         f"- Closed edges per image, on average: **{conn['closed_edge_fraction']:.1%}** of the routed edges.",
@@ -119,22 +110,16 @@ def _connectivity(final: dict[str, Any], labels: list[str]) -> list[str]:
         + ".",
     ]
     if "class_adjacency_max_difference" in conn:
-        grouped = "image's class" if "top1" in final else "class of the scene's largest object"
         lines.append(
-            f"- Per-class mean adjacencies (grouped by the {grouped}) differ: largest mean |difference| between two classes "
+            f"- Per-class mean adjacencies (grouped by the {task.routing_groups}) differ: largest mean |difference| between two classes "
             f"**{conn['class_adjacency_max_difference']:.4f}**."
         )
         lines.append(
             "- Mean gated edge weight per class: "
-            + ", ".join(f"{_label(labels, c, final)} {w:.3f}" for c, w in conn["class_mean_edge_weight"].items())
+            + ", ".join(f"{task.class_name(labels, c)} {w:.3f}" for c, w in conn["class_mean_edge_weight"].items())
             + "."
         )
     return lines
-
-
-def _label(labels: list[str], class_id: int, final: dict[str, Any]) -> str:
-    # Classifier outputs index labels directly; detector class ids start at 1 (0 is background).
-    return labels[class_id] if "top1" in final else labels[class_id - 1]
 
 
 def _epochs(n: float) -> str:

@@ -40,18 +40,17 @@ from dgserve.errors import (
     WeightsError,
 )
 from dgserve.models.registry import ModelEntry, UnknownArchitectureError, create_model, get_entry
-from dgserve.store.manifest import (
+from dgserve.model_store.manifest import (
     NAME_PATTERN,
     SCHEMA_VERSION,
     Batching,
     Manifest,
     Preprocessing,
     StorageDtype,
-    Task,
     Thresholds,
     describe_validation_error,
 )
-from dgserve.store.weights import (
+from dgserve.model_store.weights import (
     fsync_path,
     load_into,
     read_weights,
@@ -181,7 +180,7 @@ class ModelStore:
         arch_kwargs: Mapping[str, Any],
         labels: Sequence[str],
         preprocessing: Preprocessing | Mapping[str, Any],
-        task: Task | None = None,
+        task: str | None = None,
         thresholds: Thresholds | Mapping[str, Any] | None = None,
         batching: Batching | Mapping[str, Any] | None = None,
         description: str = "",

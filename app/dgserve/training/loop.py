@@ -17,16 +17,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
 from dgserve.models.dgnet.stage import edge_l1
-from dgserve.training.augment import dihedral_batch, dihedral_detection
+from dgserve.tasks import Task
 from dgserve.training.checkpoint import load_checkpoint, restore, save_checkpoint
 from dgserve.training.config import TrainConfig
-from dgserve.training.data import collate_detection
-from dgserve.training.evaluate import evaluate_classification, evaluate_detection
 from dgserve.training.model import freeze_batchnorm_stats, param_groups
 from dgserve.training.regularizers import DeadEndGuard
 
@@ -75,7 +72,7 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
 def fit(
     config: TrainConfig,
     model: nn.Module,
-    task: str,
+    task: Task,
     num_classes: int,
     train_set: Dataset[Any],
     val_set: Dataset[Any],
@@ -104,7 +101,7 @@ def fit(
         metrics = evaluate(config, model, task, num_classes, val_set)
         record = {"epoch": epoch + 1, **losses, **metrics}
         history.epochs.append(record)
-        _report(config, record)
+        _report(config, task, record)
         if config.checkpoint_dir is not None:
             meta = {"epoch": epoch + 1, "config": config.to_json(), "history": history.epochs,
                     "seconds": history.seconds, "images": history.images}  # fmt: skip
@@ -114,21 +111,21 @@ def fit(
     return history
 
 
-def _batches(config: TrainConfig, dataset: Dataset[Any], task: str, generator: torch.Generator | None) -> DataLoader[Any]:
+def _batches(config: TrainConfig, dataset: Dataset[Any], task: Task, generator: torch.Generator | None) -> DataLoader[Any]:
     sampler = RandomSampler(dataset, generator=generator) if generator is not None else None
     return DataLoader(
         dataset,
         batch_size=config.batch_size,
         sampler=sampler,
         num_workers=config.workers,
-        collate_fn=collate_detection if task == "detection" else None,
+        collate_fn=task.collate,
     )
 
 
 def _train_epoch(
     config: TrainConfig,
     model: nn.Module,
-    task: str,
+    task: Task,
     optimizer: torch.optim.Optimizer,
     dataset: Dataset[Any],
     epoch: int,
@@ -156,7 +153,7 @@ def _train_epoch(
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup, config.lr)
-            task_loss, size = _task_loss(config, model, task, batch, augment)
+            task_loss, size = task.loss(model, batch, config, augment)
             sparsity = edge_l1(model)
             dead_end = guard.penalty()
             loss = task_loss + sparsity_at(step, steps_per_epoch, config) * sparsity + config.dead_end_penalty * dead_end
@@ -175,33 +172,15 @@ def _train_epoch(
     return {f"train_{k}" if k != "loss" else "train_loss": v / max(seen, 1) for k, v in sums.items()}
 
 
-def _task_loss(config: TrainConfig, model: nn.Module, task: str, batch: Any, gen: torch.Generator) -> tuple[Tensor, int]:
-    if task == "classification":
-        images, labels = batch
-        if config.augment:
-            images = dihedral_batch(images, gen)
-        return F.cross_entropy(model(images), labels, label_smoothing=config.label_smoothing), len(labels)
-    images, targets = batch
-    if config.augment:
-        pairs = [dihedral_detection(image, target, gen) for image, target in zip(images, targets, strict=True)]
-        images, targets = [p[0] for p in pairs], [p[1] for p in pairs]
-    losses = model(list(images), list(targets))
-    return sum(losses.values(), torch.zeros(())), len(images)
-
-
-def evaluate(config: TrainConfig, model: nn.Module, task: str, num_classes: int, val_set: Dataset[Any]) -> dict[str, Any]:
+def evaluate(config: TrainConfig, model: nn.Module, task: Task, num_classes: int, val_set: Dataset[Any]) -> dict[str, Any]:
     batches: Iterator[Any] = iter(_batches(config, val_set, task, None))
-    if task == "classification":
-        return evaluate_classification(model, batches, num_classes, config.progress)
-    return evaluate_detection(model, batches, num_classes, config.progress)
+    return task.evaluate(model, batches, num_classes, config.progress)
 
 
-def _report(config: TrainConfig, record: dict[str, Any]) -> None:
-    parts = [f"epoch {record['epoch']}/{config.epochs}", f"loss {record['train_loss']:.4f}"]
-    if "top1" in record:
-        parts.append(f"held-out top-1 {record['top1']:.4f}")
-    if "mAP50" in record:
-        parts.append(f"held-out mAP@0.5 {record['mAP50']:.4f} (mAP {record['mAP']:.4f})")
+def _report(config: TrainConfig, task: Task, record: dict[str, Any]) -> None:
+    key, title = task.metric
+    parts = [f"epoch {record['epoch']}/{config.epochs}", f"loss {record['train_loss']:.4f}",
+             f"held-out {title} {record[key]:.4f}"]  # fmt: skip
     if "connectivity" in record:
         conn = record["connectivity"]
         parts.append(f"closed edges {conn['closed_edge_fraction']:.1%}, {conn['distinct_patterns']} patterns")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from dgserve.errors import WeightsError
-from dgserve.store.manifest import StorageDtype
+from dgserve.model_store.manifest import StorageDtype
 
 _DTYPES: dict[StorageDtype, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 _SHOWN = 5  # offending keys listed in an error; the rest are counted

@@ -14,10 +14,10 @@ from torch import nn
 from dgserve.models.dgnet.routing import PINNED_LOGIT, Router
 from dgserve.models.dgnet.stage import DGStage
 from dgserve.models.registry import ModelEntry, create_model, get_entry
-from dgserve.store import ModelStore
-from dgserve.store.manifest import Preprocessing
-from dgserve.training.config import DEFAULT_INPUT_SIZE, TrainConfig, parse_store_ref
-from dgserve.training.data import default_preprocessing
+from dgserve.model_store import ModelStore
+from dgserve.model_store.manifest import Preprocessing
+from dgserve.tasks import get_task
+from dgserve.training.config import TrainConfig, parse_store_ref
 
 # Logit magnitude a pinned router is relaxed to before its routing is trained: sigmoid(±3)
 # is 0.95 / 0.05, still on the same side of the imported τ = 0.5, but with a gradient
@@ -59,8 +59,8 @@ def resolve_preprocessing(config: TrainConfig) -> Preprocessing:
     architecture, _, stored_pre = resolve_architecture(config)
     if stored_pre is not None and config.input_size in (None, stored_pre.input_size[0]):
         return stored_pre
-    task = get_entry(architecture).task
-    return default_preprocessing(task, config.input_size or DEFAULT_INPUT_SIZE[task])
+    task = get_task(get_entry(architecture).task)
+    return task.default_preprocessing(config.input_size or task.default_input_size)
 
 
 def build_model(config: TrainConfig, num_classes: int, pre: Preprocessing) -> BuiltModel:
@@ -83,8 +83,11 @@ def build_model(config: TrainConfig, num_classes: int, pre: Preprocessing) -> Bu
                 f"±{UNPINNED_LOGIT:g} logits so that their routing can be trained."
             )
     if config.init_backbone is not None:
-        if entry.task != "detection":
-            raise ValueError("--init-backbone is for detectors; use --from-store to fine-tune a classifier")
+        if not any(key.startswith(BACKBONE_PREFIX) for key in model.state_dict()):
+            raise ValueError(
+                f"--init-backbone needs a model with a {BACKBONE_PREFIX}* backbone (a detector); "
+                "use --from-store to fine-tune a classifier"
+            )
         name, version = parse_store_ref(config.init_backbone)
         loaded = ModelStore(config.store).load(name, version)
         source = {BACKBONE_PREFIX + k: v for k, v in loaded.model.state_dict().items()}

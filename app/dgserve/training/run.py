@@ -7,10 +7,10 @@ from typing import Any
 import torch
 
 from dgserve.models.registry import get_entry
-from dgserve.store import ModelStore, StoredVersion
+from dgserve.model_store import ModelStore, StoredVersion
+from dgserve.tasks import get_task
 from dgserve.training.card import render_card
 from dgserve.training.config import TrainConfig
-from dgserve.training.data import build_data
 from dgserve.training.loop import EpochCallback, History, fit
 from dgserve.training.model import build_model, resolve_architecture, resolve_preprocessing
 
@@ -21,16 +21,17 @@ def train(config: TrainConfig, on_epoch_end: EpochCallback | None = None) -> tup
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     architecture, _, _ = resolve_architecture(config)
-    task = get_entry(architecture).task
+    task = get_task(get_entry(architecture).task)
     pre = resolve_preprocessing(config)
     # The labels, hence the head's size, come from the data.
-    data = build_data(config, task, pre)
-    num_classes = len(data.labels) + (1 if task == "detection" else 0)  # detection counts background
+    data = task.datasets(config, pre)
+    num_classes = task.head_size(data.labels)
     built = build_model(config, num_classes, pre)
     history = fit(config, built.model, task, num_classes, data.train, data.val, on_epoch_end)
 
     card = render_card(
         config=config,
+        task=task,
         name=config.name,
         architecture=architecture,
         arch_kwargs=built.arch_kwargs,
@@ -42,7 +43,7 @@ def train(config: TrainConfig, on_epoch_end: EpochCallback | None = None) -> tup
         input_size=pre.input_size[0],
     )
     final: dict[str, Any] = history.epochs[-1]
-    metric = f"top-1 {final['top1']:.3f}" if task == "classification" else f"mAP@0.5 {final['mAP50']:.3f}"
+    metric = task.headline(final)
     stored = ModelStore(config.store).save(
         built.model,
         name=config.name,

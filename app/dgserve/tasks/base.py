@@ -1,0 +1,192 @@
+"""What a task is: everything that differs between classification, detection, and the next one.
+
+A task is one module holding one ``Task`` subclass. It owns:
+
+* the manifest rules for its models (how labels fit the head, which resize modes make sense);
+* its per-request options (``Options``, e.g. ``top_k``) and the schema of one prediction;
+* turning a decoded image into a model input (``prepare``, in the decode pool) and a
+  batch of model outputs into predictions (``predict``, in the worker thread);
+* the training hooks ``dgserve train`` calls: data sources, collate, loss, evaluation.
+
+The server and the trainer look a task up by ``manifest.task`` with ``get_task``;
+nothing outside a task's module branches on its name. Registering one is the single
+import line in ``dgserve/tasks/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from dgserve.imaging import IMAGENET_MEAN, IMAGENET_STD
+from dgserve.model_store.manifest import Manifest, Preprocessing, ResizeMode
+
+if TYPE_CHECKING:
+    import torch
+
+    from dgserve.data.sources import DataBundle
+    from dgserve.training.config import TrainConfig
+
+__all__ = ["ImageInfo", "InferenceItem", "Options", "Task", "get_task", "register_task", "task_for_endpoint", "tasks"]
+
+
+class Options(BaseModel):
+    """Per-request options of a task (none by default). Frozen: one object serves a whole request."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """The uploaded image as the client sent it."""
+
+    part: str | None  # the multipart part it came from, for messages and records
+    width: int
+    height: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"part": self.part, "width": self.width, "height": self.height}
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceItem:
+    """One prepared image: the model input, where it came from, and what its caller asked."""
+
+    tensor: Tensor  # on the CPU, as ``Task.prepare`` made it
+    image: ImageInfo
+    options: Options
+    context: Any = None  # whatever ``prepare`` needs ``predict`` to know (a resize scale, ...)
+
+
+ToDevice = Callable[[Tensor], Tensor]
+
+
+class Task(abc.ABC):
+    """One task. Subclasses set the class attributes and implement the hooks."""
+
+    name: ClassVar[str]
+    """The manifest's ``task`` value, e.g. ``"classification"``."""
+    endpoint: ClassVar[str]
+    """The verb of ``POST /v1/models/{name}/{endpoint}``."""
+    summary: ClassVar[str]
+    """One line for the API docs."""
+    Options: ClassVar[type[Options]] = Options
+    Prediction: ClassVar[type[BaseModel]]
+    """The schema of one prediction (one label, one box, ...) in a response."""
+    default_input_size: ClassVar[int]
+    default_resize: ClassVar[ResizeMode]
+    data_sources: ClassVar[tuple[str, ...]]
+    """``dgserve train --data`` values this task reads; ``generated`` is the shapes generator."""
+    collate: ClassVar[Callable[[Sequence[Any]], Any] | None] = None
+    """The training DataLoader's collate; ``None`` is torch's default (stacking)."""
+
+    # --- manifest -----------------------------------------------------------------
+
+    def head_size(self, labels: Sequence[str]) -> int:
+        """``num_classes`` of the head for these labels."""
+        return len(labels)
+
+    def check_labels(self, labels: Sequence[str], num_classes: int) -> None:
+        """Raise ``ValueError`` when the labels do not fit a head of ``num_classes``."""
+        if len(labels) != num_classes:
+            raise ValueError(f"{len(labels)} labels but arch_kwargs.num_classes={num_classes}")
+
+    def check_preprocessing(self, pre: Preprocessing) -> None:
+        """Raise ``ValueError`` for preprocessing this task cannot serve correctly."""
+
+    def class_name(self, labels: Sequence[str], class_id: int) -> str:
+        """The label of a model output index."""
+        return labels[class_id]
+
+    def default_preprocessing(self, size: int) -> Preprocessing:
+        """What ``dgserve train`` writes into a new model's manifest."""
+        # crop_fraction 1.0: a square image of the input size passes untouched.
+        return Preprocessing(
+            input_size=(size, size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            interpolation="bilinear", resize=self.default_resize, crop_fraction=1.0,
+        )  # fmt: skip
+
+    # --- serving --------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def prepare(self, img: Image.Image, pre: Preprocessing) -> tuple[Tensor, Any]:
+        """A decoded RGB image to ``(model input, context for predict)``; runs in the decode pool."""
+
+    @abc.abstractmethod
+    def predict(
+        self, model: nn.Module, items: Sequence[InferenceItem], manifest: Manifest, to_device: ToDevice
+    ) -> list[list[dict[str, Any]]]:
+        """Run ``model`` on a batch and return each item's predictions, JSON-able, in order.
+
+        Runs in the worker thread under ``torch.inference_mode``; ``to_device`` moves a
+        CPU tensor to the worker's device.
+        """
+
+    # --- training -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def datasets(self, config: TrainConfig, pre: Preprocessing) -> DataBundle:
+        """The training and held-out sets for ``config.data``."""
+
+    @abc.abstractmethod
+    def loss(self, model: nn.Module, batch: Any, config: TrainConfig, gen: torch.Generator) -> tuple[Tensor, int]:
+        """The training loss of one batch (augmented with ``gen`` when ``config.augment``) and its size."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: nn.Module, batches: Iterable[Any], num_classes: int, progress: bool) -> dict[str, Any]:
+        """Held-out figures; ``headline`` names the one that matters."""
+
+    metric: ClassVar[tuple[str, str]]
+    """The held-out figure that matters: its key in ``evaluate``'s dict, and its title."""
+    routing_groups: ClassVar[str]
+    """What the per-class routing figures group images by, for the model card."""
+
+    def headline(self, metrics: dict[str, Any]) -> str:
+        """The figure a model card and a description lead with, e.g. ``top-1 0.992``."""
+        key, title = self.metric
+        return f"{title} {metrics[key]:.3f}"
+
+    @abc.abstractmethod
+    def card_results(self, final: dict[str, Any], labels: Sequence[str]) -> list[str]:
+        """The model card's "Final held-out metrics" lines."""
+
+    def unsupported_source(self, source: str) -> ValueError:
+        return ValueError(
+            f"--data {source} is not a source for {self.name}; use one of: {', '.join(self.data_sources)}"
+        )
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: one instance of ``cls`` serves every model of its task."""
+    for other in _TASKS.values():
+        if other.endpoint == cls.endpoint and other.name != cls.name:
+            raise ValueError(f"endpoint {cls.endpoint!r} is taken by task {other.name!r}")
+    _TASKS[cls.name] = cls()
+    return cls
+
+
+def get_task(name: str) -> Task:
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(_TASKS))}") from None
+
+
+def tasks() -> tuple[Task, ...]:
+    return tuple(_TASKS.values())
+
+
+def task_for_endpoint(endpoint: str) -> Task:
+    for task in _TASKS.values():
+        if task.endpoint == endpoint:
+            return task
+    raise KeyError(endpoint)
