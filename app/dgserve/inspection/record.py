@@ -1,28 +1,22 @@
-"""What an inspection store is, independent of where it keeps its records.
+"""One inference's inspection record, its id, and the time helpers stores share.
 
 Every inference produces one ``InspectionRecord``: the prediction summary plus the
 image's connectivity (per-stage edge matrices, GloRe graphs). The server hands it to
 an ``InspectionStore`` so that users can fetch it later by id.
 
-The embedded default is ``SQLiteInspectionStore`` (one file, one process). A shared
-store for multi-replica deployments (PostgreSQL, Redis, ...) implements the same
-``InspectionStore`` interface, and ``open_inspection_store`` picks one by URL.
-
-Nothing here imports torch or FastAPI.
+Nothing here imports torch or FastAPI, or knows where records are kept.
 """
 
 from __future__ import annotations
 
-import abc
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Self
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-__all__ = ["InspectionRecord", "InspectionStore", "new_inspection_id", "utc_now"]
+__all__ = ["InspectionRecord", "as_utc", "from_us", "new_inspection_id", "to_us", "utc_now"]
 
 # Crockford's base32: no I, L, O or U, so ids survive being read aloud or retyped.
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -51,12 +45,28 @@ def new_inspection_id() -> str:
     return "".join(reversed(chars))
 
 
-def _as_utc(value: datetime, what: str) -> datetime:
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
+
+
+def as_utc(value: datetime, what: str) -> datetime:
+    """``value`` in UTC; ``ValueError`` naming ``what`` if it is naive."""
     # A naive datetime would be read as the host's local time by some code paths and
     # as UTC by others; refusing it is the only way the stored order stays right.
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{what} must be timezone-aware, got naive {value.isoformat()}")
     return value.astimezone(UTC)
+
+
+def to_us(value: datetime, what: str) -> int:
+    """Whole microseconds since the Unix epoch: how stores keep time, so that it sorts
+    and compares exactly. A naive ``value`` is refused like ``as_utc`` refuses it."""
+    return (as_utc(value, what) - _EPOCH) // _ONE_US
+
+
+def from_us(us: int) -> datetime:
+    """The inverse of ``to_us``, in UTC."""
+    return _EPOCH + timedelta(microseconds=us)
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,7 @@ class InspectionRecord:
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
             raise ValueError("inspection id must be a non-empty string")
-        object.__setattr__(self, "created_at", _as_utc(self.created_at, "created_at"))
+        object.__setattr__(self, "created_at", as_utc(self.created_at, "created_at"))
 
     @classmethod
     def new(
@@ -143,80 +153,3 @@ class InspectionRecord:
             prediction=dict(data.get("prediction") or {}),
             connectivity=dict(data.get("connectivity") or {}),
         )
-
-
-class InspectionStore(abc.ABC):
-    """Where inspection records live.
-
-    Contract every implementation keeps:
-
-    * ``put`` never waits for storage I/O: it queues the record and returns. It may
-      wait only when the implementation's bound on queued records is reached
-      (back-pressure); a record is never dropped to make room.
-    * A record is readable by ``get`` and ``list`` as soon as ``put`` returns, whether
-      or not it has been written yet.
-    * ``flush`` returns once every record queued before the call is durable;
-      ``close`` flushes first.
-    * ``list`` yields in ``(created_at, id)`` ascending order and fetches in pages.
-
-    Use ``async with store:`` or call ``start()``/``close()`` yourself.
-    """
-
-    @abc.abstractmethod
-    async def start(self) -> None:
-        """Open the storage and start background work. Call once."""
-
-    @abc.abstractmethod
-    async def close(self) -> None:
-        """Flush everything queued, stop background work and release the storage.
-
-        Idempotent. Later ``put`` calls raise ``RuntimeError``.
-        """
-
-    @abc.abstractmethod
-    async def put(self, record: InspectionRecord) -> None:
-        """Queue ``record`` for writing; an existing record with its id is replaced.
-
-        Raises ``TypeError``/``ValueError`` at once for a record that cannot be
-        serialised.
-        """
-
-    @abc.abstractmethod
-    async def get(self, inspection_id: str) -> InspectionRecord:
-        """The record with this id; ``InspectionNotFoundError`` if there is none."""
-
-    @abc.abstractmethod
-    def list(
-        self,
-        *,
-        model: str | None = None,
-        since: datetime | None = None,
-        limit: int = 100,
-        include_connectivity: bool = True,
-    ) -> AsyncIterator[InspectionRecord]:
-        """Up to ``limit`` records, oldest first (``created_at``, then ``id``).
-
-        ``model`` keeps only that model's records; ``since`` (timezone-aware) keeps
-        those created at or after it. With ``include_connectivity=False`` the large
-        ``connectivity`` field is not read and comes back as ``{}``.
-        """
-
-    @abc.abstractmethod
-    async def count(self) -> int:
-        """How many records the store holds, queued ones included."""
-
-    @abc.abstractmethod
-    async def flush(self) -> None:
-        """Wait until every record queued before this call is durable."""
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

@@ -1,0 +1,127 @@
+"""What a storage backend does for ``InspectionStore``, and the rows it exchanges.
+
+``InspectionStore`` (``writebehind.py``) owns everything that is the same whatever
+keeps the records: the queue, back-pressure, retries, merging queued records into
+reads, retention scheduling, JSON encoding and the shared-graph de-duplication. A
+backend only stores and reads rows. It gets them already encoded: a record's
+prediction and connectivity as compact JSON text, the connectivity without its shared
+graphs (``dgserve.inspection.shared``), and each shared graph as JSON text under its
+digest. How the backend lays them out (compression, tables, indexes) is its own
+business, as long as what it reads back is the text it was given.
+
+The methods are synchronous and blocking: the store calls them in worker threads
+(``asyncio.to_thread``), several at once (a read while a batch is written, retention
+while a listing pages), so every method must be thread-safe. ``open`` is called once
+before any other method, ``close`` once after the store has stopped writing.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = ["InspectionBackend", "Key", "PageQuery", "StoredRecord"]
+
+# A record's place in every listing: (created_at in microseconds since the epoch, id).
+Key = tuple[int, str]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """One record as a backend stores it.
+
+    ``created_at_us`` is microseconds since the Unix epoch (UTC). ``prediction`` and
+    ``connectivity`` are compact JSON text; ``connectivity`` lacks the shared graphs
+    (markers stand in their place) and is ``None`` when a read was asked to leave it out.
+    """
+
+    id: str
+    model: str
+    version: int
+    task: str
+    created_at_us: int
+    prediction: str
+    connectivity: str | None
+
+    @property
+    def key(self) -> Key:
+        return (self.created_at_us, self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class PageQuery:
+    """Which stored records ``read_page`` returns: up to ``limit``, in ascending ``key``.
+
+    Only ``model``'s records when it is given, only those created at or after
+    ``since_us``, and only those whose key is greater than ``after`` (the last key of
+    the previous page: keyset pagination, so a deep page costs what the first does).
+    Without ``include_connectivity`` rows come with ``connectivity=None``.
+    """
+
+    limit: int
+    model: str | None = None
+    since_us: int | None = None
+    after: Key | None = None
+    include_connectivity: bool = True
+
+
+class InspectionBackend(abc.ABC):
+    """Durable storage of ``StoredRecord`` rows and shared graphs; see the module docstring."""
+
+    @property
+    @abc.abstractmethod
+    def location(self) -> str:
+        """Where the records are, for log and error messages (a path, a URL without
+        its password)."""
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Connect, and create or upgrade the schema; raise if the storage cannot be used
+        (say, it was written by a newer schema). On failure nothing is left open."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections. Idempotent; reads still running may finish or raise
+        ``RuntimeError``, and later calls raise it."""
+
+    @abc.abstractmethod
+    def write_batch(self, records: Sequence[StoredRecord], graphs: Mapping[str, str]) -> None:
+        """Store ``records`` in one transaction: all of them or, on error, none.
+
+        A record replaces any stored one with its id; ``records`` come in put order,
+        so with a repeated id the last wins. ``graphs`` maps the digest of every shared
+        graph the records name to its JSON text; a digest always names the same graph,
+        so one already stored is kept as it is (best found cheaply, not compressed or sent
+        again). New graphs commit in the same transaction as the first records naming them.
+        """
+
+    @abc.abstractmethod
+    def get(self, inspection_id: str) -> StoredRecord | None:
+        """The stored record with this id, connectivity included; ``None`` if there is none."""
+
+    @abc.abstractmethod
+    def read_page(self, query: PageQuery) -> list[StoredRecord]:
+        """The stored records ``query`` selects, in ascending ``key`` order."""
+
+    @abc.abstractmethod
+    def graph(self, digest: str) -> str | None:
+        """The JSON text of the shared graph stored under ``digest``; ``None`` if absent."""
+
+    @abc.abstractmethod
+    def delete_expired(self, *, older_than_us: int | None, keep_newest: int | None) -> int:
+        """Apply retention in one transaction; returns how many records were deleted.
+
+        First the records created before ``older_than_us``; then, if more than
+        ``keep_newest`` are left, all but the newest ``keep_newest`` by ``key``.
+        ``None`` skips that rule. Shared graphs are kept: they outlive the records that
+        name them (one per unit per model version, not one per image).
+        """
+
+    @abc.abstractmethod
+    def count(self, exclude: Collection[str] = ()) -> int:
+        """How many records are stored, leaving out those whose id is in ``exclude``.
+
+        Read in one snapshot: the store passes the ids it has queued and adds their
+        number, so each record is counted once, even one whose batch commits meanwhile.
+        """

@@ -1,0 +1,248 @@
+"""The write-behind queue: serialised records waiting to be written, and their writer.
+
+``InspectionStore`` owns one ``PendingQueue``. ``put`` appends without touching
+storage; one writer task takes up to ``batch_size`` records at a time and hands them
+to ``write`` (the backend's ``write_batch``) in a worker thread. A batch is written
+when it is full, when its oldest record has waited ``flush_interval_s``, or at once
+when someone flushes, waits for room, or stops the queue.
+
+Records leave the queue only once their batch has committed, so a record is always
+either here or in storage. A failed batch stays queued and is retried with
+exponential back-off; once stopping, it is tried ``CLOSE_ATTEMPTS`` times and then
+given up on, with an error naming how many records are lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from dgserve.inspection.backend import StoredRecord
+
+__all__ = ["CLOSE_ATTEMPTS", "Batching", "Pending", "PendingQueue"]
+
+log = logging.getLogger(__name__)
+
+_RETRY_MIN_S = 0.05
+_RETRY_MAX_S = 5.0
+CLOSE_ATTEMPTS = 3
+
+WriteBatch = Callable[[Sequence[StoredRecord], Mapping[str, str]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Batching:
+    """When the writer writes, and when ``put`` waits.
+
+    ``batch_size``: the most records per transaction. ``flush_interval_s``: the longest
+    a record waits in memory before its batch is written. ``max_pending`` records or
+    ``max_pending_bytes`` of serialised text queued make ``put`` wait for room
+    (back-pressure, never loss); a single record larger than ``max_pending_bytes`` is
+    still accepted when the queue is empty.
+    """
+
+    batch_size: int
+    flush_interval_s: float
+    max_pending: int
+    max_pending_bytes: int
+
+    def __post_init__(self) -> None:
+        for name, value in (("batch_size", self.batch_size), ("max_pending", self.max_pending)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.max_pending_bytes < 1:
+            raise ValueError(f"max_pending_bytes must be at least 1, got {self.max_pending_bytes}")
+        if self.flush_interval_s < 0:
+            raise ValueError(f"flush_interval_s must not be negative, got {self.flush_interval_s}")
+
+
+@dataclass(slots=True)
+class Pending:
+    """A queued record, already serialised.
+
+    Keeping the JSON rather than the caller's objects bounds memory by the text's size
+    (a Python float costs 32 bytes, its JSON about 19) and means a caller that mutates
+    its dicts after ``put`` cannot change what is stored.
+    """
+
+    row: StoredRecord
+    graphs: dict[str, str]  # digest -> JSON text of each shared graph the row names
+    seq: int
+    enqueued_at: float
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.row.prediction) + len(self.row.connectivity or "")
+
+
+class PendingQueue:
+    """Queued records by id, and the task that writes them through ``write``, batched
+    as ``batching`` says. ``location`` names the storage in log messages."""
+
+    def __init__(self, write: WriteBatch, location: str, batching: Batching) -> None:
+        self._write = write
+        self._location = location
+        self._batching = batching
+        # Queue order is write order; _by_id maps an id to its newest queued version.
+        self._queue: deque[Pending] = deque()
+        self._by_id: dict[str, Pending] = {}
+        self._bytes = 0
+        self._seq = 0  # seq of the newest queued record
+        self._durable_seq = 0  # seq of the newest committed record; commits happen in queue order
+        self._flush_target = 0
+        self._space_waiters = 0
+        self._stopping = False
+        self._wake = asyncio.Event()
+        # Replaced on every change waiters care about (see _pulse), so a waiter that
+        # grabbed the old one is woken exactly once per change.
+        self._progress = asyncio.Event()
+        self._error: BaseException | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"inspection writer for {self._location}"
+
+    def __len__(self) -> int:
+        """Records queued and not yet committed, repeats of an id included."""
+        return len(self._queue)
+
+    def get(self, inspection_id: str) -> Pending | None:
+        """The newest queued version of this id."""
+        return self._by_id.get(inspection_id)
+
+    def newest(self) -> Iterable[Pending]:
+        """The newest queued version of every queued id."""
+        return self._by_id.values()
+
+    def raise_if_stopped(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"{self!r} has stopped") from self._error
+
+    # --- the writer task --------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._write_loop(), name=repr(self))
+        self._task.add_done_callback(self._on_done)
+
+    def stop(self) -> asyncio.Task[None] | None:
+        """Write what is queued (and what waiting ``put`` calls still add), then end;
+        returns the writer task, which ends when that is done or given up on."""
+        self._stopping = True
+        self._wake.set()
+        return self._task
+
+    async def put(self, row: StoredRecord, graphs: dict[str, str]) -> None:
+        """Queue ``row``, waiting while the queue is full."""
+        if self._full():
+            self._space_waiters += 1
+            self._wake.set()
+            try:
+                await self._wait_until(lambda: not self._full())
+            finally:
+                self._space_waiters -= 1
+        self._seq += 1
+        pending = Pending(row, graphs, seq=self._seq, enqueued_at=asyncio.get_running_loop().time())
+        self._queue.append(pending)
+        self._by_id[row.id] = pending
+        self._bytes += pending.nbytes
+        if len(self._queue) == 1 or len(self._queue) >= self._batching.batch_size:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Wait until every record queued before this call is committed."""
+        target = self._seq
+        if self._durable_seq >= target:
+            return
+        self._flush_target = max(self._flush_target, target)
+        self._wake.set()
+        await self._wait_until(lambda: self._durable_seq >= target)
+
+    def _full(self) -> bool:
+        limits = self._batching
+        return bool(self._queue) and (len(self._queue) >= limits.max_pending or self._bytes >= limits.max_pending_bytes)
+
+    def _pulse(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    async def _wait_until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            self.raise_if_stopped()
+            await self._progress.wait()
+
+    def _due_in(self, now: float) -> float:
+        """Seconds until the head of the queue must be written; <= 0 means now."""
+        if (
+            len(self._queue) >= self._batching.batch_size
+            or self._flush_target > self._durable_seq
+            or self._space_waiters
+            or self._stopping
+        ):
+            return 0.0
+        return self._queue[0].enqueued_at + self._batching.flush_interval_s - now
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while True:
+            self._wake.clear()
+            if not self._queue:
+                # A put waiting for room has not appended yet; leaving now would strand it.
+                if self._stopping and not self._space_waiters:
+                    return
+                await self._wake.wait()
+                continue
+            wait_s = self._due_in(loop.time())
+            if wait_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait_s)
+                continue
+
+            batch = list(itertools.islice(self._queue, self._batching.batch_size))
+            graphs = {digest: text for p in batch for digest, text in p.graphs.items()}
+            try:
+                await asyncio.to_thread(self._write, [p.row for p in batch], graphs)
+            except Exception as exc:
+                failures += 1
+                if self._stopping and failures >= CLOSE_ATTEMPTS:
+                    log.error(
+                        "closing %s: giving up after %d failed writes; %d inspection records are lost",
+                        self._location,
+                        failures,
+                        len(self._queue),
+                        exc_info=exc,
+                    )
+                    self._error = exc
+                    return
+                delay = min(_RETRY_MIN_S * 2 ** (failures - 1), _RETRY_MAX_S)
+                log.warning(
+                    "writing %d inspection records to %s failed (%s); they stay queued, retrying in %.2fs",
+                    len(batch),
+                    self._location,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for written in batch:
+                self._queue.popleft()
+                self._bytes -= written.nbytes
+                # A newer put of the same id is still queued: keep serving that one.
+                if self._by_id.get(written.row.id) is written:
+                    del self._by_id[written.row.id]
+            self._durable_seq = batch[-1].seq
+            self._pulse()
+
+    def _on_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            self._error = self._error or RuntimeError("the writer task was cancelled")
+        elif (exc := task.exception()) is not None:
+            log.error("inspection writer for %s crashed", self._location, exc_info=exc)
+            self._error = exc
+        self._pulse()

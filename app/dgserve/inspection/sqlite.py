@@ -1,0 +1,349 @@
+"""The embedded inspection backend: one SQLite file.
+
+``InspectionStore`` (``writebehind.py``) queues records and calls this backend in
+worker threads; what is specific to SQLite, and why:
+
+* **Durability.** WAL journal with ``synchronous=NORMAL``: a committed batch survives
+  a crash of the process; a power loss can lose the last batches before the WAL is
+  checkpointed. A file system on which SQLite refuses WAL (some network mounts) is
+  refused. One writer connection, behind a lock, writes each batch in one
+  ``BEGIN IMMEDIATE`` transaction; reads use a pool of read-only connections, which
+  WAL lets read while the writer writes.
+* **On disk.** Table ``inspections``. ``created_at_us`` is an integer of microseconds
+  since the Unix epoch (UTC), so it sorts and compares exactly; both indexes end in
+  ``id``, so listing pages by ``(created_at_us, id)`` is an index range scan, however
+  deep the listing goes. ``prediction`` is compact JSON text. ``connectivity`` is
+  compact JSON compressed with zlib (level 1) in a BLOB: on the registered models this
+  is 2.1-3.7x smaller than the JSON (DG-Net ResNet-50: 2,336 -> 753 bytes), and level 6
+  gains under 10% more for 3-7x the CPU on large payloads. ``PRAGMA user_version``
+  holds the schema version; a file from a newer schema is refused rather than misread.
+* **Shared graphs.** Table ``graphs`` keeps each shared matrix once under its
+  ``adjacency_digest`` (zlib-compressed JSON), written in the same transaction as the
+  first record that needs it. A GloRe-ResNet-50 record (4.1 MB of compact JSON, 1.9 MB
+  compressed whole) is stored in 800 bytes, plus its three graphs (1.9 MB) once
+  (``benchmarks/inspection_storage.py``). Schema 2 added the table; schema 1 files
+  open and gain it.
+* **Retention** deletes rows; freed pages are reused by later writes, and the file
+  does not shrink.
+
+One process owns the file: several replicas need a shared backend, not several
+writers on one SQLite file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import zlib
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dgserve.inspection.backend import InspectionBackend, PageQuery, StoredRecord
+from dgserve.inspection.writebehind import InspectionStore
+
+__all__ = ["SQLiteBackend", "SQLiteInspectionStore"]
+
+_SCHEMA_VERSION = 2
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS inspections (
+    id            TEXT    NOT NULL PRIMARY KEY,
+    model         TEXT    NOT NULL,
+    version       INTEGER NOT NULL,
+    task          TEXT    NOT NULL,
+    created_at_us INTEGER NOT NULL,
+    prediction    TEXT    NOT NULL,
+    connectivity  BLOB    NOT NULL
+);
+-- id is in both indexes so that listing pages by (created_at_us, id) never sorts.
+CREATE INDEX IF NOT EXISTS inspections_created ON inspections (created_at_us, id);
+CREATE INDEX IF NOT EXISTS inspections_model_created ON inspections (model, created_at_us, id);
+CREATE TABLE IF NOT EXISTS graphs (
+    digest TEXT NOT NULL PRIMARY KEY,
+    body   BLOB NOT NULL
+);
+"""
+_COLUMNS = "id, model, version, task, created_at_us, prediction"
+_INSERT = (
+    "INSERT OR REPLACE INTO inspections "
+    "(id, model, version, task, created_at_us, prediction, connectivity) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+# Level 1 is within 10% of level 6's size on connectivity JSON at a fraction of the CPU.
+_ZLIB_LEVEL = 1
+# Another process (a backup, the sqlite3 shell) may hold the file briefly.
+_BUSY_TIMEOUT_MS = 5_000
+# Under SQLite's lowest historical limit on bound parameters (999).
+_ID_CHUNK = 500
+
+
+def _compress(text: str) -> bytes:
+    return zlib.compress(text.encode(), _ZLIB_LEVEL)
+
+
+def _params(record: StoredRecord) -> tuple[str, str, int, str, int, str, bytes]:
+    if record.connectivity is None:
+        raise ValueError(f"inspection record {record.id} came to be written without its connectivity")
+    blob = _compress(record.connectivity)
+    return (record.id, record.model, record.version, record.task, record.created_at_us, record.prediction, blob)
+
+
+def _from_row(row: Sequence[Any]) -> StoredRecord:
+    """A row of ``_COLUMNS``, optionally followed by the connectivity BLOB."""
+    return StoredRecord(
+        id=row[0],
+        model=row[1],
+        version=row[2],
+        task=row[3],
+        created_at_us=row[4],
+        prediction=row[5],
+        connectivity=zlib.decompress(row[6]).decode() if len(row) > 6 else None,
+    )
+
+
+@contextlib.contextmanager
+def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    # IMMEDIATE takes the write lock up front, so a busy file fails at BEGIN (after
+    # busy_timeout) instead of half-way through a batch.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.rollback()
+        raise
+    conn.execute("COMMIT")
+
+
+class _ReaderPool:
+    """Read-only connections for reads running in worker threads, reused across calls.
+
+    A connection is used by one thread at a time; WAL lets them read while the writer
+    writes. A connection in use when the pool closes is closed when it comes back.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self._uri = uri
+        self._idle: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("inspection store is closed")
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = sqlite3.connect(self._uri, uri=True, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.rollback()
+            with self._lock:
+                keep = not self._closed
+                if keep:
+                    self._idle.append(conn)
+            if not keep:
+                conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+class SQLiteBackend(InspectionBackend):
+    """Inspection rows in the SQLite file at ``path`` (its directories are created)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._conn_lock = threading.Lock()  # the writer connection, across worker threads
+        self._writer_conn: sqlite3.Connection | None = None
+        self._readers: _ReaderPool | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteBackend:
+        """``sqlite:///<path>``, with SQLAlchemy's reading of the slashes: everything
+        after the third slash is the path (``sqlite:////var/x.db`` is absolute)."""
+        rest = url.split("://", 1)[1]
+        if not rest.startswith("/") or not rest[1:].strip() or "?" in rest or "#" in rest:
+            raise ValueError(
+                f"invalid SQLite URL {url!r}: expected sqlite:///relative/path.db or "
+                "sqlite:////absolute/path.db, without query or fragment (in-memory databases "
+                "are not supported: records must survive a restart)"
+            )
+        return cls(rest[1:])
+
+    def __repr__(self) -> str:
+        return f"SQLiteBackend({str(self.path)!r})"
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            if str(mode).lower() != "wal":
+                raise RuntimeError(
+                    f"{self.path}: SQLite refused WAL mode (journal_mode is {mode!r}); "
+                    "the inspection store needs a local filesystem"
+                )
+            conn.execute("PRAGMA synchronous = NORMAL")
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version > _SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path} has inspection schema {version}; this dgserve reads up to {_SCHEMA_VERSION}"
+                )
+            with _write_transaction(conn):
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            readers = _ReaderPool(f"{self.path.resolve().as_uri()}?mode=ro")
+        except BaseException:
+            conn.close()
+            raise
+        self._writer_conn = conn
+        self._readers = readers
+
+    def close(self) -> None:
+        if self._readers is not None:
+            self._readers.close()
+        with self._conn_lock:
+            conn, self._writer_conn = self._writer_conn, None
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA optimize")
+                conn.close()
+
+    def _writer(self) -> sqlite3.Connection:
+        if self._writer_conn is None:
+            raise RuntimeError(f"{self!r} is not open")
+        return self._writer_conn
+
+    def _reader(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        if self._readers is None:
+            raise RuntimeError(f"{self!r} is not open")
+        return self._readers.connection()
+
+    # --- writing --------------------------------------------------------------------
+
+    def write_batch(self, records: Sequence[StoredRecord], graphs: Mapping[str, str]) -> None:
+        # Compress before BEGIN: the write lock is held only for the inserts.
+        rows = [_params(r) for r in records]
+        stored: set[str] = set()
+        if graphs:
+            with self._conn_lock:
+                conn = self._writer()
+                stored = {d for d in graphs if conn.execute("SELECT 1 FROM graphs WHERE digest = ?", (d,)).fetchone()}
+        # Only this process writes, and it never deletes a graph, so one found above is
+        # still there at COMMIT; the new ones are compressed outside the lock, like the rows.
+        bodies = [(d, _compress(text)) for d, text in graphs.items() if d not in stored]
+        with self._conn_lock:
+            conn = self._writer()
+            with _write_transaction(conn):
+                conn.executemany("INSERT OR IGNORE INTO graphs (digest, body) VALUES (?, ?)", bodies)
+                conn.executemany(_INSERT, rows)
+
+    def delete_expired(self, *, older_than_us: int | None, keep_newest: int | None) -> int:
+        deleted = 0
+        with self._conn_lock:
+            conn = self._writer()
+            with _write_transaction(conn):
+                if older_than_us is not None:
+                    sql = "DELETE FROM inspections WHERE created_at_us < ?"
+                    deleted += conn.execute(sql, (older_than_us,)).rowcount
+                if keep_newest is not None:
+                    # The newest record that does not fit; it and everything older go.
+                    row = conn.execute(
+                        "SELECT created_at_us, id FROM inspections "
+                        "ORDER BY created_at_us DESC, id DESC LIMIT 1 OFFSET ?",
+                        (keep_newest,),
+                    ).fetchone()
+                    if row is not None:
+                        deleted += conn.execute(
+                            "DELETE FROM inspections WHERE (created_at_us, id) <= (?, ?)", row
+                        ).rowcount
+        return deleted
+
+    # --- reading ----------------------------------------------------------------------
+
+    def get(self, inspection_id: str) -> StoredRecord | None:
+        with self._reader() as conn:
+            row = conn.execute(
+                f"SELECT {_COLUMNS}, connectivity FROM inspections WHERE id = ?", (inspection_id,)
+            ).fetchone()
+        return None if row is None else _from_row(row)
+
+    def read_page(self, query: PageQuery) -> list[StoredRecord]:
+        where: list[str] = []
+        params: list[Any] = []
+        if query.model is not None:
+            where.append("model = ?")
+            params.append(query.model)
+        # A later page starts past `since` already: one range condition keeps the scan simple.
+        if query.after is not None:
+            where.append("(created_at_us, id) > (?, ?)")
+            params.extend(query.after)
+        elif query.since_us is not None:
+            where.append("created_at_us >= ?")
+            params.append(query.since_us)
+        columns = f"{_COLUMNS}, connectivity" if query.include_connectivity else _COLUMNS
+        sql = f"SELECT {columns} FROM inspections"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at_us, id LIMIT ?"
+        params.append(query.limit)
+        with self._reader() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [_from_row(row) for row in rows]
+
+    def graph(self, digest: str) -> str | None:
+        with self._reader() as conn:
+            row = conn.execute("SELECT body FROM graphs WHERE digest = ?", (digest,)).fetchone()
+        return None if row is None else zlib.decompress(row[0]).decode()
+
+    def count(self, exclude: Collection[str] = ()) -> int:
+        ids = list(exclude)
+        # One read transaction, so a batch committed while this runs is seen by both
+        # queries and subtracted exactly as it is counted.
+        with self._reader() as conn:
+            conn.execute("BEGIN")
+            (stored,) = conn.execute("SELECT COUNT(*) FROM inspections").fetchone()
+            overlap = 0
+            for start in range(0, len(ids), _ID_CHUNK):
+                chunk = ids[start : start + _ID_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                (n,) = conn.execute(f"SELECT COUNT(*) FROM inspections WHERE id IN ({marks})", chunk).fetchone()
+                overlap += n
+            conn.execute("COMMIT")
+        return int(stored) - int(overlap)
+
+
+class SQLiteInspectionStore(InspectionStore):
+    """``InspectionStore(SQLiteBackend(path), **options)``, for callers that hold a path.
+
+    ``options`` are ``InspectionStore``'s (``max_age_s``, ``batch_size``, ...).
+    """
+
+    backend: SQLiteBackend
+
+    def __init__(self, path: str | os.PathLike[str], **options: Any) -> None:
+        super().__init__(SQLiteBackend(path), **options)
+
+    @property
+    def path(self) -> Path:
+        return self.backend.path
