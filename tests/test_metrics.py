@@ -22,7 +22,7 @@ from dgserve.metrics import (
     Metrics,
     metric_family_of,
 )
-from dgserve.models.connectivity import ImageConnectivity, StageConnectivity
+from dgserve.connectivity import ImageConnectivity, StageConnectivity
 from dgserve.serving.batcher import DynamicBatcher
 
 pytestmark = pytest.mark.timeout(10)
@@ -225,8 +225,8 @@ def test_model_loaded_ready_and_unloaded() -> None:
 def test_observe_connectivity_records_each_stage_per_image() -> None:
     m = Metrics()
     images = [
-        ImageConnectivity(stages=[stage("stage1", 3, 10, [True, False, True]), stage("stage2", 10, 10, [True] * 4)]),
-        ImageConnectivity(stages=[stage("stage1", 0, 10, [True, False, False]), stage("stage2", 5, 10, [True] * 4)]),
+        ImageConnectivity([stage("stage1", 3, 10, [True, False, True]), stage("stage2", 10, 10, [True] * 4)]),
+        ImageConnectivity([stage("stage1", 0, 10, [True, False, False]), stage("stage2", 5, 10, [True] * 4)]),
         ImageConnectivity(),  # a model without routing: nothing to record
     ]
     m.observe_connectivity("dgnet", 1, images)
@@ -316,6 +316,10 @@ def test_render_gives_the_prometheus_text_format() -> None:
     assert content_type == CONTENT_TYPE_LATEST and content_type.startswith("text/plain")
 
 
+class FakeStore:
+    pending = 3
+
+
 def exercise(m: Metrics) -> None:
     """Touch every method, as a server that has served a little would have."""
     obs = m.observer("a", 1)
@@ -326,7 +330,9 @@ def exercise(m: Metrics) -> None:
     m.observe_rejection("a", 1, "invalid_image")
     m.track_queue("a", 1, FakeQueue())
     m.model_loaded("a", 1, 1.0)
-    m.observe_connectivity("a", 1, [ImageConnectivity(stages=[stage("s", 1, 2, [True, False])])])
+    m.observe_connectivity("a", 1, [ImageConnectivity([stage("s", 1, 2, [True, False])])])
+    m.observe_recording("a", 1, 0.001)
+    m.track_inspections(FakeStore())
 
 
 @pytest.mark.parametrize("served", [False, True], ids=["fresh", "after-traffic"])

@@ -29,13 +29,14 @@ import torch
 from fastapi import FastAPI
 from PIL import Image
 
-from dgserve.api import AppState
+from dgserve.api.deps import AppState
 from dgserve.api.app import create_app
 from dgserve.models.registry import create_model
-from dgserve.serving.registry import ServedModel
-from dgserve.serving.runner import ImageResult, InferenceItem
+from dgserve.serving.served_models import ServedModel
+from dgserve.serving.worker import ImageResult
+from dgserve.tasks import InferenceItem
 from dgserve.settings import Settings
-from dgserve.store import ModelStore
+from dgserve.model_store import ModelStore
 
 LABELS = ["cat", "dog", "bird"]
 PRE_64 = {"input_size": [64, 64], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -142,7 +143,7 @@ def state_of(app: FastAPI) -> AppState:
 
 
 def served(app: FastAPI, name: str = "clf") -> ServedModel:
-    return state_of(app).registry.lookup(name)
+    return state_of(app).service.models.lookup(name)
 
 
 class Gate:

@@ -94,7 +94,7 @@ async def test_unexpected_error_is_a_plain_500_and_fails_only_its_batch(
     run_app: Any, make_settings: Callable[..., Any], image: Encode, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with run_app(make_settings(warmup=False)) as (app, client):
-        worker = app.state.dgserve.registry.lookup("clf").workers[0]
+        worker = app.state.dgserve.service.models.lookup("clf").workers[0]
         original = worker.infer_batch
 
         def boom(items: object) -> list[Any]:

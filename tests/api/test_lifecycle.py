@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 
-from dgserve.store import ModelStore
+from dgserve.model_store import ModelStore
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(300)]
 
@@ -78,8 +78,7 @@ async def test_broken_store_entries_do_not_crash_the_server(
     settings = make_settings(model_store=broken_store, models=["clf", "broken", "badweights", "ghost"])
     async with run_app(settings, wait_ready=False) as (app, client):
         assert (await client.get("/healthz")).status_code == 200
-        task = app.state.dgserve.load_task
-        await asyncio.wait_for(asyncio.shield(task), 120)
+        await asyncio.wait_for(app.state.dgserve.service.loaded(), 120)
         models = {m["name"]: m for m in (await client.get("/v1/models")).json()["models"]}
         assert models["clf"]["ready"] is True
         broken = models["broken"]["versions"][0]
@@ -106,7 +105,7 @@ async def tiny_queue(
     """The classifier with batches of 1, a queue of 1, and its worker blocked by ``gate``."""
     settings = make_settings(warmup=False, batching={"clf": {"max_batch_size": 1, "max_queue_size": 1}})
     async with run_app(settings) as (app, client):
-        gate.install(app.state.dgserve.registry.lookup("clf"))
+        gate.install(app.state.dgserve.service.models.lookup("clf"))
         yield app, client
         gate.open()
 
@@ -121,7 +120,7 @@ async def test_full_queue_is_503_with_retry_after(
     tiny_queue: tuple[FastAPI, httpx.AsyncClient], gate: Any, image: Encode
 ) -> None:
     app, client = tiny_queue
-    batcher = app.state.dgserve.registry.lookup("clf").batcher
+    batcher = app.state.dgserve.service.models.lookup("clf").batcher
     first = await occupy_worker(client, gate, image())
     second = asyncio.ensure_future(jpeg_post(client, image(seed=1)))
     await eventually(lambda: batcher.queue_depth == 1)
@@ -152,7 +151,7 @@ async def test_client_disconnect_drops_the_request_before_compute(
     tiny_queue: tuple[FastAPI, httpx.AsyncClient], gate: Any, image: Encode
 ) -> None:
     app, client = tiny_queue
-    batcher = app.state.dgserve.registry.lookup("clf").batcher
+    batcher = app.state.dgserve.service.models.lookup("clf").batcher
     first = await occupy_worker(client, gate, image())
     body, sent, gone = image(seed=5), False, asyncio.Event()
 

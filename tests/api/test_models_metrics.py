@@ -81,5 +81,5 @@ async def test_batching_overrides_reach_the_batcher(run_app: Any, make_settings:
     async with run_app(settings) as (app, client):
         [version] = (await client.get("/v1/models/clf")).json()["versions"]
         assert version["batching"] == {"max_batch_size": 2, "max_delay_ms": 1.0, "max_queue_size": 8}
-        batcher = app.state.dgserve.registry.lookup("clf").batcher
+        batcher = app.state.dgserve.service.models.lookup("clf").batcher
         assert (batcher.max_batch_size, batcher.max_delay_s, batcher.max_queue_size) == (2, 0.001, 8)

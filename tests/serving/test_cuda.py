@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 
 from dgserve.data.scenes import render_classification, render_detection_scene
-from dgserve.serving.runner import InferenceItem, ModelWorker
-from dgserve.serving.images import decode_image, preprocess_classification, preprocess_detection
+from dgserve.serving.decode import decode_image
+from dgserve.serving.worker import ModelWorker
+from dgserve.tasks import ImageInfo, InferenceItem, get_task
 from dgserve.settings import Settings, default_model_store
-from dgserve.store import ModelStore
+from dgserve.model_store import ModelStore
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -55,11 +56,9 @@ def _items(name: str, n: int) -> list[InferenceItem]:
         else:
             image = render_detection_scene(7, i, 128, 5).image
         img = decode_image(_png(image), max_pixels=10**8)
-        if manifest.task == "classification":
-            out.append(InferenceItem(preprocess_classification(img, manifest.preprocessing), (img.height, img.width)))
-        else:
-            tensor, scale = preprocess_detection(img, manifest.preprocessing)
-            out.append(InferenceItem(tensor, (img.height, img.width), scale=scale))
+        task = get_task(manifest.task)
+        tensor, context = task.prepare(img, manifest.preprocessing)
+        out.append(InferenceItem(tensor, ImageInfo(None, img.width, img.height), task.Options(), context))
     return out
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
 
-from dgserve.api import get_state
+from fastapi import APIRouter, Depends, Response
+
+from dgserve.api.deps import get_metrics
+from dgserve.metrics import Metrics
 
 __all__ = ["router"]
 
@@ -12,7 +15,7 @@ router = APIRouter(tags=["metrics"])
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-async def metrics(request: Request) -> Response:
+async def metrics(metrics: Annotated[Metrics, Depends(get_metrics)]) -> Response:
     """Requests, latency, queueing, batching, rejections, model load and connectivity metrics."""
-    body, content_type = get_state(request).metrics.render()
+    body, content_type = metrics.render()
     return Response(body, media_type=content_type)

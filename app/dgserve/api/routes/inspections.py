@@ -12,12 +12,14 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from dgserve.api import get_state
+from dgserve.api.deps import get_inspections, get_settings
 from dgserve.api.schemas import ErrorResponse, InspectionListResponse, InspectionRecordResponse
 from dgserve.errors import InvalidRequestError
+from dgserve.inspection import InspectionStore
+from dgserve.settings import Settings
 
 __all__ = ["router"]
 
@@ -25,17 +27,17 @@ router = APIRouter(tags=["inspections"])
 
 NDJSON = "application/x-ndjson"
 
+Inspections = Annotated[InspectionStore, Depends(get_inspections)]
+
 
 @router.get(
     "/v1/inspections/{inspection_id}",
     response_model=InspectionRecordResponse,
     responses={404: {"model": ErrorResponse, "description": "no record with this id (or it has expired)"}},
 )
-async def get_inspection(
-    request: Request, inspection_id: Annotated[str, Path(max_length=128)]
-) -> Response:
+async def get_inspection(inspections: Inspections, inspection_id: Annotated[str, Path(max_length=128)]) -> Response:
     """The stored record of one image: model, version, time, predictions, full connectivity."""
-    record = await get_state(request).require_inspections().get(inspection_id)
+    record = await inspections.get(inspection_id)
     return Response(json.dumps(record.to_dict()), media_type="application/json")
 
 
@@ -49,6 +51,8 @@ async def get_inspection(
 )
 async def list_inspections(
     request: Request,
+    inspections: Inspections,
+    settings: Annotated[Settings, Depends(get_settings)],
     model: Annotated[str | None, Query(description="only this model's records")] = None,
     since: Annotated[datetime | None, Query(description="ISO 8601; records created at or after (UTC if no offset)")] = None,
     limit: Annotated[int, Query(ge=1, description="most records (at most DGSERVE_INSPECTION_LIST_MAX)")] = 100,
@@ -56,13 +60,12 @@ async def list_inspections(
     format: Annotated[Literal["json", "ndjson"] | None, Query(description="ndjson: one record per line")] = None,
 ) -> Response:
     """Records oldest first (created_at, then id)."""
-    state = get_state(request)
-    cap = state.settings.inspection_list_max
+    cap = settings.inspection_list_max
     if limit > cap:
         raise InvalidRequestError(f"limit {limit} is over the maximum of {cap}; page with ?since=")
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
-    records = state.require_inspections().list(
+    records = inspections.list(
         model=model, since=since, limit=limit, include_connectivity=connectivity
     )
     if format == "ndjson" or (format is None and NDJSON in request.headers.get("accept", "")):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
 
-from dgserve.api import get_state
+from fastapi import APIRouter, Depends
+
+from dgserve.api.deps import get_models
 from dgserve.api.schemas import ErrorResponse, HealthResponse, ReadyResponse
 from dgserve.errors import NotReadyError
+from dgserve.serving.served_models import ServedModels
 
 __all__ = ["router"]
 
@@ -23,12 +26,11 @@ async def healthz() -> HealthResponse:
 
 
 @router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ErrorResponse}})
-async def readyz(request: Request) -> ReadyResponse:
+async def readyz(models: Annotated[ServedModels, Depends(get_models)]) -> ReadyResponse:
     """Readiness: 200 once every configured model version is loaded and warmed up,
     else 503 + Retry-After with a message naming each one that is not."""
-    registry = get_state(request).registry
-    missing = registry.not_ready()
+    missing = models.not_ready()
     if missing:
         raise NotReadyError("not ready: " + "; ".join(missing), retry_after_s=_RETRY_AFTER_S)
-    ready = [f"{s.name}:{s.version}" for g in registry.groups.values() for s in g.versions.values()]
+    ready = [f"{s.name}:{s.version}" for g in models.groups.values() for s in g.versions.values()]
     return ReadyResponse(status="ready", models=sorted(ready))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends
 
-from dgserve.api import get_state
+from dgserve.api.deps import get_models
 from dgserve.api.schemas import (
     BatchingInfo,
     ErrorDetail,
@@ -18,7 +18,9 @@ from dgserve.api.schemas import (
 )
 from dgserve.errors import ModelNotFoundError
 from dgserve.models.registry import UnknownArchitectureError, get_entry
-from dgserve.serving.registry import ModelGroup, ServedModel
+from dgserve.serving.served_models import ModelGroup, ServedModel, ServedModels
+
+Models = Annotated[ServedModels, Depends(get_models)]
 
 __all__ = ["router"]
 
@@ -26,16 +28,16 @@ router = APIRouter(tags=["models"])
 
 
 @router.get("/v1/models", response_model=ModelListResponse)
-async def list_models(request: Request) -> ModelListResponse:
+async def list_models(models: Models) -> ModelListResponse:
     """Every configured model with its versions, readiness, batching and graph structure."""
-    groups = get_state(request).registry.groups
+    groups = models.groups
     return ModelListResponse(models=[_group_info(groups[name]) for name in sorted(groups)])
 
 
 @router.get("/v1/models/{name}", response_model=ModelInfoResponse, responses={404: {"model": ErrorResponse}})
-async def get_model(request: Request, name: str) -> ModelInfoResponse:
+async def get_model(models: Models, name: str) -> ModelInfoResponse:
     """One model: its versions (highest is the default), readiness and load errors."""
-    group = get_state(request).registry.groups.get(name)
+    group = models.groups.get(name)
     if group is None:
         raise ModelNotFoundError(name)
     return _group_info(group)

@@ -1,12 +1,12 @@
 """ModelWorker: batched results equal single-image ones, failures stay in their batch,
-detections map back to the original pixels, and records reach the sink."""
+detections map back to the original pixels, and the worker computes only (it stores nothing)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,9 +17,13 @@ from torch import Tensor, nn
 
 from dgserve.models.registry import create_model
 from dgserve.serving.batcher import DynamicBatcher
-from dgserve.serving.images import new_decode_pool
-from dgserve.serving.runner import ImageResult, InferenceItem, ModelWorker, strip_matrices
-from dgserve.store import LoadedModel, Manifest, ModelStore
+from dgserve.connectivity import strip_matrices
+from dgserve.model_store import LoadedModel, Manifest, ModelStore
+from dgserve.serving.decode import new_decode_pool
+from dgserve.serving.worker import ImageResult, ModelWorker
+from dgserve.tasks import ImageInfo, InferenceItem
+from dgserve.tasks.classification import ClassificationOptions
+from dgserve.tasks.detection import DetectionOptions
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,9 +50,15 @@ def worker(loaded: LoadedModel) -> Iterator[ModelWorker]:
     w.close()
 
 
-def items(n: int, seed: int = 0, **kw: Any) -> list[InferenceItem]:
+IMAGE = ImageInfo(None, 32, 32)
+
+
+def items(n: int, seed: int = 0, **options: Any) -> list[InferenceItem]:
     gen = torch.Generator().manual_seed(seed)
-    return [InferenceItem(torch.randn(3, 32, 32, generator=gen), (32, 32), **kw) for _ in range(n)]
+    return [
+        InferenceItem(torch.randn(3, 32, 32, generator=gen), IMAGE, ClassificationOptions(**options))
+        for _ in range(n)
+    ]
 
 
 def test_batch_and_single_results_agree(worker: ModelWorker) -> None:
@@ -67,7 +77,10 @@ def test_batch_and_single_results_agree(worker: ModelWorker) -> None:
 
 def test_top_k_per_item_and_summaries(worker: ModelWorker) -> None:
     first, second = items(2)
-    one, three = worker.infer_batch([InferenceItem(first.tensor, (32, 32), top_k=1), InferenceItem(second.tensor, (32, 32), top_k=9)])
+    one, three = worker.infer_batch([
+        InferenceItem(first.tensor, IMAGE, ClassificationOptions(top_k=1)),
+        InferenceItem(second.tensor, IMAGE, ClassificationOptions(top_k=9)),
+    ])
     assert len(one.predictions) == 1 and len(three.predictions) == 3
     assert sum(p["score"] for p in three.predictions) == pytest.approx(1.0, abs=1e-5)
     for stage in three.connectivity["stages"]:
@@ -95,15 +108,8 @@ class Poisoned(nn.Module):
 @pytest.mark.asyncio
 async def test_a_failing_batch_fails_only_its_requests(loaded: LoadedModel) -> None:
     poisoned = LoadedModel(loaded.manifest, Poisoned(loaded.model), loaded.path)
-    seen: list[int] = []
-
-    def sink(batch: Sequence[InferenceItem], results: list[ImageResult]) -> None:
-        seen.append(len(results))
-        for r in results:
-            r.inspection_id = "stored"
-
-    worker = ModelWorker(poisoned, CPU, name="poisoned", sink=sink)
-    bad = InferenceItem(torch.full((3, 32, 32), float("nan")), (32, 32))
+    worker = ModelWorker(poisoned, CPU, name="poisoned")
+    bad = InferenceItem(torch.full((3, 32, 32), float("nan")), IMAGE, ClassificationOptions())
     good = items(3, seed=1)
     try:
         async with DynamicBatcher([worker], max_batch_size=2, max_delay_s=0.5, max_queue_size=8) as batcher:
@@ -115,8 +121,7 @@ async def test_a_failing_batch_fails_only_its_requests(loaded: LoadedModel) -> N
         worker.close()
     assert [type(o).__name__ for o in outcomes] == ["RuntimeError", "RuntimeError", "ImageResult", "ImageResult"]
     assert "poisoned" in str(outcomes[0]) and outcomes[0] is outcomes[1]
-    assert isinstance(again, ImageResult) and again.inspection_id == "stored"
-    assert seen == [2, 1]  # the sink only sees batches that succeeded
+    assert isinstance(again, ImageResult)
 
 
 class FixedDetector(nn.Module):
@@ -149,8 +154,9 @@ def test_detections_map_back_to_original_pixels() -> None:
     worker = ModelWorker(LoadedModel(detection_manifest(), FixedDetector(), Path(".")), CPU, name="det")
     try:
         # The tensor is the original at half size: boxes double, then clamp to 200 x 100.
-        item = InferenceItem(torch.zeros(3, 50, 100), (100, 200), scale=0.5)
-        strict = InferenceItem(torch.zeros(3, 50, 100), (100, 200), scale=0.5, score_threshold=0.8)
+        image = ImageInfo(None, 200, 100)
+        item = InferenceItem(torch.zeros(3, 50, 100), image, DetectionOptions(), context=0.5)
+        strict = InferenceItem(torch.zeros(3, 50, 100), image, DetectionOptions(score_threshold=0.8), context=0.5)
         default, high = worker.infer_batch([item, strict])
     finally:
         worker.close()
@@ -161,14 +167,22 @@ def test_detections_map_back_to_original_pixels() -> None:
 
 
 @pytest.mark.asyncio
-async def test_warm_up_runs_a_batch_without_the_sink(loaded: LoadedModel) -> None:
-    calls: list[int] = []
-    worker = ModelWorker(loaded, CPU, name="warm", sink=lambda batch, results: calls.append(len(results)))
+async def test_warm_up_runs_a_batch_prepared_by_the_task(loaded: LoadedModel) -> None:
+    worker = ModelWorker(loaded, CPU, name="warm")
+    seen: list[tuple[int, ...]] = []
+    original = worker.infer_batch
+    worker.infer_batch = lambda batch: (seen.extend(tuple(i.tensor.shape) for i in batch), original(batch))[1]  # type: ignore[method-assign]
     try:
         assert await worker.warm_up() > 0
     finally:
         worker.close()
-    assert calls == []
+    assert seen == [(3, 32, 32)]
+
+
+def test_results_are_immutable(worker: ModelWorker) -> None:
+    [result] = worker.infer_batch(items(1))
+    with pytest.raises(AttributeError):
+        result.predictions = []  # type: ignore[misc]
 
 
 def test_worker_and_decode_threads_keep_their_own_torch_thread_counts(loaded: LoadedModel) -> None:

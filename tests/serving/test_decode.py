@@ -1,5 +1,4 @@
-"""Decoding uploads and preprocessing them: formats, hostile bytes, bombs, and the
-tensors each resize mode produces.
+"""Decoding uploads: content types, formats, hostile bytes and bombs.
 
 Every image is encoded in memory with PIL, so the decoder is tested on real files.
 """
@@ -22,20 +21,9 @@ from dgserve.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
-from dgserve.serving.images import (
-    ALLOWED_CONTENT_TYPES,
-    DETECTION_HEADROOM,
-    boxes_to_original,
-    check_content_type,
-    decode_image,
-    preprocess_classification,
-    preprocess_detection,
-)
-from dgserve.store.manifest import Preprocessing
+from dgserve.serving.decode import ALLOWED_CONTENT_TYPES, check_content_type, decode_image
 
 MAX_PIXELS = 4_000_000
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 def encode(img: Image.Image, fmt: str, **params: Any) -> bytes:
@@ -50,12 +38,6 @@ def gradient(width: int = 64, height: int = 48) -> Image.Image:
     ys = torch.arange(height).mul(5).remainder(256)[:, None].expand(height, width)
     hwc = torch.stack((xs, ys, torch.full((height, width), 128)), dim=-1).to(torch.uint8)
     return Image.fromarray(hwc.numpy())
-
-
-def pre(**overrides: Any) -> Preprocessing:
-    values: dict[str, Any] = {"input_size": (8, 8), "mean": MEAN, "std": STD}
-    values.update(overrides)
-    return Preprocessing(**values)
 
 
 # --- content type ------------------------------------------------------------------
@@ -306,118 +288,3 @@ def test_an_image_at_the_limit_is_accepted() -> None:
     assert img.size == (100, 40)
     with pytest.raises(ImageTooLargeError):
         decode_image(encode(gradient(100, 40), "PNG"), max_pixels=3999)
-
-
-# --- classification preprocessing -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("resize", ["center_crop", "stretch", "letterbox"])
-@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
-def test_classification_output_shape_dtype_and_normalisation(resize: str, interpolation: str) -> None:
-    colour = (51, 102, 204)
-    img = Image.new("RGB", (30, 20), colour)
-    out = preprocess_classification(
-        img, pre(input_size=(12, 16), resize=resize, interpolation=interpolation)
-    )
-    assert out.shape == (3, 12, 16) and out.dtype == torch.float32
-    expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(colour, MEAN, STD)])
-    if resize == "letterbox":
-        # 30x20 into 16x12: scaled to 16x11 (rounded), one row of padding.
-        inner = out[:, :11, :]
-        assert torch.allclose(inner, expected[:, None, None].expand_as(inner), atol=1e-5)
-        assert torch.all(out[:, 11:, :] == 0)
-    else:
-        assert torch.allclose(out, expected[:, None, None].expand_as(out), atol=1e-5)
-
-
-def test_center_crop_matches_torchvision_eval_transform() -> None:
-    from torchvision.transforms import v2
-
-    img = gradient(90, 60)
-    crop = 0.875
-    reference = v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.Resize(round(32 / crop), antialias=True),
-            v2.CenterCrop(32),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(MEAN, STD),
-        ]
-    )(img)
-    out = preprocess_classification(img, pre(input_size=(32, 32), crop_fraction=crop))
-    assert torch.equal(out, reference)
-
-
-def test_center_crop_keeps_the_middle() -> None:
-    # A wide image: shorter side 20 -> round(8 / 0.5) = 16, so 40x20 -> 32x16; the
-    # 8x8 crop is the centre, which is white while the outer columns are black.
-    img = Image.new("RGB", (40, 20), (0, 0, 0))
-    img.paste((255, 255, 255), (10, 0, 30, 20))
-    out = preprocess_classification(img, pre(crop_fraction=0.5, mean=(0.5,) * 3, std=(0.5,) * 3))
-    assert out.shape == (3, 8, 8)
-    assert torch.allclose(out, torch.ones_like(out))
-
-
-def test_stretch_does_not_keep_aspect_ratio() -> None:
-    img = Image.new("RGB", (40, 10), (0, 0, 0))
-    img.paste((255, 255, 255), (0, 0, 20, 10))  # left half white
-    out = preprocess_classification(
-        img, pre(input_size=(8, 8), resize="stretch", interpolation="nearest", mean=(0.0,) * 3, std=(1.0,) * 3)
-    )
-    assert torch.all(out[:, :, :4] == 1) and torch.all(out[:, :, 4:] == 0)
-
-
-def test_letterbox_centres_and_pads_with_the_mean() -> None:
-    img = Image.new("RGB", (16, 8), (255, 255, 255))
-    out = preprocess_classification(img, pre(input_size=(16, 16), resize="letterbox"))
-    white = torch.tensor([(1 - m) / s for m, s in zip(MEAN, STD)])[:, None, None]
-    assert torch.allclose(out[:, 4:12, :], white.expand(3, 8, 16), atol=1e-5)
-    assert torch.all(out[:, :4, :] == 0) and torch.all(out[:, 12:, :] == 0)
-
-
-def test_classification_accepts_non_rgb_images() -> None:
-    out = preprocess_classification(Image.new("L", (10, 10), 255), pre(mean=(0.0,) * 3, std=(1.0,) * 3))
-    assert out.shape == (3, 8, 8) and torch.allclose(out, torch.ones_like(out))
-
-
-# --- detection preprocessing -----------------------------------------------------------------------------
-
-
-def detection_pre() -> Preprocessing:
-    return pre(input_size=(100, 150), resize="letterbox")
-
-
-def test_detection_small_image_is_untouched_and_unnormalised() -> None:
-    img = Image.new("RGB", (120, 80), (255, 0, 51))
-    tensor, scale = preprocess_detection(img, detection_pre())
-    assert scale == 1.0
-    assert tensor.shape == (3, 80, 120) and tensor.dtype == torch.float32
-    assert torch.allclose(tensor[:, 0, 0], torch.tensor([1.0, 0.0, 0.2]))
-    assert 0.0 <= float(tensor.min()) and float(tensor.max()) <= 1.0
-
-
-def test_detection_large_image_is_downscaled_keeping_aspect_ratio() -> None:
-    img = gradient(600, 450)  # longer side 600 > 2 * 150
-    tensor, scale = preprocess_detection(img, detection_pre())
-    limit = int(DETECTION_HEADROOM * 150)
-    assert scale == pytest.approx(limit / 600)
-    assert tensor.shape == (3, 225, 300)
-
-
-def test_boxes_round_trip_to_original_pixels() -> None:
-    img = gradient(900, 500)
-    tensor, scale = preprocess_detection(img, detection_pre())
-    height, width = tensor.shape[-2:]
-    original = torch.tensor([[90.0, 50.0, 450.0, 250.0], [0.0, 0.0, 900.0, 500.0]])
-    on_tensor = original * scale
-    assert float(on_tensor[1, 2]) == pytest.approx(width) and float(on_tensor[1, 3]) == pytest.approx(height, abs=1)
-    back = boxes_to_original(on_tensor, scale, image_size=(500, 900))
-    assert torch.allclose(back, original, atol=1e-3)
-
-
-def test_boxes_to_original_clamps_to_the_image() -> None:
-    boxes = torch.tensor([[-1.0, -2.0, 151.0, 101.0]])
-    out = boxes_to_original(boxes, 0.5, image_size=(200, 300))
-    assert out.tolist() == [[0.0, 0.0, 300.0, 200.0]]
-    assert boxes_to_original(boxes, 1.0).tolist() == boxes.tolist()
-    assert boxes_to_original(torch.zeros(0, 4), 0.5).shape == (0, 4)

@@ -1,0 +1,70 @@
+"""The app factory: ``create_app(settings)`` wires settings, metrics, the serving service and routes.
+
+Nothing is started here: the serving service starts in the lifespan. Startup scans the
+store's manifests (milliseconds), then loads the models in a background task, so
+``/healthz`` answers at once and ``/readyz`` turns 200 once every model is loaded and
+warmed up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+from fastapi import FastAPI
+from starlette.types import Scope
+
+from dgserve import __version__
+from dgserve.api.deps import AppState
+from dgserve.api.errors import RequestContextMiddleware, endpoint_of, install_error_handlers
+from dgserve.api.routes import health, inference, inspections, metrics, models
+from dgserve.metrics import Metrics
+from dgserve.serving.service import ServingService
+from dgserve.settings import Settings
+
+__all__ = ["create_app"]
+
+# Refusals that happen before the batcher (which counts queue_full, deadline, cancelled
+# and shutting_down itself): a body or an image the server will not take.
+_INPUT_REJECTIONS = frozenset(
+    {"payload_too_large", "unsupported_media_type", "invalid_image", "image_too_large", "not_ready"}
+)
+
+DESCRIPTION = """\
+Serves DG-Net and GloRe models and returns, with every prediction, the path the image
+took: per DG-Net stage the thresholded edge weights and the blocks that ran, per GloRe
+unit the interaction graph and the image's projection. Every result is stored and can
+be fetched again from `/v1/inspections/{id}`.
+"""
+
+
+def create_app(settings: Settings) -> FastAPI:
+    metrics_ = Metrics()
+    state = AppState(settings=settings, metrics=metrics_, service=ServingService(settings, metrics_))
+    app = FastAPI(title="dgserve", version=__version__, description=DESCRIPTION, lifespan=_lifespan)
+    app.state.dgserve = state
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, on_response=partial(_observe_request, metrics_))
+    for module in (inference, inspections, models, health, metrics):
+        app.include_router(module.router)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    service: ServingService = app.state.dgserve.service
+    try:
+        await service.start()
+        yield
+    finally:
+        await service.close()
+
+
+def _observe_request(metrics_: Metrics, scope: Scope, status: int, seconds: float) -> None:
+    scope_state = scope.get("state", {})
+    model, version = scope_state.get("model", ("", ""))
+    metrics_.observe_request(model, version, endpoint_of(scope), status, seconds)
+    code = scope_state.get("error_code")
+    if model and code in _INPUT_REJECTIONS:  # inference requests only, not /readyz probes
+        metrics_.observe_rejection(model, version, code)

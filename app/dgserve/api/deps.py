@@ -1,0 +1,52 @@
+"""What routes depend on, as FastAPI dependencies (``Depends(get_service)``, ...).
+
+``AppState`` is everything one app owns. Threads, files and models are started in the
+app's lifespan (``ServingService.start``), never when a module is imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from dgserve.inspection import InspectionStore
+from dgserve.metrics import Metrics
+from dgserve.serving.served_models import ServedModels
+from dgserve.serving.service import ServingService
+from dgserve.settings import Settings
+
+__all__ = ["AppState", "get_inspections", "get_metrics", "get_models", "get_service", "get_settings", "get_state"]
+
+
+@dataclass(eq=False)
+class AppState:
+    settings: Settings
+    metrics: Metrics
+    service: ServingService
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.dgserve
+    return state
+
+
+def get_settings(request: Request) -> Settings:
+    return get_state(request).settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    return get_state(request).metrics
+
+
+def get_service(request: Request) -> ServingService:
+    return get_state(request).service
+
+
+def get_models(request: Request) -> ServedModels:
+    return get_state(request).service.models
+
+
+def get_inspections(request: Request) -> InspectionStore:
+    """The open inspection store (503 ``not_ready`` before it opens)."""
+    return get_state(request).service.inspections

@@ -1,0 +1,240 @@
+"""POST /v1/models/{name}/{endpoint}: images in, predictions and paths out, one route per task.
+
+Each registered task (``dgserve.tasks``) gets its route: ``classify``, ``detect``, ...,
+with the task's options as query parameters and its response schema. The body is one
+image (``Content-Type: image/*``) or ``multipart/form-data`` with one or more image
+parts. The route only translates HTTP to the serving service and back; the path a
+request takes, and why:
+
+1. the model is looked up and its batcher asked whether it would take the request
+   (404/422, and 503 for a model not ready or a full queue, cost nothing: the body is
+   not even read; ``Retry-After`` is the batcher's estimate);
+2. the body is read with the size limit enforced as it streams in: a declared
+   ``Content-Length`` over the limit is refused before reading, and counting stops the
+   read as soon as the limit is passed, so nothing unbounded is ever buffered;
+3. the service decodes and preprocesses in its bounded decode pool, never on the loop;
+4. the service submits each image to the model's batcher with the request's deadline
+   (``?timeout_ms=`` or ``DGSERVE_DEFAULT_TIMEOUT_MS``, counted from arrival), so an
+   expired request is dropped before compute and answered 504 at its deadline, and
+   records each image's inspection record once the results are in;
+5. while it waits, a watcher listens for the client's ``http.disconnect``: uvicorn does
+   not cancel a handler whose client left, so the watcher cancels the wait instead,
+   which removes the request's images from the queue before any compute (status 499
+   in the metrics; nobody is left to read a response).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel, Field, create_model
+from starlette.requests import ClientDisconnect
+
+from dgserve.api.deps import get_service
+from dgserve.api.schemas import ErrorResponse, inference_response
+from dgserve.connectivity import strip_matrices
+from dgserve.errors import InvalidRequestError, PayloadTooLargeError
+from dgserve.serving.decode import ALLOWED_CONTENT_TYPES, check_content_type
+from dgserve.serving.service import ImagePrediction, ServingService, Upload
+from dgserve.settings import Settings
+from dgserve.tasks import Task, tasks
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["inference"])
+
+T = TypeVar("T")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's convention; only ever seen in logs and metrics
+# Multipart parts often arrive untyped (curl without ;type=, files without an extension);
+# their bytes are sniffed by the decoder, which only accepts the allowed formats anyway.
+_UNTYPED_PARTS = {"", "application/octet-stream"}
+
+_IMAGE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "One image, or multipart/form-data with one or more image files (any field names).",
+        "content": {
+            **{ct: {"schema": {"type": "string", "format": "binary"}} for ct in sorted(ALLOWED_CONTENT_TYPES)},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+        },
+    }
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        404: "unknown model or version",
+        413: "body over DGSERVE_MAX_BODY_BYTES",
+        415: "unsupported content type",
+        422: "undecodable image, too many pixels, wrong task, or bad parameter",
+        503: "queue full or model not ready (Retry-After)",
+        504: "deadline passed",
+    }.items()
+}
+
+
+class V1Params(BaseModel):
+    """The query parameters every /v1 inference route takes; a task adds its own options."""
+
+    version: int | None = Field(None, ge=1, description="model version (default: the highest)")
+    connectivity: bool = Field(True, description="false leaves the matrices out (they are still stored)")
+    timeout_ms: float | None = Field(None, gt=0, description="deadline in ms (default DGSERVE_DEFAULT_TIMEOUT_MS)")
+
+
+def _route(task: Task) -> Callable[..., Awaitable[Response]]:
+    params_model: type[V1Params] = create_model(  # type: ignore[call-overload]
+        f"{task.endpoint.capitalize()}Params", __base__=(V1Params, task.Options)
+    )
+    option_names = set(task.Options.model_fields)
+
+    async def endpoint(request: Request, name: str, params: Any, service: ServingService) -> Response:
+        options = task.Options(**params.model_dump(include=option_names))
+        return await _infer(request, service, task, name, params, options)
+
+    # Declared by hand: FastAPI reads the signature, and this task's parameter model
+    # only exists at run time.
+    endpoint.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request),
+        inspect.Parameter("name", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
+        inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                          annotation=Annotated[params_model, Query()]),
+        inspect.Parameter("service", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                          annotation=Annotated[ServingService, Depends(get_service)]),
+    ])  # fmt: skip
+    endpoint.__doc__ = task.summary
+    return endpoint
+
+
+for _task in tasks():
+    router.add_api_route(
+        f"/v1/models/{{name}}/{_task.endpoint}",
+        _route(_task),
+        methods=["POST"],
+        name=_task.endpoint,
+        response_model=inference_response(_task),
+        responses=_ERRORS,
+        openapi_extra=_IMAGE_BODY,
+    )
+
+
+async def _infer(
+    request: Request, service: ServingService, task: Task, name: str, params: V1Params, options: Any
+) -> Response:
+    deadline = service.deadline(params.timeout_ms)
+    known = service.models.lookup(name, params.version)  # 404 for names the store does not have
+    request.scope["state"]["model"] = (known.name, known.version)  # metric labels from here on
+    served = service.admit(name, params.version, task)
+    try:
+        uploads = await _read_uploads(request, service.settings)
+    except ClientDisconnect:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    items = await service.prepare(served, uploads, options)
+    predictions = await _until_disconnect(request, service.infer(served, items, deadline))
+    if predictions is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    body = _render(served.name, served.version, task.name, predictions, params.connectivity)
+    return Response(body, media_type="application/json")
+
+
+# --- body -------------------------------------------------------------------------------
+
+
+async def _read_uploads(request: Request, settings: Settings) -> list[Upload]:
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"body of {declared} bytes exceeds the limit of {limit}")
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";", 1)[0].strip().lower() == "multipart/form-data":
+        return await _read_multipart(request, limit, settings.max_images_per_request)
+    media_type = check_content_type(content_type)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"body exceeds the limit of {limit} bytes")
+    return [Upload(None, bytes(body), media_type)]
+
+
+async def _read_multipart(request: Request, limit: int, max_parts: int) -> list[Upload]:
+    received = 0
+
+    async def receive() -> Any:
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise PayloadTooLargeError(f"body exceeds the limit of {limit} bytes")
+        return message
+
+    form = await Request(request.scope, receive).form(max_files=max_parts, max_fields=max_parts)
+    try:
+        uploads = []
+        for index, (field, value) in enumerate(form.multi_items()):
+            if isinstance(value, str):
+                continue  # plain form fields carry no image; tolerated, ignored
+            part = value.filename or field or f"#{index}"
+            media_type = (value.content_type or "").split(";", 1)[0].strip().lower()
+            if media_type not in _UNTYPED_PARTS:
+                check_content_type(media_type, part)
+            uploads.append(Upload(part, await value.read(), media_type))
+    finally:
+        await form.close()
+    if not uploads:
+        raise InvalidRequestError("the multipart body has no file parts; send each image as a file")
+    return uploads
+
+
+# --- waiting ------------------------------------------------------------------------------
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None (``work`` cancelled) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.wait((task,))
+        return None
+    finally:
+        watcher.cancel()
+        task.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read, so the next message can only be the disconnect (which
+    # servers also send once the response is complete; by then nobody is waiting).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# --- response --------------------------------------------------------------------------------
+
+
+def _render(
+    model: str, version: int, task: str, predictions: Sequence[ImagePrediction], with_matrices: bool
+) -> bytes:
+    # The connectivity JSON was made once in the worker thread; it is spliced in as is,
+    # which is also what guarantees the response equals the stored record.
+    entries = []
+    for p in predictions:
+        head = json.dumps({"id": p.id, "image": p.image.to_dict(), "predictions": p.result.predictions})
+        result = p.result
+        connectivity = result.connectivity_json if with_matrices else json.dumps(strip_matrices(result.connectivity))
+        entries.append(f'{head[:-1]},"connectivity":{connectivity}}}')
+    head = json.dumps({"model": model, "version": version, "task": task})
+    return f'{head[:-1]},"results":[{",".join(entries)}]}}'.encode()

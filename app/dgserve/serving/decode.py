@@ -1,0 +1,195 @@
+"""Turning uploaded bytes into images: check the content type, decode, refuse bombs.
+
+Everything here is synchronous and CPU-bound; the server runs it in a thread pool,
+never on the event loop. Uploaded bytes are hostile until proven otherwise, so:
+
+* the declared content type is checked, but never trusted: the bytes must decode as
+  one of the allowed formats (a mislabelled JPEG sent as ``image/png`` is accepted,
+  text sent as ``image/png`` is not);
+* only the allowed formats' decoders are ever tried, so an upload cannot reach
+  PIL's rarer plugins (EPS, which shells out to Ghostscript, among them);
+* the pixel count is read from the header and refused *before* any pixel is
+  decoded, so a tiny file that inflates to gigabytes costs nothing.
+
+What an image becomes next is its task's business (``dgserve.tasks``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Final
+
+from PIL import Image, ImageOps
+
+from dgserve.errors import (
+    ImageTooLargeError,
+    InvalidImageError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+)
+from dgserve.imaging import to_rgb
+from dgserve.serving.threads import pin_torch_threads
+
+__all__ = ["ALLOWED_CONTENT_TYPES", "check_content_type", "decode_image", "new_decode_pool"]
+
+log = logging.getLogger(__name__)
+
+ALLOWED_CONTENT_TYPES: Final[frozenset[str]] = frozenset(
+    {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "image/tiff"}
+)
+
+# Non-standard spellings that real clients and older browsers still send.
+_CONTENT_TYPE_ALIASES: Final[dict[str, str]] = {
+    "image/jpg": "image/jpeg",
+    "image/pjpeg": "image/jpeg",
+    "image/x-png": "image/png",
+    "image/x-ms-bmp": "image/bmp",
+    "image/x-bmp": "image/bmp",
+}
+
+# PIL format names for the allowed types. JPEG's opener may hand back an MPO (a
+# JPEG carrying extra pictures); that is still a JPEG decoder and the first picture.
+_PIL_FORMATS: Final[tuple[str, ...]] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+# --- the pool -------------------------------------------------------------------
+
+
+def new_decode_pool(threads: int) -> ThreadPoolExecutor:
+    """A pool for :func:`decode_image` and the preprocessing, ``threads`` wide.
+
+    Each of its threads keeps torch to one intra-op thread. The pool runs beside the
+    model workers, and a torch op in a decode thread would otherwise start an OpenMP
+    team as wide as the machine: on a small host that oversubscribes the cores and
+    stalls the workers' own teams at their barriers, slowing the model more than the
+    decode gains. One image's resize gains little from a team anyway.
+    """
+    return ThreadPoolExecutor(threads, thread_name_prefix="dgserve-decode", initializer=pin_torch_threads,
+                              initargs=(1,))
+
+
+# --- content type ---------------------------------------------------------------
+
+
+def check_content_type(content_type: str | None, part: str | None = None) -> str:
+    """The canonical media type of an upload, or ``UnsupportedMediaTypeError`` (415).
+
+    Parameters (``image/png; charset=binary``) and case are ignored. Passing this
+    only means the client *claims* an image; :func:`decode_image` checks the bytes.
+    """
+    where = f"part {part!r}: " if part else ""
+    if not content_type or not content_type.strip():
+        raise UnsupportedMediaTypeError(
+            f"{where}no content type given; send one of {_allowed_list()}"
+        )
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    media_type = _CONTENT_TYPE_ALIASES.get(media_type, media_type)
+    if media_type not in ALLOWED_CONTENT_TYPES:
+        raise UnsupportedMediaTypeError(
+            f"{where}content type {media_type!r} is not supported; send one of {_allowed_list()}"
+        )
+    return media_type
+
+
+def _allowed_list() -> str:
+    return ", ".join(sorted(ALLOWED_CONTENT_TYPES))
+
+
+# --- decoding ---------------------------------------------------------------------
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    part: str | None = None,
+    max_bytes: int | None = None,
+) -> Image.Image:
+    """Decode an upload into a fully loaded, upright RGB image.
+
+    Raises ``PayloadTooLargeError`` (413) when ``max_bytes`` is given and exceeded,
+    ``ImageTooLargeError`` (422) when the header announces more than ``max_pixels``
+    pixels -- before any pixel is decoded -- and ``InvalidImageError`` (422) for
+    anything that is not a complete image in an allowed format. Each names ``part``.
+
+    PIL's own bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) stays in force as a
+    ceiling: an image above it is refused as too large whatever ``max_pixels``
+    says, and the same way whether or not warnings are configured as errors.
+
+    Animated GIF/WebP and multi-page TIFF give their first frame. EXIF orientation is
+    applied. Alpha is dropped rather than composited, as ``img.convert("RGB")`` in
+    a training loader does; 16-bit greyscale is scaled to 8 bits.
+    """
+    if max_bytes is not None and len(data) > max_bytes:
+        where = f"part {part!r}: " if part else ""
+        raise PayloadTooLargeError(f"{where}{len(data)} bytes exceeds the limit of {max_bytes}")
+    if not data:
+        raise InvalidImageError("empty upload", part)
+
+    img = _open_checked(data, max_pixels=max_pixels, part=part)
+    try:
+        img.load()
+    except Exception as exc:
+        # Truncated or corrupt pixel data; under warnings-as-errors also PIL's
+        # warnings about malformed files, which are just as much a bad upload.
+        raise InvalidImageError(f"could not decode image data ({_describe(exc)})", part) from exc
+
+    _apply_exif_orientation(img, part)
+    try:
+        return to_rgb(img)
+    except Exception as exc:
+        # A decodable but exotic pixel format with no RGB conversion (LAB TIFF, ...).
+        raise InvalidImageError(
+            f"unsupported pixel format {img.mode!r} ({_describe(exc)})", part
+        ) from exc
+
+
+def _open_checked(data: bytes, *, max_pixels: int, part: str | None) -> Image.Image:
+    """Identify the format and read the size from the header; no pixels yet."""
+    try:
+        img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # PIL checks its own limit inside open(). Its warning only arrives here as
+        # an exception when warnings are errors; either way it is a bomb, not a crash.
+        raise ImageTooLargeError(
+            f"image exceeds the pixel limit ({_describe(exc)})", part
+        ) from exc
+    except Exception as exc:
+        # UnidentifiedImageError, but also the struct/Syntax/Value errors a crafted
+        # header can provoke, and PIL's "could not identify" warnings when they are errors.
+        raise InvalidImageError(
+            f"not a decodable image in an allowed format "
+            f"({', '.join(f.lower() for f in _PIL_FORMATS)})",
+            part,
+        ) from exc
+
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise InvalidImageError(f"image has no pixels ({width}x{height})", part)
+    limit = max_pixels
+    if Image.MAX_IMAGE_PIXELS is not None:
+        # Without this, an image between PIL's limit and ours would be refused when
+        # warnings are errors and merely warned about otherwise.
+        limit = min(limit, Image.MAX_IMAGE_PIXELS)
+    if width * height > limit:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {width * height} pixels, more than the limit of {limit}",
+            part,
+        )
+    return img
+
+
+def _apply_exif_orientation(img: Image.Image, part: str | None) -> None:
+    try:
+        # in_place: the non-in-place form copies the whole image even when upright.
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception as exc:
+        # The pixels are fine and a broken metadata block is common in the wild;
+        # serving the image unrotated beats refusing it.
+        log.debug("part %r: ignoring unreadable EXIF orientation: %r", part, exc)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -1,0 +1,214 @@
+"""The serving service: what every protocol front-end (``/v1`` today, OIP next) calls.
+
+A front-end translates its protocol into these calls and the results back, nothing
+more:
+
+1. ``admit`` finds a ready model that does the task and asks its batcher whether it
+   would take work, before the caller reads or decodes a body: under overload that
+   work is wasted, and the 503's ``Retry-After`` is the batcher's own estimate;
+2. ``prepare`` decodes and preprocesses uploads in the decode pool, never on the loop;
+3. ``infer`` submits the items to the model's batcher with the request's deadline,
+   waits for every image, then hands each image's inspection record to the inspection
+   store (a bounded write-behind queue) outside the batch handler, so store time is
+   never compute time and a slow disk never stalls a model worker. The ids it returns
+   are readable at once and durable once the store flushes.
+
+Results are immutable. Cancelling ``infer`` (the client left) removes the request's
+images from the queue before any compute; nothing is recorded for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from PIL import Image
+
+from dgserve.errors import DGServeError, NotReadyError
+from dgserve.inspection import InspectionRecord, InspectionStore, open_inspection_store
+from dgserve.metrics import Metrics
+from dgserve.model_store import Manifest, ModelStore
+from dgserve.serving.batcher import DynamicBatcher
+from dgserve.serving.decode import decode_image, new_decode_pool
+from dgserve.serving.served_models import ServedModel, ServedModels
+from dgserve.serving.worker import ImageResult
+from dgserve.settings import Settings
+from dgserve.tasks import ImageInfo, InferenceItem, Options, Task, get_task
+
+__all__ = ["ImagePrediction", "ServingService", "Upload"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """One encoded image as a front-end received it."""
+
+    part: str | None  # its multipart part (file name or field), for messages and records
+    data: bytes
+    content_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePrediction:
+    """One image's answer: its inspection id, the image as sent, and what the model made of it."""
+
+    id: str
+    image: ImageInfo
+    result: ImageResult
+
+
+class ServingService:
+    """Models, the decode pool and the inspection store of one server, and the way through them."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.models = ServedModels(settings, ModelStore(settings.model_store), metrics)
+        self._decode_pool: ThreadPoolExecutor | None = None
+        self._inspections: InspectionStore | None = None
+        self._load_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the decode pool and the inspection store, scan the store, start loading models.
+
+        Returns once the manifests are read (milliseconds); models load in the background,
+        and ``/readyz`` says when they are ready.
+        """
+        settings = self.settings
+        self._decode_pool = new_decode_pool(settings.decode_threads)
+        store = open_inspection_store(
+            settings.inspection_location,
+            max_age_s=settings.inspection_max_age_s,
+            max_records=settings.inspection_max_records,
+        )
+        await store.start()
+        self._inspections = store
+        self.metrics.track_inspections(store)
+        await asyncio.to_thread(self.models.discover)
+        self._load_task = asyncio.create_task(self._load_models(), name="dgserve-load-models")
+
+    async def close(self) -> None:
+        """Stop loading, stop the models (queued work fails), then flush and close the store."""
+        if self._load_task is not None:
+            self._load_task.cancel()
+            await asyncio.gather(self._load_task, return_exceptions=True)
+        await self.models.close()
+        if self._inspections is not None:
+            store, self._inspections = self._inspections, None
+            await store.close()
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+            self._decode_pool = None
+
+    async def loaded(self) -> None:
+        """Return once every configured model has loaded or failed (see ``models.not_ready``)."""
+        if self._load_task is not None:
+            await asyncio.shield(self._load_task)
+
+    async def _load_models(self) -> None:
+        try:
+            await self.models.load_all()
+        except Exception:
+            # load_all records each model's failure itself; this is the store itself failing.
+            log.exception("loading models failed")
+
+    @property
+    def inspections(self) -> InspectionStore:
+        if self._inspections is None:
+            raise NotReadyError("the inspection store is not open")
+        return self._inspections
+
+    # --- the request path -------------------------------------------------------------
+
+    def deadline(self, timeout_ms: float | None) -> float:
+        """The absolute ``loop.time()`` a request arriving now must be answered by."""
+        timeout = timeout_ms or self.settings.default_timeout_ms
+        return asyncio.get_running_loop().time() + timeout / 1000.0
+
+    def admit(self, name: str, version: int | None, task: Task) -> ServedModel:
+        """A ready model version doing ``task`` whose queue has room; else its 404/422/503."""
+        served = self.models.require(name, version, task)
+        assert served.batcher is not None  # require() returns ready models only
+        served.batcher.check_admission()
+        return served
+
+    async def prepare(self, served: ServedModel, uploads: Sequence[Upload], options: Options) -> list[InferenceItem]:
+        """Decode and preprocess ``uploads`` in the decode pool; the first bad one, in order, fails."""
+        if self._decode_pool is None:
+            raise NotReadyError("the server is starting")
+        assert served.manifest is not None
+        loop = asyncio.get_running_loop()
+        pool, manifest = self._decode_pool, served.manifest
+        max_pixels = self.settings.max_image_pixels
+        outcomes = await asyncio.gather(
+            *(loop.run_in_executor(pool, _prepare, u, manifest, max_pixels, options) for u in uploads),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return list(outcomes)  # type: ignore[arg-type]
+
+    async def infer(self, served: ServedModel, items: Sequence[InferenceItem], deadline: float) -> list[ImagePrediction]:
+        """Every item's result, in order, each recorded in the inspection store under its id."""
+        assert served.batcher is not None
+        results = await _submit_all(served.batcher, items, deadline)
+        ids = await self._record(served, items, results)
+        return [ImagePrediction(i, item.image, r) for i, item, r in zip(ids, items, results, strict=True)]
+
+    async def _record(
+        self, served: ServedModel, items: Sequence[InferenceItem], results: Sequence[ImageResult]
+    ) -> list[str]:
+        store = self.inspections
+        assert served.manifest is not None
+        started = time.perf_counter()
+        ids = []
+        for item, result in zip(items, results, strict=True):
+            record = InspectionRecord.new(
+                model=served.name,
+                version=served.version,
+                task=served.manifest.task,
+                prediction={"image": item.image.to_dict(), "predictions": result.predictions},
+                connectivity=result.connectivity,
+                connectivity_json=result.connectivity_json,
+            )
+            # Waits only when the store's bounded queue is full (the disk fell behind):
+            # back-pressure on this request, never on the model worker, and nothing lost.
+            await store.put(record)
+            ids.append(record.id)
+        self.metrics.observe_recording(served.name, served.version, time.perf_counter() - started)
+        self.metrics.observe_connectivity(served.name, served.version, [r.record for r in results])
+        return ids
+
+
+def _prepare(upload: Upload, manifest: Manifest, max_pixels: int, options: Options) -> InferenceItem:
+    """Runs in the decode pool: bytes to a preprocessed tensor."""
+    img: Image.Image = decode_image(upload.data, max_pixels=max_pixels, part=upload.part)
+    tensor, context = get_task(manifest.task).prepare(img, manifest.preprocessing)
+    return InferenceItem(tensor, ImageInfo(upload.part, img.width, img.height), options, context)
+
+
+async def _submit_all(
+    batcher: DynamicBatcher[InferenceItem, ImageResult], items: Sequence[InferenceItem], deadline: float
+) -> list[ImageResult]:
+    if len(items) == 1:
+        return [await batcher.submit(items[0], deadline=deadline)]
+    tasks = [asyncio.ensure_future(batcher.submit(item, deadline=deadline)) for item in items]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        # One image failing fails the request: its siblings leave the queue at once.
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+    errors = [t.exception() for t in tasks if not t.cancelled() and t.exception() is not None]
+    if errors:
+        raise next((e for e in errors if isinstance(e, DGServeError)), errors[0])
+    return [t.result() for t in tasks]
