@@ -51,14 +51,16 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from dgserve.models.registry import create_model
-from dgserve.serving.images import decode_image, preprocess_classification
+from dgserve.imaging import IMAGENET_MEAN as MEAN
+from dgserve.imaging import IMAGENET_STD as STD
+from dgserve.imaging import preprocess
+from dgserve.serving.decode import decode_image
 from dgserve.settings import default_model_store
-from dgserve.store import LoadedModel, ModelStore
+from dgserve.model_store import LoadedModel, ModelStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import Request, build_post, multipart_body, run_load  # noqa: E402
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HOST = "127.0.0.1"
 
 
@@ -127,7 +129,7 @@ class RawModel:
         images = [decode_image(data, max_pixels=10**9) for data in test_images(args.image_size)]
         # Already on the device: raw excludes the host-to-device copy the server makes.
         self.batch = torch.stack(
-            [preprocess_classification(images[i % len(images)], pre) for i in range(args.batch_size)]
+            [preprocess(images[i % len(images)], pre) for i in range(args.batch_size)]
         ).to(self.device)
         # The server's worker runs the model in a thread of its own; so does this.
         self._executor = ThreadPoolExecutor(max_workers=1)

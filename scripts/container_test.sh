@@ -188,7 +188,7 @@ else
 import sys
 import torch
 from dgserve.models import create_model
-from dgserve.store import ModelStore
+from dgserve.model_store import ModelStore
 
 torch.manual_seed(0)
 store = ModelStore(sys.argv[1])

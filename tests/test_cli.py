@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from dgserve.cli import app
 from dgserve.models.dgnet.backbones import build_plain
-from dgserve.store import ModelStore
+from dgserve.model_store import ModelStore
 
 
 def test_import_torchvision_writes_a_store_version_with_identical_logits(tmp_path: Path) -> None:
