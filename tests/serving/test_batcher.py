@@ -218,6 +218,29 @@ async def test_queue_full_rejects_at_once_with_retry_after() -> None:
 
 
 @pytest.mark.asyncio
+async def test_check_admission_refuses_as_submit_would_and_counts_once() -> None:
+    gate = asyncio.Event()
+    h = Recorder(gate)
+    obs = Observer()
+    async with make([h], max_batch_size=1, max_queue_size=1, observer=obs) as b:
+        b.check_admission()  # room: nothing raised, nothing counted
+        calls = [asyncio.ensure_future(b.submit(0))]
+        await asyncio.wait_for(h.entered.wait(), WAIT)
+        calls.append(asyncio.ensure_future(b.submit(1)))
+        await wait_until(lambda: b.queue_depth == 1)
+        b._avg_batch_s = 7.0  # as if batches had taken 7 s: the estimate follows the model
+        with pytest.raises(QueueFullError) as info:
+            b.check_admission()
+        assert info.value.retry_after_s == pytest.approx(7.0) and info.value.headers["Retry-After"] == "7"
+        assert obs.rejections == ["queue_full"]
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*calls), WAIT)
+    with pytest.raises(ShuttingDownError):
+        b.check_admission()
+    assert obs.rejections == ["queue_full", "shutting_down"]
+
+
+@pytest.mark.asyncio
 async def test_retry_after_grows_with_queue_depth() -> None:
     gate = asyncio.Event()
     h, hb = Recorder(gate), Recorder(gate)

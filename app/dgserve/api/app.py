@@ -46,7 +46,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.dgserve = state
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, on_response=partial(_observe_request, metrics_))
-    for module in (inference, inspections, models, health, metrics):
+    app.include_router(inference.build_router())
+    for module in (inspections, models, health, metrics):
         app.include_router(module.router)
     return app
 

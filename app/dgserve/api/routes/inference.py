@@ -38,22 +38,16 @@ from starlette.requests import ClientDisconnect
 from dgserve.api.deps import get_service
 from dgserve.api.schemas import ErrorResponse, inference_response
 from dgserve.connectivity import strip_matrices
-from dgserve.errors import InvalidRequestError, PayloadTooLargeError
-from dgserve.serving.decode import ALLOWED_CONTENT_TYPES, check_content_type
-from dgserve.serving.service import ImagePrediction, ServingService, Upload
-from dgserve.settings import Settings
+from dgserve.api.body import read_uploads
+from dgserve.serving.decode import ALLOWED_CONTENT_TYPES
+from dgserve.serving.service import ImagePrediction, ServingService
 from dgserve.tasks import Task, tasks
 
-__all__ = ["router"]
-
-router = APIRouter(tags=["inference"])
+__all__ = ["build_router"]
 
 T = TypeVar("T")
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention; only ever seen in logs and metrics
-# Multipart parts often arrive untyped (curl without ;type=, files without an extension);
-# their bytes are sniffed by the decoder, which only accepts the allowed formats anyway.
-_UNTYPED_PARTS = {"", "application/octet-stream"}
 
 _IMAGE_BODY: dict[str, Any] = {
     "requestBody": {
@@ -115,16 +109,20 @@ def _route(task: Task) -> Callable[..., Awaitable[Response]]:
     return endpoint
 
 
-for _task in tasks():
-    router.add_api_route(
-        f"/v1/models/{{name}}/{_task.endpoint}",
-        _route(_task),
-        methods=["POST"],
-        name=_task.endpoint,
-        response_model=inference_response(_task),
-        responses=_ERRORS,
-        openapi_extra=_IMAGE_BODY,
-    )
+def build_router() -> APIRouter:
+    """One ``POST /v1/models/{name}/{endpoint}`` per task registered when the app is built."""
+    router = APIRouter(tags=["inference"])
+    for task in tasks():
+        router.add_api_route(
+            f"/v1/models/{{name}}/{task.endpoint}",
+            _route(task),
+            methods=["POST"],
+            name=task.endpoint,
+            response_model=inference_response(task),
+            responses=_ERRORS,
+            openapi_extra=_IMAGE_BODY,
+        )
+    return router
 
 
 async def _infer(
@@ -135,7 +133,7 @@ async def _infer(
     request.scope["state"]["model"] = (known.name, known.version)  # metric labels from here on
     served = service.admit(name, params.version, task)
     try:
-        uploads = await _read_uploads(request, service.settings)
+        uploads = await read_uploads(request, service.settings)
     except ClientDisconnect:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     items = await service.prepare(served, uploads, options)
@@ -144,56 +142,6 @@ async def _infer(
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     body = _render(served.name, served.version, task.name, predictions, params.connectivity)
     return Response(body, media_type="application/json")
-
-
-# --- body -------------------------------------------------------------------------------
-
-
-async def _read_uploads(request: Request, settings: Settings) -> list[Upload]:
-    limit = settings.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"body of {declared} bytes exceeds the limit of {limit}")
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";", 1)[0].strip().lower() == "multipart/form-data":
-        return await _read_multipart(request, limit, settings.max_images_per_request)
-    media_type = check_content_type(content_type)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLargeError(f"body exceeds the limit of {limit} bytes")
-    return [Upload(None, bytes(body), media_type)]
-
-
-async def _read_multipart(request: Request, limit: int, max_parts: int) -> list[Upload]:
-    received = 0
-
-    async def receive() -> Any:
-        nonlocal received
-        message = await request.receive()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise PayloadTooLargeError(f"body exceeds the limit of {limit} bytes")
-        return message
-
-    form = await Request(request.scope, receive).form(max_files=max_parts, max_fields=max_parts)
-    try:
-        uploads = []
-        for index, (field, value) in enumerate(form.multi_items()):
-            if isinstance(value, str):
-                continue  # plain form fields carry no image; tolerated, ignored
-            part = value.filename or field or f"#{index}"
-            media_type = (value.content_type or "").split(";", 1)[0].strip().lower()
-            if media_type not in _UNTYPED_PARTS:
-                check_content_type(media_type, part)
-            uploads.append(Upload(part, await value.read(), media_type))
-    finally:
-        await form.close()
-    if not uploads:
-        raise InvalidRequestError("the multipart body has no file parts; send each image as a file")
-    return uploads
 
 
 # --- waiting ------------------------------------------------------------------------------

@@ -1,0 +1,81 @@
+"""Reading request bodies with the size limit enforced as they stream in.
+
+A declared ``Content-Length`` over the limit is refused before reading, and counting
+stops the read as soon as the limit is passed, so nothing unbounded is ever buffered.
+Every protocol front-end reads its body here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+
+from dgserve.errors import InvalidRequestError, PayloadTooLargeError
+from dgserve.serving.decode import check_content_type
+from dgserve.serving.service import Upload
+from dgserve.settings import Settings
+
+__all__ = ["read_body", "read_uploads"]
+
+# Multipart parts often arrive untyped (curl without ;type=, files without an extension);
+# their bytes are sniffed by the decoder, which only accepts the allowed formats anyway.
+_UNTYPED_PARTS = {"", "application/octet-stream"}
+
+
+def _check_declared(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"body of {declared} bytes exceeds the limit of {limit}")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, or ``PayloadTooLargeError`` (413) once it passes ``limit`` bytes."""
+    _check_declared(request, limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"body exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
+async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
+    """One image as the body (``Content-Type: image/*``), or the file parts of a multipart body."""
+    limit = settings.max_body_bytes
+    _check_declared(request, limit)
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";", 1)[0].strip().lower() == "multipart/form-data":
+        return await _read_multipart(request, limit, settings.max_images_per_request)
+    media_type = check_content_type(content_type)
+    return [Upload(None, await read_body(request, limit), media_type)]
+
+
+async def _read_multipart(request: Request, limit: int, max_parts: int) -> list[Upload]:
+    received = 0
+
+    async def receive() -> Any:
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise PayloadTooLargeError(f"body exceeds the limit of {limit} bytes")
+        return message
+
+    form = await Request(request.scope, receive).form(max_files=max_parts, max_fields=max_parts)
+    try:
+        uploads = []
+        for index, (field, value) in enumerate(form.multi_items()):
+            if isinstance(value, str):
+                continue  # plain form fields carry no image; tolerated, ignored
+            part = value.filename or field or f"#{index}"
+            media_type = (value.content_type or "").split(";", 1)[0].strip().lower()
+            if media_type not in _UNTYPED_PARTS:
+                check_content_type(media_type, part)
+            uploads.append(Upload(part, await value.read(), media_type))
+    finally:
+        await form.close()
+    if not uploads:
+        raise InvalidRequestError("the multipart body has no file parts; send each image as a file")
+    return uploads

@@ -1,0 +1,118 @@
+"""ServingService: the one way through for every front-end, on the bundled classifier.
+
+What it promises: admission before any body is read, preparation in the decode pool,
+immutable results whose ids are readable at once, and records handed to the store
+after the batch, outside the worker, so store time never counts as compute time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from PIL import Image
+
+from dgserve.data.scenes import render_classification
+from dgserve.errors import InvalidImageError, InvalidRequestError, ModelNotFoundError
+from dgserve.metrics import Metrics
+from dgserve.serving.service import ServingService, Upload
+from dgserve.settings import Settings
+from dgserve.tasks import get_task
+from dgserve.tasks.classification import ClassificationOptions
+
+pytestmark = [pytest.mark.asyncio(loop_scope="function"), pytest.mark.timeout(120)]
+
+CLASSIFY = get_task("classification")
+
+
+def png(index: int) -> bytes:
+    image, _ = render_classification(7, index, 64)
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest_asyncio.fixture
+async def service(tmp_path: Path) -> AsyncIterator[ServingService]:
+    settings = Settings(models=["shapes-dgnet", "shapes-detector"], data_dir=tmp_path, torch_threads=1)
+    svc = ServingService(settings, Metrics())
+    await svc.start()
+    try:
+        await asyncio.wait_for(svc.loaded(), 100)
+        assert svc.models.not_ready() == []
+        yield svc
+    finally:
+        await svc.close()
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def test_infer_returns_immutable_results_with_ids_readable_at_once(service: ServingService) -> None:
+    served = service.admit("shapes-dgnet", None, CLASSIFY)
+    uploads = [Upload("a.png", png(0), "image/png"), Upload("b.png", png(1), "image/png")]
+    items = await service.prepare(served, uploads, ClassificationOptions(top_k=2))
+    answers = await service.infer(served, items, service.deadline(None))
+    assert [a.image.part for a in answers] == ["a.png", "b.png"] and len({a.id for a in answers}) == 2
+    for answer in answers:
+        record = await service.inspections.get(answer.id)
+        assert record.connectivity == answer.result.connectivity and record.task == "classification"
+        assert record.prediction["predictions"] == answer.result.predictions and len(answer.result.predictions) == 2
+        with pytest.raises(AttributeError):
+            answer.id = "x"  # type: ignore[misc]
+
+
+async def test_store_time_is_not_compute_time(service: ServingService) -> None:
+    store = service.inspections
+    original = store.put
+
+    async def slow_put(record: Any) -> None:  # a store that has fallen behind
+        await asyncio.sleep(0.3)
+        await original(record)
+
+    store.put = slow_put  # type: ignore[method-assign]
+    served = service.admit("shapes-dgnet", None, CLASSIFY)
+    [item] = await service.prepare(served, [Upload(None, png(2), "image/png")], ClassificationOptions())
+    [answer] = await service.infer(served, [item], service.deadline(None))
+    metrics, labels = service.metrics, {"model": "shapes-dgnet", "version": "1"}
+    assert sample(metrics, "dgserve_inspection_record_seconds_sum", **labels) >= 0.3
+    # The batch before this one was the warm-up; neither waited on the store.
+    assert sample(metrics, "dgserve_compute_seconds_sum", **labels) < 0.3
+    assert (await store.get(answer.id)).id == answer.id
+
+
+async def test_admission_says_why_not(service: ServingService) -> None:
+    with pytest.raises(ModelNotFoundError):
+        service.admit("nope", None, CLASSIFY)
+    with pytest.raises(InvalidRequestError, match="use POST /v1/models/shapes-detector/detect"):
+        service.admit("shapes-detector", None, CLASSIFY)
+
+
+async def test_the_first_bad_upload_in_order_fails_the_request(service: ServingService) -> None:
+    served = service.admit("shapes-dgnet", None, CLASSIFY)
+    uploads = [Upload("ok.png", png(0), "image/png"), Upload("bad.png", b"not an image", "image/png"),
+               Upload("worse.png", b"", "image/png")]  # fmt: skip
+    with pytest.raises(InvalidImageError, match="part 'bad.png'"):
+        await service.prepare(served, uploads, ClassificationOptions())
+
+
+async def test_detection_boxes_come_back_in_the_uploaded_pixels(service: ServingService) -> None:
+    detect = get_task("detection")
+    served = service.admit("shapes-detector", None, detect)
+    big = Image.new("RGB", (1000, 600), (40, 90, 160))
+    buf = io.BytesIO()
+    big.save(buf, "PNG")
+    [item] = await service.prepare(served, [Upload(None, buf.getvalue(), "image/png")], detect.Options())
+    assert item.context < 1.0 and max(item.tensor.shape[1:]) < 1000  # downscaled for the detector
+    [answer] = await service.infer(served, [item], service.deadline(None))
+    assert (answer.image.width, answer.image.height) == (1000, 600)
+    for box in answer.result.predictions:
+        x1, y1, x2, y2 = box["box"]
+        assert 0 <= x1 <= x2 <= 1000 and 0 <= y1 <= y2 <= 600
