@@ -1,7 +1,7 @@
 # dgserve: the model server, with the pinned CUDA-enabled torch (the same image runs on CPU).
 #
 #   docker build -t dgserve .
-#   docker run --gpus all -p 8000:8000 -v dgserve-data:/data dgserve
+#   docker run --gpus all -p 8000:8000 -p 8001:8001 -v dgserve-data:/data dgserve
 #
 # The PyPI torch wheels bundle their CUDA libraries, so no CUDA base image is needed: the
 # host's NVIDIA driver is mounted in by the NVIDIA container toolkit (`--gpus` / compose's
@@ -39,7 +39,7 @@ WORKDIR /opt/dgserve
 # Dependencies only: this layer is rebuilt when pyproject.toml changes, not when the code does.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); \
-print('\n'.join(d['project']['dependencies'] + d['build-system']['requires']))" > /tmp/requirements.txt \
+print('\n'.join(d['project']['dependencies'] + d['project']['optional-dependencies']['grpc'] + d['build-system']['requires']))" > /tmp/requirements.txt \
     && cat /tmp/requirements.txt \
     && pip install --upgrade pip \
     && pip install -r /tmp/requirements.txt \
@@ -58,6 +58,7 @@ COPY model_store/ ./model_store/
 
 ENV DGSERVE_HOST=0.0.0.0 \
     DGSERVE_PORT=8000 \
+    DGSERVE_GRPC_PORT=8001 \
     DGSERVE_MODEL_STORE=/opt/dgserve/model_store \
     DGSERVE_DATA_DIR=/data \
     DGSERVE_DEVICES=auto \
@@ -66,7 +67,8 @@ ENV DGSERVE_HOST=0.0.0.0 \
 # The inspection store (SQLite): keep it on a volume so records outlive the container.
 VOLUME ["/data"]
 USER dgserve:dgserve
-EXPOSE 8000
+# HTTP (/v1, the Open Inference Protocol's /v2, probes, metrics) and the OIP gRPC service.
+EXPOSE 8000 8001
 
 # Ready = every model in the store loaded (liveness alone is /healthz). The start period
 # covers loading the models onto the device.

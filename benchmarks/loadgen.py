@@ -37,9 +37,12 @@ class LoadResult:
     errors: list[str] = field(default_factory=list)
 
 
-def build_post(host: str, port: int, path: str, body: bytes, content_type: str, images: int = 1) -> Request:
+def build_post(
+    host: str, port: int, path: str, body: bytes, content_type: str, images: int = 1, headers: dict[str, str] | None = None
+) -> Request:
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n{extra}"
         f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
     )
     return Request(head.encode("ascii") + body, images)

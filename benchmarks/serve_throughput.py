@@ -24,6 +24,9 @@ Usage::
 ``--create ARCH`` saves a temporary store entry with random weights (throughput does
 not depend on the weights); otherwise ``--store``/``--model`` name an existing one.
 ``--images-per-request K`` posts multipart requests of K images each.
+``--protocols v1,v2`` also drives the Open Inference Protocol (``POST /v2/models/{name}/infer``,
+the encoded images as one binary ``BYTES [K]`` input, every output asked for as binary data,
+as tritonclient sends them) and reports each protocol's rate beside raw in the same round.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import os
 import resource
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -80,6 +84,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-connectivity", action="store_true", help="ask the server for ?connectivity=false")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device for raw and for the server (default: cuda when there is one)")
+    p.add_argument("--protocols", default="v1", help="comma-separated: v1 (POST /v1/.../classify), v2 (OIP infer)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
     return p.parse_args()
 
@@ -162,7 +167,7 @@ def start_server(root: Path, data_dir: Path, port: int, args: argparse.Namespace
                 "max_queue_size": max(256, 4 * args.clients * args.images_per_request)}
     env = {**os.environ, "DGSERVE_MODELS": args.model, "DGSERVE_DEVICES": args.device,
            "DGSERVE_BATCHING": json.dumps({args.model: batching}), "DGSERVE_ACCESS_LOG": "false",
-           "DGSERVE_LOG_LEVEL": "warning"}
+           "DGSERVE_LOG_LEVEL": "warning", "DGSERVE_GRPC_PORT": "off"}
     command = [sys.executable, "-c", "from dgserve.cli import main; main()", "serve", "--host", HOST,
                "--port", str(port), "--store", str(root), "--data-dir", str(data_dir)]
     return subprocess.Popen(command, env=env)
@@ -182,10 +187,13 @@ def wait_ready(base: str, server: subprocess.Popen[bytes], timeout: float = 600)
     raise TimeoutError("server did not become ready")
 
 
-def build_requests(port: int, args: argparse.Namespace) -> list[Request]:
+def build_requests(port: int, args: argparse.Namespace, protocol: str = "v1") -> list[Request]:
     images = test_images(args.image_size)
-    path = f"/v1/models/{args.model}/classify" + ("?connectivity=false" if args.no_connectivity else "")
     k = args.images_per_request
+    if protocol == "v2":
+        return [oip_request(port, args, [images[(i * k + j) % len(images)] for j in range(k)])
+                for i in range(args.requests)]  # fmt: skip
+    path = f"/v1/models/{args.model}/classify" + ("?connectivity=false" if args.no_connectivity else "")
     out = []
     for i in range(args.requests):
         if k == 1:
@@ -194,6 +202,22 @@ def build_requests(port: int, args: argparse.Namespace) -> list[Request]:
             body, content_type = multipart_body([images[(i * k + j) % len(images)] for j in range(k)])
             out.append(build_post(HOST, port, path, body, content_type, images=k))
     return out
+
+
+def oip_request(port: int, args: argparse.Namespace, images: list[bytes]) -> Request:
+    """An OIP infer request as tritonclient.http sends it: JSON, then the BYTES tensor in binary."""
+    raw = b"".join(struct.pack("<I", len(data)) + data for data in images)
+    doc: dict[str, object] = {
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(images)],
+                    "parameters": {"binary_data_size": len(raw)}}],
+        "parameters": {"binary_data_output": True},
+    }  # fmt: skip
+    if args.no_connectivity:  # the same answer ?connectivity=false gives on /v1
+        doc["outputs"] = [{"name": n, "parameters": {"binary_data": True}}
+                          for n in ("scores", "class_indices", "labels", "inspection_id")]  # fmt: skip
+    head = json.dumps(doc).encode()
+    return build_post(HOST, port, f"/v2/models/{args.model}/infer", head + raw, "application/octet-stream",
+                      images=len(images), headers={"Inference-Header-Content-Length": str(len(head))})
 
 
 @dataclass
@@ -244,29 +268,32 @@ def percentile(values: list[float], q: int) -> float:
 
 
 def one_round(raw_model: RawModel, base: str, port: int, server: subprocess.Popen[bytes],
-              requests: list[Request], args: argparse.Namespace) -> dict[str, float]:
-    images = sum(r.images for r in requests)
+              requests: dict[str, list[Request]], args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Raw, then each protocol in turn, over the same number of images."""
+    images = sum(r.images for r in next(iter(requests.values())))
     raw = raw_model.images_per_s(max(1, math.ceil(images / args.batch_size)))
-    before, cpu_before = ServerSide.read(base, server.pid), self_cpu_s()
-    load = asyncio.run(run_load(HOST, port, requests, args.clients))
-    loadgen_cpu = self_cpu_s() - cpu_before
-    side = ServerSide.read(base, server.pid) - before
-    if load.errors:
-        raise RuntimeError(f"{len(load.errors)} requests failed, e.g. {load.errors[0]}")
-    rate = load.images / load.seconds
-    mean_batch = side.batched_images / max(1.0, side.batches)
-    return {
-        "raw_images_per_s": raw,
-        "server_images_per_s": rate,
-        "ratio": rate / raw,
-        "p50_ms": percentile(load.latencies_s, 50) * 1e3,
-        "p99_ms": percentile(load.latencies_s, 99) * 1e3,
-        "mean_batch": mean_batch,
-        "raw_ms_per_image": 1e3 / raw,
-        "server_compute_ms_per_image": 1e3 * side.compute_s / max(1.0, side.batched_images),
-        "server_cores": (side.cpu_s / load.seconds) if side.cpu_s is not None else float("nan"),
-        "loadgen_cores": loadgen_cpu / load.seconds,
-    }
+    out = {}
+    for protocol, batch in requests.items():
+        before, cpu_before = ServerSide.read(base, server.pid), self_cpu_s()
+        load = asyncio.run(run_load(HOST, port, batch, args.clients))
+        loadgen_cpu = self_cpu_s() - cpu_before
+        side = ServerSide.read(base, server.pid) - before
+        if load.errors:
+            raise RuntimeError(f"{protocol}: {len(load.errors)} requests failed, e.g. {load.errors[0]}")
+        rate = load.images / load.seconds
+        out[protocol] = {
+            "raw_images_per_s": raw,
+            "server_images_per_s": rate,
+            "ratio": rate / raw,
+            "p50_ms": percentile(load.latencies_s, 50) * 1e3,
+            "p99_ms": percentile(load.latencies_s, 99) * 1e3,
+            "mean_batch": side.batched_images / max(1.0, side.batches),
+            "raw_ms_per_image": 1e3 / raw,
+            "server_compute_ms_per_image": 1e3 * side.compute_s / max(1.0, side.batched_images),
+            "server_cores": (side.cpu_s / load.seconds) if side.cpu_s is not None else float("nan"),
+            "loadgen_cores": loadgen_cpu / load.seconds,
+        }
+    return out
 
 
 def main() -> None:
@@ -285,17 +312,20 @@ def main() -> None:
         try:
             base = f"http://{HOST}:{port}"
             wait_ready(base, server)
-            requests = build_requests(port, args)
-            asyncio.run(run_load(HOST, port, requests[: args.clients], args.clients))  # warm-up, not measured
+            protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+            requests = {p: build_requests(port, args, p) for p in protocols}
+            for batch in requests.values():  # warm-up, not measured
+                asyncio.run(run_load(HOST, port, batch[: args.clients], args.clients))
             for i in range(args.rounds):
-                r = one_round(raw_model, base, port, server, requests, args)
-                rounds.append(r)
-                print(f"round {i + 1}: raw {r['raw_images_per_s']:.2f} img/s | server {r['server_images_per_s']:.2f} "
-                      f"img/s, p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, mean batch {r['mean_batch']:.2f} "
-                      f"| server/raw {r['ratio']:.3f}")
-                print(f"         compute per image: in the server {r['server_compute_ms_per_image']:.2f} ms, "
-                      f"raw {r['raw_ms_per_image']:.2f} ms | server process {r['server_cores']:.2f} cores, "
-                      f"load generator {r['loadgen_cores']:.2f} cores", flush=True)
+                per_protocol = one_round(raw_model, base, port, server, requests, args)
+                rounds.append(per_protocol)
+                for protocol, r in per_protocol.items():
+                    print(f"round {i + 1} {protocol}: raw {r['raw_images_per_s']:.2f} img/s | server "
+                          f"{r['server_images_per_s']:.2f} img/s, p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
+                          f"mean batch {r['mean_batch']:.2f} | server/raw {r['ratio']:.3f}")
+                    print(f"         compute per image: in the server {r['server_compute_ms_per_image']:.2f} ms, "
+                          f"raw {r['raw_ms_per_image']:.2f} ms | server process {r['server_cores']:.2f} cores, "
+                          f"load generator {r['loadgen_cores']:.2f} cores", flush=True)
         finally:
             server.terminate()
             try:
@@ -303,12 +333,20 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
-    ratios = sorted(r["ratio"] for r in rounds)
-    median = statistics.median(ratios)
-    print(f"server/raw = {median:.3f} (median of {len(ratios)} rounds; min {ratios[0]:.3f}, max {ratios[-1]:.3f})")
+    summary = {}
+    for protocol in rounds[0]:
+        ratios = sorted(r[protocol]["ratio"] for r in rounds)
+        summary[protocol] = statistics.median(ratios)
+        print(f"{protocol}: server/raw = {summary[protocol]:.3f} (median of {len(ratios)} rounds; "
+              f"min {ratios[0]:.3f}, max {ratios[-1]:.3f})")
+    if "v1" in rounds[0] and "v2" in rounds[0]:
+        # Taken side by side within each round, so the machine's drift cancels out.
+        same_round = sorted(r["v2"]["server_images_per_s"] / r["v1"]["server_images_per_s"] for r in rounds)
+        print(f"v2/v1 = {statistics.median(same_round):.3f} (median of {len(same_round)} rounds; "
+              f"min {same_round[0]:.3f}, max {same_round[-1]:.3f})")
     if args.json is not None:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "rounds": rounds, "median_ratio": median}, indent=2))
+                                         "rounds": rounds, "median_ratio": summary}, indent=2))
 
 
 if __name__ == "__main__":

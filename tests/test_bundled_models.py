@@ -161,7 +161,7 @@ def test_served_end_to_end(tmp_path: Path) -> None:
     from dgserve.settings import Settings
 
     async def scenario() -> None:
-        app = create_app(Settings(model_store=STORE, data_dir=tmp_path, torch_threads=1))
+        app = create_app(Settings(model_store=STORE, data_dir=tmp_path, torch_threads=1, grpc_port=None))
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:

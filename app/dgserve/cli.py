@@ -16,12 +16,15 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port [env DGSERVE_PORT].")] = None,
     store: Annotated[Path | None, typer.Option(help="Model store directory [env DGSERVE_MODEL_STORE].")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Inspection data directory [env DGSERVE_DATA_DIR].")] = None,
+    grpc_port: Annotated[
+        str | None, typer.Option(help="OIP gRPC port, or off [env DGSERVE_GRPC_PORT, default 8001].")
+    ] = None,
 ) -> None:
     """Serve every model in the store (the bundled model_store/ by default)."""
     from dgserve.api.server import run
     from dgserve.settings import Settings
 
-    overrides = {"host": host, "port": port, "model_store": store, "data_dir": data_dir}
+    overrides = {"host": host, "port": port, "model_store": store, "data_dir": data_dir, "grpc_port": grpc_port}
     run(Settings(**{k: v for k, v in overrides.items() if v is not None}))
 
 

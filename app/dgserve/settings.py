@@ -46,6 +46,10 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port.")
+    grpc_port: int | None = Field(
+        8001, ge=0, le=65535,
+        description="Port of the Open Inference Protocol gRPC service (needs dgserve[grpc]); empty turns it off.",
+    )
     model_store: Path = Field(
         default_factory=default_model_store,
         description="Model store directory (default: the repo's bundled model_store/, else ./model_store).",
@@ -102,6 +106,11 @@ class Settings(BaseSettings):
 
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
     access_log: bool = Field(True, description="uvicorn's per-request access log.")
+
+    @field_validator("grpc_port", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "off", "none") else value
 
     @field_validator("models", mode="before")
     @classmethod

@@ -112,7 +112,7 @@ def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def settings_for(root: Path, data_dir: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "model_store": root, "data_dir": data_dir, "models": ["clf"], "max_body_bytes": MAX_BODY,
-        "max_image_pixels": MAX_PIXELS, "decode_threads": 2, "torch_threads": 2,
+        "max_image_pixels": MAX_PIXELS, "decode_threads": 2, "torch_threads": 2, "grpc_port": None,
     }
     values.update(overrides)
     return Settings(**values)

@@ -120,7 +120,7 @@ def test_app_serves_on_the_gpu(tmp_path: Path) -> None:
     from dgserve.api.app import create_app
 
     async def scenario() -> None:
-        app = create_app(Settings(model_store=STORE, data_dir=tmp_path, devices="cuda:0"))
+        app = create_app(Settings(model_store=STORE, data_dir=tmp_path, devices="cuda:0", grpc_port=None))
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:

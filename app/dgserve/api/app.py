@@ -8,9 +8,11 @@ warmed up.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.types import Scope
@@ -20,10 +22,13 @@ from dgserve.api.deps import AppState
 from dgserve.api.errors import RequestContextMiddleware, endpoint_of, install_error_handlers
 from dgserve.api.routes import health, inference, inspections, metrics, models
 from dgserve.metrics import Metrics
+from dgserve.oip import http as oip_http
 from dgserve.serving.service import ServingService
 from dgserve.settings import Settings
 
 __all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
 
 # Refusals that happen before the batcher (which counts queue_full, deadline, cancelled
 # and shutting_down itself): a body or an image the server will not take.
@@ -47,6 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, on_response=partial(_observe_request, metrics_))
     app.include_router(inference.build_router())
+    app.include_router(oip_http.build_router())
     for module in (inspections, models, health, metrics):
         app.include_router(module.router)
     return app
@@ -54,12 +60,30 @@ def create_app(settings: Settings) -> FastAPI:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    service: ServingService = app.state.dgserve.service
+    state: AppState = app.state.dgserve
+    grpc_server = None
     try:
-        await service.start()
+        await state.service.start()
+        grpc_server = await _start_grpc(state)
         yield
     finally:
-        await service.close()
+        if grpc_server is not None:
+            # New calls are refused at once; calls in flight get a moment to finish.
+            await grpc_server.stop(grace=5.0)
+        await state.service.close()
+
+
+async def _start_grpc(state: AppState) -> Any:
+    settings = state.settings
+    if settings.grpc_port is None:
+        return None
+    try:
+        from dgserve.oip.grpc import start_grpc_server
+    except ImportError as exc:
+        log.warning("the OIP gRPC service is off: it needs pip install 'dgserve[grpc]' (%s)", exc)
+        return None
+    server, state.grpc_port = await start_grpc_server(state.service, settings.host, settings.grpc_port)
+    return server
 
 
 def _observe_request(metrics_: Metrics, scope: Scope, status: int, seconds: float) -> None:

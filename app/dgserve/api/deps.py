@@ -24,6 +24,7 @@ class AppState:
     settings: Settings
     metrics: Metrics
     service: ServingService
+    grpc_port: int | None = None  # the OIP gRPC service's bound port, once started
 
 
 def get_state(request: Request) -> AppState:

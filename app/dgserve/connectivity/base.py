@@ -10,7 +10,9 @@ fields, everything the rest of the server needs to know about it:
 * ``shared(digest_field, ...)`` fields: the same for every image of a model version
   (GloRe's A_g), so a store keeps each value once under the digest the record carries;
 * ``derived``: properties that ``to_dict`` adds, figures a client would recompute;
-* ``Graph``: the dataclass that describes a module of this kind in ``/v1/models/{name}``.
+* ``Graph``: the dataclass that describes a module of this kind in ``/v1/models/{name}``;
+* ``tensor``: the field that tensor protocols (the Open Inference Protocol) send, one
+  output per module, with its datatype and the value that pads ragged images.
 
 The API schema, ``strip_matrices`` and the inspection store's de-duplication are all
 derived from these declarations, so adding a kind touches none of them. Nothing here
@@ -28,6 +30,7 @@ __all__ = [
     "ConnectivitySource",
     "GraphDescription",
     "ImageConnectivity",
+    "TensorField",
     "describe",
     "kind_of",
     "kinds",
@@ -64,6 +67,16 @@ def shared(digest_field: str, description: str = "") -> Any:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class TensorField:
+    """The field a kind sends as one tensor per module: ``[images, *dims]`` of ``datatype``."""
+
+    field: str
+    datatype: str  # the protocol's name: FP32, INT32, ...
+    ndim: int
+    pad: float = 0  # fills an image whose field is smaller than the batch's largest
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class GraphDescription:
     """How one module of a kind describes its graph in ``/v1/models/{name}``."""
 
@@ -85,10 +98,18 @@ class ConnectivityRecord:
     kind: ClassVar[str]
     derived: ClassVar[tuple[str, ...]] = ()
     Graph: ClassVar[type[GraphDescription]]
+    name_field: ClassVar[str]
+    """The field that names the module (as the Graph's ``name`` does)."""
+    tensor: ClassVar[TensorField | None] = None
     # Filled in by register_kind, from the fields' declarations.
     field_names: ClassVar[tuple[str, ...]] = ()
     matrix_fields: ClassVar[frozenset[str]] = frozenset()
     shared_fields: ClassVar[Mapping[str, str]] = {}
+
+    @classmethod
+    def tensor_dims(cls, graph: Mapping[str, Any]) -> tuple[int, ...]:
+        """The per-image shape of ``tensor`` for the module ``graph`` describes; -1 where it varies."""
+        return (-1,) * (cls.tensor.ndim if cls.tensor is not None else 0)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able, derived figures included; shares the record's lists, copies nothing."""
@@ -114,6 +135,10 @@ def register_kind(cls: type[R]) -> type[R]:
     cls.field_names = tuple(f.name for f in fields)
     cls.matrix_fields = frozenset(f.name for f in fields if f.metadata.get(_MATRIX))
     cls.shared_fields = {f.name: f.metadata[_SHARED_BY] for f in fields if _SHARED_BY in f.metadata}
+    if cls.name_field not in cls.field_names:
+        raise TypeError(f"{cls.__name__}.name_field {cls.name_field!r} is not a field")
+    if cls.tensor is not None and cls.tensor.field not in cls.field_names:
+        raise TypeError(f"{cls.__name__}.tensor names {cls.tensor.field!r}, which is not a field")
     for name, digest in cls.shared_fields.items():
         if digest not in cls.field_names:
             raise TypeError(f"{cls.__name__}.{name} is shared by {digest!r}, which is not a field")

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
-from dgserve.connectivity.base import ConnectivityRecord, GraphDescription, matrix, register_kind, value
+from dgserve.connectivity.base import (
+    ConnectivityRecord,
+    GraphDescription,
+    TensorField,
+    matrix,
+    register_kind,
+    value,
+)
 
 __all__ = ["StageConnectivity", "StageGraph"]
 
@@ -32,6 +40,8 @@ class StageConnectivity(ConnectivityRecord):
     kind: ClassVar[str] = "stages"
     derived: ClassVar[tuple[str, ...]] = ("active_edge_fraction", "skipped_nodes")
     Graph: ClassVar[type[GraphDescription]] = StageGraph
+    name_field: ClassVar[str] = "stage"
+    tensor: ClassVar[TensorField | None] = TensorField("adjacency", "FP32", ndim=2)
 
     stage: str = value("the stage's module name")
     nodes: list[str] = value("node names: input, the blocks, output")
@@ -43,6 +53,11 @@ class StageConnectivity(ConnectivityRecord):
     executed: list[bool] = value("which nodes ran for this image")
     open_edges: int = value("routed edges left open")
     possible_edges: int = value("routed edges in the complete DAG")
+
+    @classmethod
+    def tensor_dims(cls, graph: Mapping[str, Any]) -> tuple[int, ...]:
+        n = len(graph["nodes"])
+        return (n, n)
 
     @property
     def active_edge_fraction(self) -> float:

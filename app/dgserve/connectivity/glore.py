@@ -8,7 +8,15 @@ from typing import ClassVar
 # pydantic derives the API schema from these, and needs typing_extensions' TypedDict before 3.12.
 from typing_extensions import TypedDict
 
-from dgserve.connectivity.base import ConnectivityRecord, GraphDescription, matrix, register_kind, shared, value
+from dgserve.connectivity.base import (
+    ConnectivityRecord,
+    GraphDescription,
+    TensorField,
+    matrix,
+    register_kind,
+    shared,
+    value,
+)
 
 __all__ = ["GloReUnitConnectivity", "GloReUnitGraph", "ProjectedNode", "ProjectionSummary"]
 
@@ -49,6 +57,10 @@ class GloReUnitConnectivity(ConnectivityRecord):
     kind: ClassVar[str] = "glore_units"
     derived: ClassVar[tuple[str, ...]] = ("projection_summary",)
     Graph: ClassVar[type[GraphDescription]] = GloReUnitGraph
+    name_field: ClassVar[str] = "unit"
+    # The projection map; its size follows the input's, so images of a batch may differ
+    # (detection), and -1 pads the smaller ones.
+    tensor: ClassVar[TensorField | None] = TensorField("projection", "INT32", ndim=2, pad=-1)
 
     unit: str = value("the unit's module name")
     num_nodes: int = value("graph nodes N")

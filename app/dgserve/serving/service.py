@@ -27,8 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from PIL import Image
+from torch import Tensor
 
-from dgserve.errors import DGServeError, NotReadyError
+from dgserve.errors import DGServeError, InvalidRequestError, NotReadyError
 from dgserve.inspection import InspectionRecord, InspectionStore, open_inspection_store
 from dgserve.metrics import Metrics
 from dgserve.model_store import Manifest, ModelStore
@@ -156,26 +157,52 @@ class ServingService:
                 raise outcome
         return list(outcomes)  # type: ignore[arg-type]
 
-    async def infer(self, served: ServedModel, items: Sequence[InferenceItem], deadline: float) -> list[ImagePrediction]:
-        """Every item's result, in order, each recorded in the inspection store under its id."""
+    def prepare_tensors(self, served: ServedModel, tensors: Sequence[Tensor], options: Options) -> list[InferenceItem]:
+        """Inputs the client preprocessed itself: ``(3, H, W)`` float32 at the manifest's input size."""
+        assert served.manifest is not None
+        task, (height, width) = get_task(served.manifest.task), served.manifest.preprocessing.input_size
+        items = []
+        for index, tensor in enumerate(tensors):
+            if tuple(tensor.shape) != (3, height, width):
+                raise InvalidRequestError(
+                    f"input {index}: shape {list(tensor.shape)} is not the model's preprocessed input [3, {height}, {width}]"
+                )
+            prepared, context = task.prepare_tensor(tensor)
+            items.append(InferenceItem(prepared, ImageInfo(None, width, height), options, context))
+        return items
+
+    async def infer(
+        self, served: ServedModel, items: Sequence[InferenceItem], deadline: float, request_id: str | None = None
+    ) -> list[ImagePrediction]:
+        """Every item's result, in order, each recorded in the inspection store under its id.
+
+        ``request_id`` is the client's own id for the request (OIP's ``id``); the records keep it.
+        """
         assert served.batcher is not None
         results = await _submit_all(served.batcher, items, deadline)
-        ids = await self._record(served, items, results)
+        ids = await self._record(served, items, results, request_id)
         return [ImagePrediction(i, item.image, r) for i, item, r in zip(ids, items, results, strict=True)]
 
     async def _record(
-        self, served: ServedModel, items: Sequence[InferenceItem], results: Sequence[ImageResult]
+        self,
+        served: ServedModel,
+        items: Sequence[InferenceItem],
+        results: Sequence[ImageResult],
+        request_id: str | None,
     ) -> list[str]:
         store = self.inspections
         assert served.manifest is not None
         started = time.perf_counter()
         ids = []
         for item, result in zip(items, results, strict=True):
+            prediction = {"image": item.image.to_dict(), "predictions": result.predictions}
+            if request_id is not None:
+                prediction["request_id"] = request_id
             record = InspectionRecord.new(
                 model=served.name,
                 version=served.version,
                 task=served.manifest.task,
-                prediction={"image": item.image.to_dict(), "predictions": result.predictions},
+                prediction=prediction,
                 connectivity=result.connectivity,
                 connectivity_json=result.connectivity_json,
             )

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
@@ -33,7 +34,10 @@ if TYPE_CHECKING:
     from dgserve.data.sources import DataBundle
     from dgserve.training.config import TrainConfig
 
-__all__ = ["ImageInfo", "InferenceItem", "Options", "Task", "get_task", "register_task", "task_for_endpoint", "tasks"]
+__all__ = [
+    "ImageInfo", "InferenceItem", "Options", "Task", "TensorSpec", "get_task", "register_task", "task_for_endpoint",
+    "tasks",
+]
 
 
 class Options(BaseModel):
@@ -62,6 +66,20 @@ class InferenceItem:
     image: ImageInfo
     options: Options
     context: Any = None  # whatever ``prepare`` needs ``predict`` to know (a resize scale, ...)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One output tensor as tensor protocols (the Open Inference Protocol) describe it.
+
+    ``datatype`` is the protocol's name (``FP32``, ``INT64``, ``BYTES``, ...); ``shape``
+    starts with the batch dimension, and -1 marks a dimension that varies.
+    """
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    description: str = ""
 
 
 ToDevice = Callable[[Tensor], Tensor]
@@ -127,6 +145,20 @@ class Task(abc.ABC):
         Runs in the worker thread under ``torch.inference_mode``; ``to_device`` moves a
         CPU tensor to the worker's device.
         """
+
+    def prepare_tensor(self, tensor: Tensor) -> tuple[Tensor, Any]:
+        """An input a client already preprocessed (at the manifest's input size) to ``(input, context)``."""
+        return tensor, None
+
+    # --- tensor protocols -----------------------------------------------------------
+
+    @abc.abstractmethod
+    def tensor_outputs(self, manifest: Manifest) -> list[TensorSpec]:
+        """The prediction tensors this task answers with, for a model's metadata."""
+
+    @abc.abstractmethod
+    def to_tensors(self, predictions: Sequence[list[dict[str, Any]]], manifest: Manifest) -> dict[str, np.ndarray]:
+        """A batch's ``predict`` output as the tensors ``tensor_outputs`` names (BYTES as object arrays)."""
 
     # --- training -------------------------------------------------------------------
 

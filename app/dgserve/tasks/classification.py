@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 from PIL import Image
 from pydantic import BaseModel, Field
@@ -17,7 +18,7 @@ from dgserve.data.datasets import ShapesClassification
 from dgserve.data.sources import DataBundle, generated_description, image_folder
 from dgserve.imaging import preprocess
 from dgserve.model_store.manifest import Manifest, Preprocessing, ResizeMode
-from dgserve.tasks.base import InferenceItem, Options, Task, ToDevice, register_task
+from dgserve.tasks.base import InferenceItem, Options, Task, TensorSpec, ToDevice, register_task
 from dgserve.training.augment import dihedral_batch
 from dgserve.training.evaluate import ConnectivityStats, has_routing
 
@@ -71,6 +72,26 @@ class Classification(Task):
             [{"label": labels[i], "index": i, "score": s} for s, i in zip(row_s[:k], row_i[:k], strict=True)]
             for k, row_s, row_i in zip(ks, scores_l, indices_l, strict=True)
         ]
+
+    # --- tensor protocols -------------------------------------------------------------
+
+    def tensor_outputs(self, manifest: Manifest) -> list[TensorSpec]:
+        k = -1  # the manifest's top_k unless the request asks for another
+        return [
+            TensorSpec("scores", "FP32", (-1, k), "softmax scores of the top-k classes, best first"),
+            TensorSpec("class_indices", "INT64", (-1, k), "their output indices"),
+            TensorSpec("labels", "BYTES", (-1, k), "their labels"),
+        ]
+
+    def to_tensors(self, predictions: Sequence[list[dict[str, Any]]], manifest: Manifest) -> dict[str, np.ndarray]:
+        k = max((len(p) for p in predictions), default=0)
+        scores = np.zeros((len(predictions), k), dtype=np.float32)
+        indices = np.full((len(predictions), k), -1, dtype=np.int64)
+        labels = np.full((len(predictions), k), b"", dtype=object)
+        for row, preds in enumerate(predictions):
+            for col, p in enumerate(preds):
+                scores[row, col], indices[row, col], labels[row, col] = p["score"], p["index"], p["label"].encode()
+        return {"scores": scores, "class_indices": indices, "labels": labels}
 
     # --- training -------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
+import numpy as np
 import torch
 from PIL import Image
 from pydantic import BaseModel, Field
@@ -22,7 +23,7 @@ from dgserve.data.datasets import ShapesDetection
 from dgserve.data.sources import DataBundle, coco, generated_description, quiet
 from dgserve.imaging import interpolation_mode, resize, to_rgb
 from dgserve.model_store.manifest import Manifest, Preprocessing, ResizeMode
-from dgserve.tasks.base import InferenceItem, Options, Task, ToDevice, register_task
+from dgserve.tasks.base import InferenceItem, Options, Task, TensorSpec, ToDevice, register_task
 from dgserve.training.augment import dihedral_detection
 from dgserve.training.evaluate import ConnectivityStats, has_routing
 
@@ -136,6 +137,38 @@ class Detection(Task):
                     boxes.tolist(), output["labels"].cpu()[keep].tolist(), scores[keep].tolist(), strict=True
                 )
             ])  # fmt: skip
+        return out
+
+    def prepare_tensor(self, tensor: Tensor) -> tuple[Tensor, Any]:
+        return tensor, 1.0  # already the detector's input: boxes need no rescaling
+
+    # --- tensor protocols -------------------------------------------------------------
+
+    def tensor_outputs(self, manifest: Manifest) -> list[TensorSpec]:
+        # The number of boxes varies per image: rows are padded to the batch's most, and
+        # num_detections says how many of each row are real.
+        return [
+            TensorSpec("boxes", "FP32", (-1, -1, 4), "xyxy in the input image's pixels, padded with zeros"),
+            TensorSpec("scores", "FP32", (-1, -1), "box scores, padded with zeros"),
+            TensorSpec("class_indices", "INT64", (-1, -1), "class ids (0 is background), padded with -1"),
+            TensorSpec("labels", "BYTES", (-1, -1), "class labels, padded with empty strings"),
+            TensorSpec("num_detections", "INT32", (-1,), "boxes per image"),
+        ]
+
+    def to_tensors(self, predictions: Sequence[list[dict[str, Any]]], manifest: Manifest) -> dict[str, np.ndarray]:
+        n, m = len(predictions), max((len(p) for p in predictions), default=0)
+        out = {
+            "boxes": np.zeros((n, m, 4), dtype=np.float32),
+            "scores": np.zeros((n, m), dtype=np.float32),
+            "class_indices": np.full((n, m), -1, dtype=np.int64),
+            "labels": np.full((n, m), b"", dtype=object),
+            "num_detections": np.array([len(p) for p in predictions], dtype=np.int32),
+        }
+        for row, preds in enumerate(predictions):
+            for col, p in enumerate(preds):
+                out["boxes"][row, col] = p["box"]
+                out["scores"][row, col], out["class_indices"][row, col] = p["score"], p["index"]
+                out["labels"][row, col] = p["label"].encode()
         return out
 
     # --- training -------------------------------------------------------------------

@@ -1,0 +1,227 @@
+"""The Open Inference Protocol over the serving service, whichever transport carries it.
+
+HTTP (``http.py``) and gRPC (``grpc.py``) parse their wire format into an
+``InferRequest`` and write an ``InferResponse`` back; everything in between is here,
+and everything below is the same ``ServingService`` that ``/v1`` uses, so the batcher,
+deadlines, 503 + Retry-After, limits, metrics and inspection records apply alike.
+
+A model takes one input per request, either of:
+
+* ``image``: ``BYTES [N]``, each element an encoded image (JPEG, PNG, ...), decoded and
+  preprocessed by the server with the manifest, as OpenVINO Model Server does;
+* ``input``: ``FP32 [N, 3, H, W]``, already preprocessed at the manifest's input size.
+
+It answers with its task's prediction tensors (``Task.tensor_outputs``), the
+``inspection_id`` of each image (``BYTES [N]``: ``GET /v1/inspections/{id}``), and one
+tensor per module that records connectivity, named ``<kind>/<module>``: each DG-Net
+stage's thresholded adjacency (``stages/layer1``, ``FP32 [N, n, n]``) and each GloRe
+unit's projection map (``glore_units/layer3.units.0``, ``INT32 [N, H, W]``).
+
+Request ``parameters``: ``timeout`` (microseconds, as Triton reads it) sets the
+deadline; the task's options (``top_k``, ``score_threshold``) are taken by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from dgserve import __version__
+from dgserve.connectivity import ConnectivityRecord, kinds
+from dgserve.errors import NotFoundError, VersionNotFoundError
+from dgserve.oip.tensors import ProtocolError, Tensor
+from dgserve.serving.served_models import ServedModel
+from dgserve.serving.service import ImagePrediction, ServingService, Upload
+from dgserve.tasks import Options, Task, TensorSpec, get_task
+
+__all__ = ["EXTENSIONS", "InferRequest", "InferResponse", "OipFrontend", "RequestedOutput"]
+
+EXTENSIONS = ["binary_tensor_data", "dgserve_connectivity"]
+IMAGE_INPUT, TENSOR_INPUT, ID_OUTPUT = "image", "input", "inspection_id"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedOutput:
+    name: str
+    binary: bool | None = None  # None: the request's default
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    inputs: list[Tensor]
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    outputs: list[RequestedOutput] | None = None  # None: every output
+
+
+@dataclass(frozen=True, slots=True)
+class InferResponse:
+    model_name: str
+    model_version: str
+    id: str | None
+    outputs: list[tuple[Tensor, bool | None]]  # each with the binary wish of its request
+
+
+class OipFrontend:
+    """Server and model metadata, readiness, and inference in the protocol's terms."""
+
+    def __init__(self, service: ServingService) -> None:
+        self.service = service
+
+    # --- metadata and health ---------------------------------------------------------
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "dgserve", "version": __version__, "extensions": EXTENSIONS}
+
+    def server_ready(self) -> bool:
+        return not self.service.models.not_ready()
+
+    def model_ready(self, name: str, version: str | None) -> bool:
+        return self.lookup(name, version).ready
+
+    def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        served = self.lookup(name, version)
+        group = self.service.models.groups[served.name]
+        meta: dict[str, Any] = {
+            "name": served.name,
+            "versions": [str(v) for v in sorted(group.versions)],
+            "platform": "dgserve",
+            "inputs": [],
+            "outputs": [],
+        }
+        manifest = served.manifest
+        if manifest is None:
+            return meta  # a broken store entry: nothing is known about its tensors
+        height, width = manifest.preprocessing.input_size
+        meta["inputs"] = [
+            _spec(TensorSpec(IMAGE_INPUT, "BYTES", (-1,), "encoded images (JPEG, PNG, ...); send this or input")),
+            _spec(TensorSpec(TENSOR_INPUT, "FP32", (-1, 3, height, width), "preprocessed images; or send image")),
+        ]
+        meta["outputs"] = [_spec(s) for s in self._output_specs(served)]
+        return meta
+
+    def _output_specs(self, served: ServedModel) -> list[TensorSpec]:
+        assert served.manifest is not None
+        specs = [*get_task(served.manifest.task).tensor_outputs(served.manifest)]
+        specs.append(TensorSpec(ID_OUTPUT, "BYTES", (-1,), "each image's record: GET /v1/inspections/{id}"))
+        for kind in kinds():  # known once the model is loaded
+            if kind.tensor is None:
+                continue
+            for graph in (served.graph or {}).get(kind.kind, []):
+                specs.append(TensorSpec(f"{kind.kind}/{graph['name']}", kind.tensor.datatype,
+                                        (-1, *kind.tensor_dims(graph)), f"{kind.__name__}.{kind.tensor.field}"))  # fmt: skip
+        return specs
+
+    def lookup(self, name: str, version: str | None) -> ServedModel:
+        """A model version by the protocol's names (the version is a path segment); 404 if none."""
+        models = self.service.models
+        if version is None or version == "":
+            return models.lookup(name)
+        if not version.isdigit():  # a path segment: "latest" or "1.0" are no version here
+            group = models.groups.get(name)
+            raise VersionNotFoundError(name, version, sorted(group.versions) if group else [])
+        return models.lookup(name, int(version))
+
+    # --- inference ----------------------------------------------------------------------
+
+    def admit(self, name: str, version: str | None) -> tuple[ServedModel, Task]:
+        """The ready model (404 / 503 as on /v1) and its task, before a body is read."""
+        known = self.lookup(name, version)
+        if known.manifest is None:
+            raise NotFoundError(f"model {name!r} version {known.version} has no usable manifest")
+        task = get_task(known.manifest.task)
+        return self.service.admit(known.name, known.version, task), task
+
+    async def infer(self, served: ServedModel, task: Task, request: InferRequest) -> InferResponse:
+        options = _options(task, request.parameters)
+        timeout_us = request.parameters.get("timeout")
+        if timeout_us is not None and (not isinstance(timeout_us, int | float) or timeout_us <= 0):
+            raise ProtocolError(f"parameter timeout must be a positive number of microseconds, got {timeout_us!r}")
+        deadline = self.service.deadline(None if timeout_us is None else timeout_us / 1000.0)
+        items = await self._items(served, request.inputs, options)
+        answers = await self.service.infer(served, items, deadline, request.id)
+        return InferResponse(served.name, str(served.version), request.id, self._outputs(served, task, request, answers))
+
+    async def _items(self, served: ServedModel, inputs: Sequence[Tensor], options: Options) -> list[Any]:
+        if len(inputs) != 1 or inputs[0].name not in (IMAGE_INPUT, TENSOR_INPUT):
+            names = [t.name for t in inputs]
+            raise ProtocolError(f"send exactly one input, {IMAGE_INPUT!r} (BYTES) or {TENSOR_INPUT!r} (FP32); got {names}")
+        tensor = inputs[0]
+        count = tensor.array.shape[0] if tensor.array.ndim else 0
+        limit = self.service.settings.max_images_per_request
+        if not 1 <= count <= limit:
+            raise ProtocolError(f"input {tensor.name!r}: {count} images; send 1 to {limit}")
+        if tensor.name == IMAGE_INPUT:
+            if tensor.datatype != "BYTES" or tensor.array.ndim != 1:
+                raise ProtocolError(f"input {IMAGE_INPUT!r} must be BYTES of shape [N], got {tensor.datatype} {tensor.shape}")
+            uploads = [Upload(f"{IMAGE_INPUT}[{i}]", data, "") for i, data in enumerate(tensor.array)]
+            return await self.service.prepare(served, uploads, options)
+        if tensor.datatype != "FP32" or tensor.array.ndim != 4:
+            raise ProtocolError(f"input {TENSOR_INPUT!r} must be FP32 of shape [N, 3, H, W], got {tensor.datatype} {tensor.shape}")
+        batch = torch.from_numpy(np.array(tensor.array, dtype=np.float32))  # a copy the request owns
+        return self.service.prepare_tensors(served, list(batch.unbind(0)), options)
+
+    def _outputs(
+        self, served: ServedModel, task: Task, request: InferRequest, answers: Sequence[ImagePrediction]
+    ) -> list[tuple[Tensor, bool | None]]:
+        assert served.manifest is not None
+        specs = {s.name: s for s in self._output_specs(served)}
+        wanted = request.outputs if request.outputs is not None else [RequestedOutput(n) for n in specs]
+        unknown = [o.name for o in wanted if o.name not in specs]
+        if unknown:
+            raise ProtocolError(f"unknown outputs {unknown}; this model has {list(specs)}")
+        names = {o.name for o in wanted}
+        arrays = task.to_tensors([a.result.predictions for a in answers], served.manifest)
+        arrays[ID_OUTPUT] = np.array([a.id.encode() for a in answers], dtype=object)
+        arrays.update(_connectivity_tensors([a.result.record for a in answers], names))
+        return [(Tensor(o.name, specs[o.name].datatype, arrays[o.name]), o.binary) for o in wanted]
+
+
+def _connectivity_tensors(records: Sequence[Any], names: set[str]) -> dict[str, np.ndarray]:
+    """``<kind>/<module>`` -> the batch's stacked tensor field, ragged images padded."""
+    out: dict[str, np.ndarray] = {}
+    for kind in kinds():
+        spec = kind.tensor
+        if spec is None:
+            continue
+        per_module: dict[str, list[Any]] = {}
+        for image in records:
+            for record in image[kind.kind]:
+                name = f"{kind.kind}/{getattr(record, kind.name_field)}"
+                if name in names:
+                    per_module.setdefault(name, []).append(_field(record, spec.field))
+        for name, values in per_module.items():
+            out[name] = _stack(values, spec.pad)
+    return out
+
+
+def _field(record: ConnectivityRecord, name: str) -> np.ndarray:
+    return np.asarray(getattr(record, name))
+
+
+def _stack(values: Sequence[np.ndarray], pad: float) -> np.ndarray:
+    shape = tuple(max(v.shape[d] for v in values) for d in range(values[0].ndim))
+    if all(v.shape == shape for v in values):
+        return np.stack(values)
+    out = np.full((len(values), *shape), pad, dtype=values[0].dtype)
+    for i, v in enumerate(values):
+        out[(i, *(slice(0, n) for n in v.shape))] = v
+    return out
+
+
+def _options(task: Task, parameters: dict[str, Any]) -> Options:
+    mine = {k: v for k, v in parameters.items() if k in task.Options.model_fields}
+    try:
+        return task.Options.model_validate(mine)
+    except ValidationError as exc:
+        problems = "; ".join(f"parameter {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ProtocolError(problems) from exc
+
+
+def _spec(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}

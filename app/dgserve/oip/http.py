@@ -1,0 +1,183 @@
+"""The Open Inference Protocol's HTTP/REST API under ``/v2``, with the binary tensor data extension.
+
+A request body is a JSON object, optionally followed by binary tensor data: then the
+``Inference-Header-Content-Length`` header gives the JSON's length, and each input
+whose ``parameters.binary_data_size`` is set takes that many bytes, in input order.
+Outputs go back as JSON ``data`` or, when asked (``binary_data`` on an output, or
+``binary_data_output`` on the request), as binary data after the JSON in the same way.
+
+Errors are ``{"error": "<message>"}`` with the status the protocol expects (400 for a
+malformed request, 404 unknown model, 413, 503 + Retry-After, 504), handled by this
+router's own route class so ``/v1``'s error format is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+from dgserve.api.body import read_body
+from dgserve.api.deps import get_service
+from dgserve.errors import DGServeError
+from dgserve.oip.frontend import InferRequest, InferResponse, OipFrontend, RequestedOutput
+from dgserve.oip.tensors import ProtocolError, from_json_data, from_raw
+from dgserve.serving.service import ServingService
+
+__all__ = ["HEADER_LENGTH", "build_router", "parse_request", "render_response"]
+
+HEADER_LENGTH = "inference-header-content-length"
+
+
+class OipRoute(APIRoute):
+    """Answers every error of its routes as ``{"error": message}``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except DGServeError as exc:
+                request.scope.setdefault("state", {})["error_code"] = exc.code  # for the rejection metrics
+                # The protocol answers every malformed request with 400, where /v1 says 415 or 422.
+                status = 400 if exc.status_code in (415, 422) else exc.status_code
+                return JSONResponse({"error": exc.message}, status, headers=exc.headers)
+            except RequestValidationError as exc:
+                return JSONResponse({"error": str(exc.errors())}, 400)
+
+        return guarded
+
+
+def _frontend(service: Annotated[ServingService, Depends(get_service)]) -> OipFrontend:
+    return OipFrontend(service)
+
+
+Frontend = Annotated[OipFrontend, Depends(_frontend)]
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(route_class=OipRoute, tags=["open inference protocol"])
+
+    @router.get("/v2", summary="Server metadata")
+    async def server_metadata(frontend: Frontend) -> dict[str, Any]:
+        return frontend.server_metadata()
+
+    @router.get("/v2/health/live", summary="Server liveness")
+    async def live() -> Response:
+        return Response(status_code=200)
+
+    @router.get("/v2/health/ready", summary="Server readiness")
+    async def ready(frontend: Frontend) -> Response:
+        return Response(status_code=200 if frontend.server_ready() else 503)
+
+    for suffix in ("", "/versions/{version}"):
+        base = "/v2/models/{name}" + suffix
+
+        @router.get(base, summary="Model metadata")
+        async def model_metadata(frontend: Frontend, name: str, version: str | None = None) -> dict[str, Any]:
+            return frontend.model_metadata(name, version)
+
+        @router.get(base + "/ready", summary="Model readiness")
+        async def model_ready(frontend: Frontend, name: str, version: str | None = None) -> Response:
+            return Response(status_code=200 if frontend.model_ready(name, version) else 503)
+
+        @router.post(base + "/infer", summary="Inference")
+        async def infer(request: Request, frontend: Frontend, name: str, version: str | None = None) -> Response:
+            known = frontend.lookup(name, version)  # 404 before anything else
+            request.scope["state"]["model"] = (known.name, known.version)  # metric labels from here on
+            served, task = frontend.admit(name, version)
+            body = await read_body(request, frontend.service.settings.max_body_bytes)
+            parsed = parse_request(body, request.headers.get(HEADER_LENGTH))
+            response = await frontend.infer(served, task, parsed)
+            content, headers = render_response(response, bool(parsed.parameters.get("binary_data_output", False)))
+            media = "application/octet-stream" if HEADER_LENGTH in headers else "application/json"
+            return Response(content, media_type=media, headers=headers)
+
+    return router
+
+
+def parse_request(body: bytes, header_length: str | None) -> InferRequest:
+    """An inference request from its body: JSON, then binary tensor data if the header says so."""
+    if header_length is None:
+        json_end = len(body)
+    else:
+        if not header_length.strip().isdigit():
+            raise ProtocolError(f"Inference-Header-Content-Length must be a byte count, got {header_length!r}")
+        json_end = int(header_length)
+        if json_end > len(body):
+            raise ProtocolError(f"Inference-Header-Content-Length is {json_end} but the body has {len(body)} bytes")
+    try:
+        doc = json.loads(body[:json_end])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"the request is not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
+        raise ProtocolError("the request must be a JSON object with an 'inputs' list")
+    parameters = doc.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ProtocolError("'parameters' must be an object")
+    inputs, offset = [], json_end
+    for spec in doc["inputs"]:
+        if not isinstance(spec, dict) or not {"name", "datatype", "shape"} <= spec.keys():
+            raise ProtocolError("each input needs name, datatype and shape")
+        name, datatype, shape = str(spec["name"]), spec["datatype"], spec["shape"]
+        size = (spec.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            if "data" not in spec:
+                raise ProtocolError(f"input {name!r} has neither data nor parameters.binary_data_size")
+            inputs.append(from_json_data(name, datatype, shape, spec["data"]))
+            continue
+        if not isinstance(size, int) or size < 0 or offset + size > len(body):
+            raise ProtocolError(f"input {name!r}: binary_data_size {size!r} runs past the body's binary data")
+        inputs.append(from_raw(name, datatype, shape, body[offset : offset + size]))
+        offset += size
+    if offset != len(body):
+        raise ProtocolError(f"{len(body) - offset} bytes of binary data after the last input belong to no input")
+    return InferRequest(inputs, _request_id(doc.get("id")), parameters, _requested_outputs(doc.get("outputs")))
+
+
+def _request_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 256:
+        raise ProtocolError("'id' must be a string of at most 256 characters")
+    return value
+
+
+def _requested_outputs(value: Any) -> list[RequestedOutput] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(o, dict) and "name" in o for o in value):
+        raise ProtocolError("'outputs' must be a list of objects with a name")
+    out = []
+    for o in value:
+        binary = (o.get("parameters") or {}).get("binary_data")
+        out.append(RequestedOutput(str(o["name"]), None if binary is None else bool(binary)))
+    return out
+
+
+def render_response(response: InferResponse, binary_default: bool) -> tuple[bytes, dict[str, str]]:
+    """The response body and headers: JSON, then the binary outputs in order."""
+    outputs, blobs = [], []
+    for tensor, binary in response.outputs:
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
+        if binary if binary is not None else binary_default:
+            raw = tensor.raw()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = tensor.json_data()
+        outputs.append(entry)
+    doc: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version,
+                           "outputs": outputs}  # fmt: skip
+    if response.id is not None:
+        doc["id"] = response.id
+    head = json.dumps(doc).encode()
+    if not blobs:
+        return head, {}
+    return head + b"".join(blobs), {HEADER_LENGTH: str(len(head))}
