@@ -36,32 +36,14 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from dgserve.connectivity import ImageConnectivity, StageConnectivity
+from dgserve.inspection.pending import DROP_REASONS
 
 if TYPE_CHECKING:
+    from dgserve.inspection.pending import DropReason
     from dgserve.serving.batcher import BatchObserver, RejectReason
 
-__all__ = [
-    "ACTIVE_EDGE_FRACTION",
-    "BATCHES",
-    "BATCH_SIZE",
-    "COMPUTE_SECONDS",
-    "GPU_MEMORY_ALLOCATED_BYTES",
-    "INSPECTION_PENDING_RECORDS",
-    "INSPECTION_RECORD_SECONDS",
-    "IN_FLIGHT_REQUESTS",
-    "METRIC_NAMES",
-    "MODEL_LOAD_SECONDS",
-    "MODEL_READY",
-    "QUEUE_DEPTH",
-    "QUEUE_WAIT_SECONDS",
-    "REJECTIONS",
-    "REQUESTS",
-    "REQUEST_DURATION_SECONDS",
-    "SKIPPED_NODES",
-    "Metrics",
-    "QueueStats",
-    "metric_family_of",
-]
+# The metric names (REQUESTS, ...) are exported too; METRIC_NAMES lists them all.
+__all__ = ["METRIC_NAMES", "Metrics", "QueueStats", "metric_family_of"]
 
 log = logging.getLogger(__name__)
 
@@ -85,32 +67,24 @@ SKIPPED_NODES: Final = "dgserve_skipped_nodes_total"
 GPU_MEMORY_ALLOCATED_BYTES: Final = "dgserve_gpu_memory_allocated_bytes"
 INSPECTION_RECORD_SECONDS: Final = "dgserve_inspection_record_seconds"
 INSPECTION_PENDING_RECORDS: Final = "dgserve_inspection_pending_records"
+INSPECTION_DROPPED_RECORDS: Final = "dgserve_inspection_dropped_records_total"
+INSPECTION_WRITE_ERRORS: Final = "dgserve_inspection_write_errors_total"
 
 METRIC_NAMES: Final[tuple[str, ...]] = (
-    REQUESTS,
-    REQUEST_DURATION_SECONDS,
-    QUEUE_WAIT_SECONDS,
-    COMPUTE_SECONDS,
-    BATCH_SIZE,
-    BATCHES,
-    QUEUE_DEPTH,
-    IN_FLIGHT_REQUESTS,
-    REJECTIONS,
-    MODEL_LOAD_SECONDS,
-    MODEL_READY,
-    ACTIVE_EDGE_FRACTION,
-    SKIPPED_NODES,
-    GPU_MEMORY_ALLOCATED_BYTES,
-    INSPECTION_RECORD_SECONDS,
-    INSPECTION_PENDING_RECORDS,
-)
+    REQUESTS, REQUEST_DURATION_SECONDS, QUEUE_WAIT_SECONDS, COMPUTE_SECONDS, BATCH_SIZE, BATCHES, QUEUE_DEPTH,
+    IN_FLIGHT_REQUESTS, REJECTIONS, MODEL_LOAD_SECONDS, MODEL_READY, ACTIVE_EDGE_FRACTION, SKIPPED_NODES,
+    GPU_MEMORY_ALLOCATED_BYTES, INSPECTION_RECORD_SECONDS, INSPECTION_PENDING_RECORDS, INSPECTION_DROPPED_RECORDS,
+    INSPECTION_WRITE_ERRORS,
+)  # fmt: skip
 """Every metric family the server exports, by the name PromQL uses for it."""
 
 _HISTOGRAMS: Final = frozenset(
     {REQUEST_DURATION_SECONDS, QUEUE_WAIT_SECONDS, COMPUTE_SECONDS, BATCH_SIZE, ACTIVE_EDGE_FRACTION,
      INSPECTION_RECORD_SECONDS}
 )
-_COUNTERS: Final = frozenset({REQUESTS, BATCHES, REJECTIONS, SKIPPED_NODES})
+_COUNTERS: Final = frozenset(
+    {REQUESTS, BATCHES, REJECTIONS, SKIPPED_NODES, INSPECTION_DROPPED_RECORDS, INSPECTION_WRITE_ERRORS}
+)
 
 # --- buckets --------------------------------------------------------------------------
 
@@ -225,6 +199,16 @@ class Metrics:
         self.inspection_pending = Gauge(
             INSPECTION_PENDING_RECORDS, "Inspection records queued and not yet durable.", registry=r,
         )
+        self.inspection_dropped = Counter(
+            INSPECTION_DROPPED_RECORDS, "Inspection records lost, by reason: queue_full (queue full and "
+            "DGSERVE_INSPECTION_WHEN_FULL=drop) or closing (storage failing at shutdown).", ["reason"], registry=r,
+        )
+        for reason in DROP_REASONS:  # every reason exported from the start, at 0
+            self.inspection_dropped.labels(reason)
+        self.inspection_write_errors = Counter(
+            INSPECTION_WRITE_ERRORS, "Failed writes of a batch of inspection records (kept queued, retried).",
+            registry=r,
+        )
         r.register(_GpuMemoryCollector())
 
     # --- requests ---------------------------------------------------------------
@@ -303,6 +287,13 @@ class Metrics:
     def track_inspections(self, store: PendingStats) -> None:
         """Read the store's queued-record count whenever Prometheus scrapes."""
         self.inspection_pending.set_function(_safe(lambda: store.pending))
+
+    # The inspection store's QueueObserver: it runs on the event loop, so it only counts.
+    def inspection_records_dropped(self, count: int, reason: DropReason) -> None:
+        self.inspection_dropped.labels(reason).inc(count)
+
+    def inspection_write_failed(self) -> None:
+        self.inspection_write_errors.inc()
 
     # --- connectivity ---------------------------------------------------------------------
 

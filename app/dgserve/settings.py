@@ -95,14 +95,26 @@ class Settings(BaseSettings):
 
     inspection_url: str | None = Field(
         None,
-        description="Where inspection records are kept, as a URL (sqlite:///path.db) or a path; "
-        "default: inspections.sqlite3 in the data directory.",
+        description="Where inspection records are kept, as a URL (sqlite:///path.db, "
+        "postgresql://user:password@host:port/db) or a path; default: inspections.sqlite3 in the data directory.",
     )
     inspection_max_age_s: float = Field(
         7 * 24 * 3600.0, gt=0, description="Inspection records older than this are deleted."
     )
     inspection_max_records: PositiveInt = Field(1_000_000, description="Most inspection records kept (oldest go first).")
     inspection_list_max: PositiveInt = Field(10_000, description="Largest ?limit= of GET /v1/inspections.")
+    inspection_max_pending: PositiveInt = Field(
+        10_000,
+        description="Inspection records kept in memory while storage is behind or down; then the queue is full.",
+    )
+    # drop by default: with a shared database down, "wait" would hold every answer until
+    # the database came back, and predictions must still answer. Records are diagnostics;
+    # their loss is counted (dgserve_inspection_dropped_records_total) and logged.
+    inspection_when_full: Literal["drop", "wait"] = Field(
+        "drop",
+        description="When the inspection queue is full: drop new records (counted, logged; the answer still "
+        "goes out, with no id for a dropped record) or make the request wait for room (nothing lost).",
+    )
 
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
     access_log: bool = Field(True, description="uvicorn's per-request access log.")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dgserve.inspection import InspectionStore, SQLiteBackend, open_inspection_store
+from dgserve.inspection import InspectionStore, PostgreSQLBackend, SQLiteBackend, open_inspection_store
 
 
 def test_factory_accepts_paths_and_sqlite_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,8 +32,8 @@ def test_factory_accepts_paths_and_sqlite_urls(tmp_path: Path, monkeypatch: pyte
 @pytest.mark.parametrize(
     "location, message",
     [
-        ("postgresql://user@db/inspections", "unsupported inspection store URL scheme 'postgresql'"),
         ("redis://cache:6379/0", "unsupported inspection store URL scheme 'redis'"),
+        ("postgresql://db/x?no_such_parameter=1", "invalid PostgreSQL URL"),
         ("sqlite://", "invalid SQLite URL"),
         ("sqlite:///", "invalid SQLite URL"),
         ("sqlite://host/x.db", "invalid SQLite URL"),
@@ -53,7 +53,26 @@ def test_factory_passes_bad_options_to_the_store() -> None:
         open_inspection_store("x.db", no_such_option=1)
 
 
-def test_the_refusal_names_what_is_supported() -> None:
+def test_the_refusal_names_what_is_supported_and_hides_the_password() -> None:
     with pytest.raises(ValueError) as info:
-        open_inspection_store("postgresql://db/inspections")
-    assert str(info.value).endswith("; supported: a filesystem path or sqlite:///<path>")
+        open_inspection_store("redis://user:s3cret@cache/0")
+    assert str(info.value).endswith(
+        "; supported: a filesystem path or sqlite:///<path> or postgresql://<user>[:<password>]@<host>[:<port>]/<db>"
+    )
+    assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url, location",
+    [
+        ("postgresql://app:s3cret@db.internal:5433/records", "postgresql://app@db.internal:5433/records"),
+        ("postgres://db/records?sslmode=require&password=s3cret", "postgresql://db/records"),
+        ("PostgreSQL://app@[::1]/records", "postgresql://app@[::1]/records"),
+        ("postgresql:///records?host=/run/postgresql", "postgresql://%2Frun%2Fpostgresql/records"),
+    ],
+)
+def test_postgresql_urls_get_the_shared_backend_and_a_location_without_the_password(url: str, location: str) -> None:
+    store = open_inspection_store(url, max_records=10, when_full="drop")
+    assert isinstance(store.backend, PostgreSQLBackend)
+    assert store.backend.location == location
+    assert "s3cret" not in repr(store) and "s3cret" not in repr(store.backend)

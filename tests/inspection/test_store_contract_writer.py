@@ -1,7 +1,8 @@
 """What every ``InspectionStore``'s writer keeps, whichever backend it writes to: put
-never waits for storage, a full queue makes put wait and loses nothing, failed writes
-are retried, and close gives up on a broken backend after a few tries, saying how
-many records it lost.
+never waits for storage, a full queue makes put wait and loses nothing (or, set to
+drop, drops new records at once, counting and logging them), failed writes are
+retried, and close gives up on a broken backend after a few tries, saying how many
+records it lost.
 
 ``open_store`` (conftest) runs each test once per backend in ``BACKENDS``. Where a test
 must catch the writer mid-write, ``intercept_writes`` blocks or fails the backend's
@@ -14,6 +15,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -21,7 +23,7 @@ import pytest
 
 from dgserve.inspection import InspectionBackend, InspectionRecord, InspectionStore
 from dgserve.inspection.backend import StoredRecord
-from dgserve.inspection.pending import CLOSE_ATTEMPTS
+from dgserve.inspection.pending import CLOSE_ATTEMPTS, DropReason
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -89,6 +91,20 @@ class Failing:
             raise OSError("disk I/O error")
 
 
+class Observer:
+    """What the queue reports, as the metrics would count it."""
+
+    def __init__(self) -> None:
+        self.dropped: Counter[str] = Counter()
+        self.write_failures = 0
+
+    def inspection_records_dropped(self, count: int, reason: DropReason) -> None:
+        self.dropped[reason] += count
+
+    def inspection_write_failed(self) -> None:
+        self.write_failures += 1
+
+
 # --- put -------------------------------------------------------------------------
 
 
@@ -141,6 +157,35 @@ async def test_a_full_queue_makes_put_wait_and_loses_nothing(
 
 
 @pytest.mark.asyncio
+async def test_a_full_queue_set_to_drop_refuses_new_records_at_once_and_counts_them(
+    open_store: StoreFactory, make_backend: BackendFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = make_backend()
+    with pytest.raises(ValueError, match="when_full"):
+        InspectionStore(backend, when_full="never")  # type: ignore[arg-type]
+    gate = Gate(backend)
+    observer = Observer()
+    store = await open_store(
+        backend, batch_size=4, flush_interval_s=0.0, max_pending=2, when_full="drop", observer=observer
+    )
+    records = [record(i) for i in range(5)]
+    try:
+        with caplog.at_level(logging.WARNING, logger="dgserve.inspection"):
+            queued = [await asyncio.wait_for(store.put(rec), 1) for rec in records]
+        assert queued == [True, True, False, False, False]
+        assert observer.dropped == {"queue_full": 3} and store.pending == 2
+        assert f"dropping new records until it has room, starting with {records[2].id}" in caplog.text
+    finally:
+        gate.open.set()
+    await store.flush()
+    with caplog.at_level(logging.WARNING, logger="dgserve.inspection"):
+        assert await store.put(record(5))
+    assert f"has room again: 3 records were dropped while it was full, the first {records[2].id}" in caplog.text
+    await store.flush()
+    assert await stored(store) == 3
+
+
+@pytest.mark.asyncio
 async def test_concurrent_puts_all_land(open_store: StoreFactory) -> None:
     store = await open_store(batch_size=16, max_pending=64, flush_interval_s=0.001)
     expected: set[str] = set()
@@ -170,13 +215,14 @@ async def test_a_failed_write_is_retried_and_the_records_stay_readable(
 ) -> None:
     backend = make_backend()
     failing = Failing(backend, times=2)
-    store = await open_store(backend, flush_interval_s=0.0)
+    observer = Observer()
+    store = await open_store(backend, flush_interval_s=0.0, observer=observer)
     rec = record()
     await store.put(rec)
     assert await store.get(rec.id) == rec
     await asyncio.wait_for(store.flush(), 5)
-    assert failing.failures == 2
-    assert await stored(store) == 1
+    assert failing.failures == observer.write_failures == 2
+    assert await stored(store) == 1 and not observer.dropped
 
 
 @pytest.mark.asyncio
@@ -185,12 +231,14 @@ async def test_close_gives_up_on_a_broken_backend_and_says_how_much_is_lost(
 ) -> None:
     backend = make_backend()
     failing = Failing(backend, times=10**6)
-    store = await open_store(backend, flush_interval_s=NEVER)
+    observer = Observer()
+    store = await open_store(backend, flush_interval_s=NEVER, observer=observer)
     for _ in range(3):
         await store.put(record())
     with caplog.at_level(logging.ERROR, logger="dgserve.inspection"):
         await asyncio.wait_for(store.close(), 5)
     assert failing.failures == CLOSE_ATTEMPTS
     assert f"giving up after {CLOSE_ATTEMPTS} failed writes; 3 inspection records are lost" in caplog.text
+    assert observer.dropped == {"closing": 3} and observer.write_failures == CLOSE_ATTEMPTS
     with pytest.raises(RuntimeError):
         await store.put(record())

@@ -73,9 +73,9 @@ async def test_store_time_is_not_compute_time(service: ServingService) -> None:
     store = service.inspections
     original = store.put
 
-    async def slow_put(record: Any) -> None:  # a store that has fallen behind
+    async def slow_put(record: Any) -> bool:  # a store that has fallen behind
         await asyncio.sleep(0.3)
-        await original(record)
+        return await original(record)
 
     store.put = slow_put  # type: ignore[method-assign]
     served = service.admit("shapes-dgnet", None, CLASSIFY)

@@ -93,7 +93,8 @@ def inference_response(task: Task) -> type[BaseModel]:
     title = task.endpoint.capitalize()
     result = create_model(
         f"{title}Result",
-        id=(str, Field(description="inspection id: GET /v1/inspections/{id}")),
+        id=(str | None, Field(description="inspection id: GET /v1/inspections/{id}; null when the record was "
+                              "dropped because the inspection store's queue was full (DGSERVE_INSPECTION_WHEN_FULL)")),
         image=(ImageInfo, ...),
         predictions=(list[task.Prediction], ...),  # type: ignore[name-defined]
         connectivity=(Connectivity, ...),

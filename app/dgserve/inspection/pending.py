@@ -6,6 +6,12 @@ to ``write`` (the backend's ``write_batch``) in a worker thread. A batch is writ
 when it is full, when its oldest record has waited ``flush_interval_s``, or at once
 when someone flushes, waits for room, or stops the queue.
 
+When the queue is full (storage is down or behind), ``when_full`` decides: ``"wait"``
+makes ``put`` wait for room (back-pressure, nothing lost), ``"drop"`` refuses the new
+record at once, so callers never wait on storage. Each dropped record is counted
+through the ``QueueObserver``; the log says when dropping starts (with the first
+dropped id) and, once there is room again, how many were dropped.
+
 Records leave the queue only once their batch has committed, so a record is always
 either here or in storage. A failed batch stays queued and is retried with
 exponential back-off; once stopping, it is tried ``CLOSE_ATTEMPTS`` times and then
@@ -21,10 +27,20 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final, Literal, Protocol, get_args
 
 from dgserve.inspection.backend import StoredRecord
 
-__all__ = ["CLOSE_ATTEMPTS", "Batching", "Pending", "PendingQueue"]
+__all__ = [
+    "CLOSE_ATTEMPTS",
+    "DROP_REASONS",
+    "Batching",
+    "DropReason",
+    "Pending",
+    "PendingQueue",
+    "QueueObserver",
+    "WhenFull",
+]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +49,26 @@ _RETRY_MAX_S = 5.0
 CLOSE_ATTEMPTS = 3
 
 WriteBatch = Callable[[Sequence[StoredRecord], Mapping[str, str]], None]
+WhenFull = Literal["wait", "drop"]
+# Why records were lost: refused by a full queue, or given up on when closing.
+DropReason = Literal["queue_full", "closing"]
+DROP_REASONS: Final[tuple[DropReason, ...]] = get_args(DropReason)
+
+
+class QueueObserver(Protocol):
+    """What the queue reports as it happens; ``dgserve.metrics.Metrics`` is one, and counts it."""
+
+    def inspection_records_dropped(self, count: int, reason: DropReason) -> None: ...
+
+    def inspection_write_failed(self) -> None: ...
+
+
+class _Unobserved:
+    def inspection_records_dropped(self, count: int, reason: DropReason) -> None:
+        pass
+
+    def inspection_write_failed(self) -> None:
+        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,15 +77,17 @@ class Batching:
 
     ``batch_size``: the most records per transaction. ``flush_interval_s``: the longest
     a record waits in memory before its batch is written. ``max_pending`` records or
-    ``max_pending_bytes`` of serialised text queued make ``put`` wait for room
-    (back-pressure, never loss); a single record larger than ``max_pending_bytes`` is
-    still accepted when the queue is empty.
+    ``max_pending_bytes`` of serialised text queued make the queue full; a single
+    record larger than ``max_pending_bytes`` is still accepted when it is empty.
+    ``when_full``: ``"wait"`` (``put`` waits for room) or ``"drop"`` (the new record is
+    dropped and counted).
     """
 
     batch_size: int
     flush_interval_s: float
     max_pending: int
     max_pending_bytes: int
+    when_full: WhenFull = "wait"
 
     def __post_init__(self) -> None:
         for name, value in (("batch_size", self.batch_size), ("max_pending", self.max_pending)):
@@ -59,6 +97,8 @@ class Batching:
             raise ValueError(f"max_pending_bytes must be at least 1, got {self.max_pending_bytes}")
         if self.flush_interval_s < 0:
             raise ValueError(f"flush_interval_s must not be negative, got {self.flush_interval_s}")
+        if self.when_full not in get_args(WhenFull):
+            raise ValueError(f"when_full must be 'wait' or 'drop', got {self.when_full!r}")
 
 
 @dataclass(slots=True)
@@ -82,12 +122,19 @@ class Pending:
 
 class PendingQueue:
     """Queued records by id, and the task that writes them through ``write``, batched
-    as ``batching`` says. ``location`` names the storage in log messages."""
+    as ``batching`` says. ``location`` names the storage in log messages; ``observer``
+    hears of drops and failed writes."""
 
-    def __init__(self, write: WriteBatch, location: str, batching: Batching) -> None:
+    def __init__(
+        self, write: WriteBatch, location: str, batching: Batching, observer: QueueObserver | None = None
+    ) -> None:
         self._write = write
         self._location = location
         self._batching = batching
+        self._observer: QueueObserver = observer or _Unobserved()
+        # Records dropped since the queue last had room, and the first one's id (for the log).
+        self._dropping = 0
+        self._first_dropped = ""
         # Queue order is write order; _by_id maps an id to its newest queued version.
         self._queue: deque[Pending] = deque()
         self._by_id: dict[str, Pending] = {}
@@ -136,8 +183,12 @@ class PendingQueue:
         self._wake.set()
         return self._task
 
-    async def put(self, row: StoredRecord, graphs: dict[str, str]) -> None:
-        """Queue ``row``, waiting while the queue is full."""
+    async def put(self, row: StoredRecord, graphs: dict[str, str]) -> bool:
+        """Queue ``row``; when the queue is full, wait for room or drop it (``when_full``).
+        Returns whether it was queued."""
+        if self._full() and self._batching.when_full == "drop":
+            self._drop(row.id)
+            return False
         if self._full():
             self._space_waiters += 1
             self._wake.set()
@@ -152,6 +203,34 @@ class PendingQueue:
         self._bytes += pending.nbytes
         if len(self._queue) == 1 or len(self._queue) >= self._batching.batch_size:
             self._wake.set()
+        if self._dropping:
+            self._end_dropping("has room again")
+        return True
+
+    def _drop(self, inspection_id: str) -> None:
+        if not self._dropping:
+            self._first_dropped = inspection_id
+            log.warning(
+                "the inspection queue for %s is full (%d records, %d bytes): dropping new records "
+                "until it has room, starting with %s",
+                self._location,
+                len(self._queue),
+                self._bytes,
+                inspection_id,
+            )
+        self._dropping += 1
+        self._observer.inspection_records_dropped(1, "queue_full")
+        self._wake.set()  # a full queue is due now, whatever its flush interval
+
+    def _end_dropping(self, why: str) -> None:
+        log.warning(
+            "the inspection queue for %s %s: %d records were dropped while it was full, the first %s",
+            self._location,
+            why,
+            self._dropping,
+            self._first_dropped,
+        )
+        self._dropping = 0
 
     async def flush(self) -> None:
         """Wait until every record queued before this call is committed."""
@@ -181,6 +260,7 @@ class PendingQueue:
             len(self._queue) >= self._batching.batch_size
             or self._flush_target > self._durable_seq
             or self._space_waiters
+            or self._dropping
             or self._stopping
         ):
             return 0.0
@@ -209,6 +289,7 @@ class PendingQueue:
                 await asyncio.to_thread(self._write, [p.row for p in batch], graphs)
             except Exception as exc:
                 failures += 1
+                self._observer.inspection_write_failed()
                 if self._stopping and failures >= CLOSE_ATTEMPTS:
                     log.error(
                         "closing %s: giving up after %d failed writes; %d inspection records are lost",
@@ -217,6 +298,7 @@ class PendingQueue:
                         len(self._queue),
                         exc_info=exc,
                     )
+                    self._observer.inspection_records_dropped(len(self._queue), "closing")
                     self._error = exc
                     return
                 delay = min(_RETRY_MIN_S * 2 ** (failures - 1), _RETRY_MAX_S)
@@ -240,6 +322,8 @@ class PendingQueue:
             self._pulse()
 
     def _on_done(self, task: asyncio.Task[None]) -> None:
+        if self._dropping:
+            self._end_dropping("has stopped")
         if task.cancelled():
             self._error = self._error or RuntimeError("the writer task was cancelled")
         elif (exc := task.exception()) is not None:

@@ -36,12 +36,20 @@ import contextlib
 import os
 import sqlite3
 import threading
-import zlib
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from dgserve.inspection.backend import InspectionBackend, PageQuery, StoredRecord
+from dgserve.inspection.sqlrows import (
+    COLUMNS,
+    compress,
+    decompress,
+    delete_expired,
+    from_row,
+    page_query,
+    record_params,
+)
 from dgserve.inspection.writebehind import InspectionStore
 
 __all__ = ["SQLiteBackend", "SQLiteInspectionStore"]
@@ -65,42 +73,15 @@ CREATE TABLE IF NOT EXISTS graphs (
     body   BLOB NOT NULL
 );
 """
-_COLUMNS = "id, model, version, task, created_at_us, prediction"
 _INSERT = (
     "INSERT OR REPLACE INTO inspections "
     "(id, model, version, task, created_at_us, prediction, connectivity) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 
-# Level 1 is within 10% of level 6's size on connectivity JSON at a fraction of the CPU.
-_ZLIB_LEVEL = 1
 # Another process (a backup, the sqlite3 shell) may hold the file briefly.
 _BUSY_TIMEOUT_MS = 5_000
 # Under SQLite's lowest historical limit on bound parameters (999).
 _ID_CHUNK = 500
-
-
-def _compress(text: str) -> bytes:
-    return zlib.compress(text.encode(), _ZLIB_LEVEL)
-
-
-def _params(record: StoredRecord) -> tuple[str, str, int, str, int, str, bytes]:
-    if record.connectivity is None:
-        raise ValueError(f"inspection record {record.id} came to be written without its connectivity")
-    blob = _compress(record.connectivity)
-    return (record.id, record.model, record.version, record.task, record.created_at_us, record.prediction, blob)
-
-
-def _from_row(row: Sequence[Any]) -> StoredRecord:
-    """A row of ``_COLUMNS``, optionally followed by the connectivity BLOB."""
-    return StoredRecord(
-        id=row[0],
-        model=row[1],
-        version=row[2],
-        task=row[3],
-        created_at_us=row[4],
-        prediction=row[5],
-        connectivity=zlib.decompress(row[6]).decode() if len(row) > 6 else None,
-    )
 
 
 @contextlib.contextmanager
@@ -243,7 +224,7 @@ class SQLiteBackend(InspectionBackend):
 
     def write_batch(self, records: Sequence[StoredRecord], graphs: Mapping[str, str]) -> None:
         # Compress before BEGIN: the write lock is held only for the inserts.
-        rows = [_params(r) for r in records]
+        rows = [record_params(r) for r in records]
         stored: set[str] = set()
         if graphs:
             with self._conn_lock:
@@ -251,7 +232,7 @@ class SQLiteBackend(InspectionBackend):
                 stored = {d for d in graphs if conn.execute("SELECT 1 FROM graphs WHERE digest = ?", (d,)).fetchone()}
         # Only this process writes, and it never deletes a graph, so one found above is
         # still there at COMMIT; the new ones are compressed outside the lock, like the rows.
-        bodies = [(d, _compress(text)) for d, text in graphs.items() if d not in stored]
+        bodies = [(d, compress(text)) for d, text in graphs.items() if d not in stored]
         with self._conn_lock:
             conn = self._writer()
             with _write_transaction(conn):
@@ -259,62 +240,30 @@ class SQLiteBackend(InspectionBackend):
                 conn.executemany(_INSERT, rows)
 
     def delete_expired(self, *, older_than_us: int | None, keep_newest: int | None) -> int:
-        deleted = 0
         with self._conn_lock:
             conn = self._writer()
             with _write_transaction(conn):
-                if older_than_us is not None:
-                    sql = "DELETE FROM inspections WHERE created_at_us < ?"
-                    deleted += conn.execute(sql, (older_than_us,)).rowcount
-                if keep_newest is not None:
-                    # The newest record that does not fit; it and everything older go.
-                    row = conn.execute(
-                        "SELECT created_at_us, id FROM inspections "
-                        "ORDER BY created_at_us DESC, id DESC LIMIT 1 OFFSET ?",
-                        (keep_newest,),
-                    ).fetchone()
-                    if row is not None:
-                        deleted += conn.execute(
-                            "DELETE FROM inspections WHERE (created_at_us, id) <= (?, ?)", row
-                        ).rowcount
-        return deleted
+                return delete_expired(conn.execute, "?", older_than_us=older_than_us, keep_newest=keep_newest)
 
     # --- reading ----------------------------------------------------------------------
 
     def get(self, inspection_id: str) -> StoredRecord | None:
         with self._reader() as conn:
             row = conn.execute(
-                f"SELECT {_COLUMNS}, connectivity FROM inspections WHERE id = ?", (inspection_id,)
+                f"SELECT {COLUMNS}, connectivity FROM inspections WHERE id = ?", (inspection_id,)
             ).fetchone()
-        return None if row is None else _from_row(row)
+        return None if row is None else from_row(row)
 
     def read_page(self, query: PageQuery) -> list[StoredRecord]:
-        where: list[str] = []
-        params: list[Any] = []
-        if query.model is not None:
-            where.append("model = ?")
-            params.append(query.model)
-        # A later page starts past `since` already: one range condition keeps the scan simple.
-        if query.after is not None:
-            where.append("(created_at_us, id) > (?, ?)")
-            params.extend(query.after)
-        elif query.since_us is not None:
-            where.append("created_at_us >= ?")
-            params.append(query.since_us)
-        columns = f"{_COLUMNS}, connectivity" if query.include_connectivity else _COLUMNS
-        sql = f"SELECT {columns} FROM inspections"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at_us, id LIMIT ?"
-        params.append(query.limit)
+        sql, params = page_query(query, "?")
         with self._reader() as conn:
             rows = conn.execute(sql, params).fetchall()
-        return [_from_row(row) for row in rows]
+        return [from_row(row) for row in rows]
 
     def graph(self, digest: str) -> str | None:
         with self._reader() as conn:
             row = conn.execute("SELECT body FROM graphs WHERE digest = ?", (digest,)).fetchone()
-        return None if row is None else zlib.decompress(row[0]).decode()
+        return None if row is None else decompress(row[0])
 
     def count(self, exclude: Collection[str] = ()) -> int:
         ids = list(exclude)

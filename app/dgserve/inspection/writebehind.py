@@ -16,12 +16,14 @@ How it behaves, and why (the backend, ``backend.py``, only stores and reads rows
 * **Queued records are readable.** Records stay in memory, keyed by id, until their
   transaction has committed; ``get`` looks there first and ``list`` merges them with
   the backend's pages, so a record can be read as soon as ``put`` returns.
-* **Back-pressure, never loss.** When ``max_pending`` records or
+* **A full queue waits or drops (``when_full``).** When ``max_pending`` records or
   ``max_pending_bytes`` of serialised data are queued (storage has fallen behind or
-  is failing), ``put`` waits until the writer has made room. Nothing is dropped to
-  make room: an inference whose record cannot be queued waits for it, and callers
-  that must not wait can bound ``put`` with ``asyncio.wait_for``. A single record
-  larger than ``max_pending_bytes`` is still accepted when the queue is empty.
+  is down), ``"wait"`` (the default) makes ``put`` wait until the writer has made
+  room: back-pressure, nothing lost, and callers that must not wait can bound ``put``
+  with ``asyncio.wait_for``. ``"drop"`` makes ``put`` return ``False`` at once without
+  queuing the record, so a caller never waits on storage; drops are counted through
+  ``observer`` and logged (``pending.py``). A single record larger than
+  ``max_pending_bytes`` is still accepted when the queue is empty.
 * **Write failures are retried.** A failed batch stays queued (and readable) and is
   retried with exponential back-off up to 5 s. During ``close`` a batch is tried
   ``CLOSE_ATTEMPTS`` (3) times and then given up on with an error naming how many
@@ -63,7 +65,7 @@ from typing import Any, Literal, Self
 from dgserve.errors import InspectionNotFoundError
 from dgserve.inspection.backend import InspectionBackend, Key, PageQuery
 from dgserve.inspection.codec import decode, encode
-from dgserve.inspection.pending import Batching, Pending, PendingQueue
+from dgserve.inspection.pending import Batching, Pending, PendingQueue, QueueObserver, WhenFull
 from dgserve.inspection.record import InspectionRecord, to_us, utc_now
 from dgserve.inspection.shared import GraphTextCache
 
@@ -87,7 +89,9 @@ class InspectionStore:
     ``max_age_s``/``max_records``: retention limits (``None``: unlimited).
     ``batch_size``/``flush_interval_s``: the most records per transaction, and the
     longest a record waits in memory before its batch is written.
-    ``max_pending``/``max_pending_bytes``: when ``put`` starts to wait.
+    ``max_pending``/``max_pending_bytes``: when the queue is full; ``when_full``: then
+    ``put`` waits (``"wait"``) or drops the record (``"drop"``).
+    ``observer``: hears of dropped records and failed writes (metrics).
     ``retention_interval_s``: how often retention runs in the background.
     ``page_size``: rows fetched per backend read while listing.
     ``clock``: "now" for ``max_age_s`` (tests inject one).
@@ -103,6 +107,8 @@ class InspectionStore:
         flush_interval_s: float = 0.05,
         max_pending: int = 10_000,
         max_pending_bytes: int = 256 * 2**20,
+        when_full: WhenFull = "wait",
+        observer: QueueObserver | None = None,
         retention_interval_s: float = 30.0,  # background work and reads
         page_size: int = 256,
         clock: Callable[[], datetime] = utc_now,
@@ -111,7 +117,7 @@ class InspectionStore:
             raise ValueError(f"max_age_s must be positive or None, got {max_age_s}")
         if max_records is not None and max_records < 1:
             raise ValueError(f"max_records must be at least 1 or None, got {max_records}")
-        batching = Batching(batch_size, flush_interval_s, max_pending, max_pending_bytes)
+        batching = Batching(batch_size, flush_interval_s, max_pending, max_pending_bytes, when_full)
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, got {page_size}")
         if not retention_interval_s > 0:
@@ -125,7 +131,7 @@ class InspectionStore:
         self._clock = clock
 
         self._state: _State = "new"
-        self._queue = PendingQueue(backend.write_batch, backend.location, batching)
+        self._queue = PendingQueue(backend.write_batch, backend.location, batching, observer)
         self._stop_retention = asyncio.Event()
         self._graph_texts = GraphTextCache(_GRAPH_CACHE_BYTES)
         self._retention_task: asyncio.Task[None] | None = None
@@ -198,17 +204,18 @@ class InspectionStore:
 
     # --- writing --------------------------------------------------------------------
 
-    async def put(self, record: InspectionRecord) -> None:
+    async def put(self, record: InspectionRecord) -> bool:
         """Queue ``record`` for writing; an existing record with its id is replaced.
 
         Raises ``TypeError``/``ValueError`` at once for a record that cannot be
-        serialised. Waits only while the queue is full (back-pressure).
+        serialised. While the queue is full, waits (``when_full="wait"``) or drops the
+        record and returns ``False`` (``"drop"``); returns ``True`` once it is queued.
         """
         if self._state != "open":
             raise RuntimeError(f"{self!r} does not accept records")
         self._queue.raise_if_stopped()
         row, graphs = encode(record, self._graph_texts)
-        await self._queue.put(row, graphs)
+        return await self._queue.put(row, graphs)
 
     async def flush(self) -> None:
         """Wait until every record queued before this call is durable."""

@@ -15,6 +15,11 @@ more:
 
 Results are immutable. Cancelling ``infer`` (the client left) removes the request's
 images from the queue before any compute; nothing is recorded for them.
+
+An inspection store that cannot be opened at start-up (a database that is down) does
+not stop the server: ``start`` returns, ``not_ready`` names the store and the error,
+``admit`` and the inspection reads answer 503, and the store is opened again in the
+background, with back-off, until it opens and the server becomes ready.
 """
 
 from __future__ import annotations
@@ -44,6 +49,12 @@ __all__ = ["ImagePrediction", "ServingService", "Upload"]
 
 log = logging.getLogger(__name__)
 
+# Back-off between attempts to open an inspection store that failed to open.
+_STORE_RETRY_MIN_S = 0.5
+_STORE_RETRY_MAX_S = 30.0
+# How soon a client refused because the store is not open should ask again.
+_STORE_RETRY_AFTER_S = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class Upload:
@@ -56,9 +67,13 @@ class Upload:
 
 @dataclass(frozen=True, slots=True)
 class ImagePrediction:
-    """One image's answer: its inspection id, the image as sent, and what the model made of it."""
+    """One image's answer: its inspection id, the image as sent, and what the model made of it.
 
-    id: str
+    ``id`` is ``None`` when the record was dropped (the store's queue was full with
+    ``DGSERVE_INSPECTION_WHEN_FULL=drop``): an id is only handed out for a kept record.
+    """
+
+    id: str | None
     image: ImageInfo
     result: ImageResult
 
@@ -71,7 +86,11 @@ class ServingService:
         self.metrics = metrics
         self.models = ServedModels(settings, ModelStore(settings.model_store), metrics)
         self._decode_pool: ThreadPoolExecutor | None = None
-        self._inspections: InspectionStore | None = None
+        self._store: InspectionStore | None = None  # created at start, open or not
+        self._inspections: InspectionStore | None = None  # the same store, once it is open
+        self._store_error: str | None = None  # why it is not open yet
+        self._store_opener: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._load_task: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------
@@ -80,7 +99,8 @@ class ServingService:
         """Open the decode pool and the inspection store, scan the store, start loading models.
 
         Returns once the manifests are read (milliseconds); models load in the background,
-        and ``/readyz`` says when they are ready.
+        and ``/readyz`` says when they are ready. A store URL that is not valid raises; a
+        store that cannot be opened now is retried in the background (``not_ready``).
         """
         settings = self.settings
         self._decode_pool = new_decode_pool(settings.decode_threads)
@@ -88,21 +108,65 @@ class ServingService:
             settings.inspection_location,
             max_age_s=settings.inspection_max_age_s,
             max_records=settings.inspection_max_records,
+            max_pending=settings.inspection_max_pending,
+            when_full=settings.inspection_when_full,
+            observer=self.metrics,
         )
-        await store.start()
-        self._inspections = store
+        self._store = store
         self.metrics.track_inspections(store)
+        if not await self._try_open_store(store):
+            self._store_opener = asyncio.create_task(self._open_store_later(store), name="dgserve-open-inspections")
         await asyncio.to_thread(self.models.discover)
         self._load_task = asyncio.create_task(self._load_models(), name="dgserve-load-models")
 
+    async def _try_open_store(self, store: InspectionStore) -> bool:
+        try:
+            await store.start()
+        except Exception as exc:
+            # The first line: libpq adds hints on the next ones, which /readyz can spare.
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._store_error = f"inspection store {store.backend.location}: {why}"
+            log.warning("%s; the server is not ready, and will try again", self._store_error, exc_info=exc)
+            return False
+        self._inspections, self._store_error = store, None
+        return True
+
+    async def _open_store_later(self, store: InspectionStore) -> None:
+        # An attempt under way is never cancelled (close waits for it), so a connection it
+        # opens is never orphaned; each attempt is bounded by the backend's connect timeout.
+        delay = _STORE_RETRY_MIN_S
+        while True:
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay)
+                return
+            except TimeoutError:
+                pass
+            if await self._try_open_store(store):
+                log.info("inspection store %s is open", store.backend.location)
+                return
+            delay = min(delay * 2, _STORE_RETRY_MAX_S)
+
+    def not_ready(self) -> list[str]:
+        """One line per thing that keeps the server from serving: models, and the
+        inspection store; empty when ready (``/readyz``)."""
+        lines = self.models.not_ready()
+        if self._store_error is not None:
+            lines.append(self._store_error)
+        elif self._inspections is None:
+            lines.append("inspection store not open yet")
+        return lines
+
     async def close(self) -> None:
         """Stop loading, stop the models (queued work fails), then flush and close the store."""
+        self._stopping.set()
         if self._load_task is not None:
             self._load_task.cancel()
             await asyncio.gather(self._load_task, return_exceptions=True)
         await self.models.close()
-        if self._inspections is not None:
-            store, self._inspections = self._inspections, None
+        if self._store_opener is not None:
+            await self._store_opener
+        if self._store is not None:
+            store, self._store, self._inspections = self._store, None, None
             await store.close()
         if self._decode_pool is not None:
             self._decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -122,9 +186,14 @@ class ServingService:
 
     @property
     def inspections(self) -> InspectionStore:
+        """The open inspection store; ``NotReadyError`` (503) saying why while it is not."""
         if self._inspections is None:
-            raise NotReadyError("the inspection store is not open")
+            raise self._store_not_ready()
         return self._inspections
+
+    def _store_not_ready(self) -> NotReadyError:
+        why = self._store_error or "the inspection store is not open"
+        return NotReadyError(why, retry_after_s=_STORE_RETRY_AFTER_S)
 
     # --- the request path -------------------------------------------------------------
 
@@ -134,8 +203,14 @@ class ServingService:
         return asyncio.get_running_loop().time() + timeout / 1000.0
 
     def admit(self, name: str, version: int | None, task: Task) -> ServedModel:
-        """A ready model version doing ``task`` whose queue has room; else its 404/422/503."""
+        """A ready model version doing ``task`` whose queue has room; else its 404/422/503.
+
+        Also 503 while the inspection store is not open: every answer carries the id of
+        its record, so none is computed before there is a store to keep it.
+        """
         served = self.models.require(name, version, task)
+        if self._inspections is None:
+            raise self._store_not_ready()
         assert served.batcher is not None  # require() returns ready models only
         served.batcher.check_admission()
         return served
@@ -189,7 +264,7 @@ class ServingService:
         items: Sequence[InferenceItem],
         results: Sequence[ImageResult],
         request_id: str | None,
-    ) -> list[str]:
+    ) -> list[str | None]:
         store = self.inspections
         assert served.manifest is not None
         started = time.perf_counter()
@@ -206,10 +281,11 @@ class ServingService:
                 connectivity=result.connectivity,
                 connectivity_json=result.connectivity_json,
             )
-            # Waits only when the store's bounded queue is full (the disk fell behind):
-            # back-pressure on this request, never on the model worker, and nothing lost.
-            await store.put(record)
-            ids.append(record.id)
+            # A full store queue (storage down or behind) makes this wait (back-pressure,
+            # nothing lost) or drops the record, counted and logged, so that the answer
+            # still goes out (DGSERVE_INSPECTION_WHEN_FULL). Never the model worker's time.
+            # A dropped record's id is never handed out: every id a client gets is durable.
+            ids.append(record.id if await store.put(record) else None)
         self.metrics.observe_recording(served.name, served.version, time.perf_counter() - started)
         self.metrics.observe_connectivity(served.name, served.version, [r.record for r in results])
         return ids

@@ -1,4 +1,5 @@
-"""GET /healthz (the process answers) and GET /readyz (every configured model serves)."""
+"""GET /healthz (the process answers) and GET /readyz (every configured model serves,
+and the inspection store is open)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from dgserve.api.deps import get_models
+from dgserve.api.deps import get_service
 from dgserve.api.schemas import ErrorResponse, HealthResponse, ReadyResponse
 from dgserve.errors import NotReadyError
-from dgserve.serving.served_models import ServedModels
+from dgserve.serving.service import ServingService
 
 __all__ = ["router"]
 
@@ -26,11 +27,11 @@ async def healthz() -> HealthResponse:
 
 
 @router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ErrorResponse}})
-async def readyz(models: Annotated[ServedModels, Depends(get_models)]) -> ReadyResponse:
-    """Readiness: 200 once every configured model version is loaded and warmed up,
-    else 503 + Retry-After with a message naming each one that is not."""
-    missing = models.not_ready()
+async def readyz(service: Annotated[ServingService, Depends(get_service)]) -> ReadyResponse:
+    """Readiness: 200 once every configured model version is loaded and warmed up and the
+    inspection store is open, else 503 + Retry-After with a message naming each one that is not."""
+    missing = service.not_ready()
     if missing:
         raise NotReadyError("not ready: " + "; ".join(missing), retry_after_s=_RETRY_AFTER_S)
-    ready = [f"{s.name}:{s.version}" for g in models.groups.values() for s in g.versions.values()]
+    ready = [f"{s.name}:{s.version}" for g in service.models.groups.values() for s in g.versions.values()]
     return ReadyResponse(status="ready", models=sorted(ready))
