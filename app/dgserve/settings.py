@@ -8,6 +8,7 @@ environment. The README's settings table is generated from the descriptions belo
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -93,6 +94,11 @@ class Settings(BaseSettings):
     )
     warmup: bool = Field(True, description="Run one dummy batch through each worker before it is marked ready.")
 
+    replica: str = Field(
+        default_factory=lambda: socket.gethostname() or "dgserve",
+        description="Names this server in every inspection record it writes (default: the host name, "
+        "which is the pod name on Kubernetes), so records from several replicas can be told apart.",
+    )
     inspection_url: str | None = Field(
         None,
         description="Where inspection records are kept, as a URL (sqlite:///path.db, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -56,5 +57,6 @@ async def test_record_holds_everything(main_client: httpx.AsyncClient, image: En
     [result, _] = await post_two(main_client, image)
     record = (await main_client.get(f"/v1/inspections/{result['id']}")).json()
     assert set(record) == {"id", "model", "version", "task", "created_at", "prediction", "connectivity"}
-    assert record["prediction"] == {"image": result["image"], "predictions": result["predictions"]}
+    assert record["prediction"] == {"image": result["image"], "predictions": result["predictions"],
+                                    "replica": socket.gethostname()}  # fmt: skip
     assert record["connectivity"] == result["connectivity"]

@@ -39,7 +39,8 @@ def png(index: int) -> bytes:
 
 @pytest_asyncio.fixture
 async def service(tmp_path: Path) -> AsyncIterator[ServingService]:
-    settings = Settings(models=["shapes-dgnet", "shapes-detector"], data_dir=tmp_path, torch_threads=1)
+    settings = Settings(models=["shapes-dgnet", "shapes-detector"], data_dir=tmp_path, torch_threads=1,
+                        replica="replica-a")  # fmt: skip
     svc = ServingService(settings, Metrics())
     await svc.start()
     try:
@@ -65,6 +66,7 @@ async def test_infer_returns_immutable_results_with_ids_readable_at_once(service
         record = await service.inspections.get(answer.id)
         assert record.connectivity == answer.result.connectivity and record.task == "classification"
         assert record.prediction["predictions"] == answer.result.predictions and len(answer.result.predictions) == 2
+        assert record.prediction["replica"] == service.settings.replica  # which replica wrote it
         with pytest.raises(AttributeError):
             answer.id = "x"  # type: ignore[misc]
 

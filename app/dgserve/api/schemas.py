@@ -114,6 +114,8 @@ def inference_response(task: Task) -> type[BaseModel]:
 class InspectionPrediction(BaseModel):
     image: ImageInfo
     predictions: list[dict[str, Any]] = Field(description="exactly as the inference response gave them")
+    replica: str | None = Field(None, description="the server that wrote the record (DGSERVE_REPLICA)")
+    request_id: str | None = Field(None, description="the client's id for the request (the OIP request id)")
 
 
 class InspectionRecordResponse(BaseModel):

@@ -270,7 +270,8 @@ class ServingService:
         started = time.perf_counter()
         ids = []
         for item, result in zip(items, results, strict=True):
-            prediction = {"image": item.image.to_dict(), "predictions": result.predictions}
+            prediction = {"image": item.image.to_dict(), "predictions": result.predictions,
+                          "replica": self.settings.replica}  # fmt: skip
             if request_id is not None:
                 prediction["request_id"] = request_id
             record = InspectionRecord.new(
