@@ -23,6 +23,7 @@ from dgserve.api.errors import RequestContextMiddleware, endpoint_of, install_er
 from dgserve.api.routes import health, inference, inspections, metrics, models
 from dgserve.metrics import Metrics
 from dgserve.oip import http as oip_http
+from dgserve.oip.frontend import OipFrontend
 from dgserve.serving.service import ServingService
 from dgserve.settings import Settings
 
@@ -52,7 +53,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, on_response=partial(_observe_request, metrics_))
     app.include_router(inference.build_router())
-    app.include_router(oip_http.build_router())
+    oip_http.install(app, OipFrontend(state.service))
     for module in (inspections, models, health, metrics):
         app.include_router(module.router)
     return app

@@ -32,9 +32,9 @@ import torch
 from pydantic import ValidationError
 
 from dgserve import __version__
-from dgserve.connectivity import ConnectivityRecord, kinds
+from dgserve.connectivity import kinds
 from dgserve.errors import NotFoundError, VersionNotFoundError
-from dgserve.oip.tensors import ProtocolError, Tensor
+from dgserve.oip.tensors import DTYPES, ProtocolError, Tensor
 from dgserve.serving.served_models import ServedModel
 from dgserve.serving.service import ImagePrediction, ServingService, Upload
 from dgserve.tasks import Options, Task, TensorSpec, get_task
@@ -72,6 +72,8 @@ class OipFrontend:
 
     def __init__(self, service: ServingService) -> None:
         self.service = service
+        # A loaded model's outputs never change, and every response names them: made once.
+        self._specs: dict[tuple[str, int], list[TensorSpec]] = {}
 
     # --- metadata and health ---------------------------------------------------------
 
@@ -79,7 +81,7 @@ class OipFrontend:
         return {"name": "dgserve", "version": __version__, "extensions": EXTENSIONS}
 
     def server_ready(self) -> bool:
-        return not self.service.models.not_ready()
+        return not self.service.not_ready()
 
     def model_ready(self, name: str, version: str | None) -> bool:
         return self.lookup(name, version).ready
@@ -106,6 +108,10 @@ class OipFrontend:
         return meta
 
     def _output_specs(self, served: ServedModel) -> list[TensorSpec]:
+        key = (served.name, served.version)
+        cached = self._specs.get(key)
+        if cached is not None:
+            return cached
         assert served.manifest is not None
         specs = [*get_task(served.manifest.task).tensor_outputs(served.manifest)]
         specs.append(TensorSpec(ID_OUTPUT, "BYTES", (-1,), "each image's record: GET /v1/inspections/{id}"))
@@ -115,6 +121,8 @@ class OipFrontend:
             for graph in (served.graph or {}).get(kind.kind, []):
                 specs.append(TensorSpec(f"{kind.kind}/{graph['name']}", kind.tensor.datatype,
                                         (-1, *kind.tensor_dims(graph)), f"{kind.__name__}.{kind.tensor.field}"))  # fmt: skip
+        if served.graph is not None:  # the connectivity outputs are known once it has loaded
+            self._specs[key] = specs
         return specs
 
     def lookup(self, name: str, version: str | None) -> ServedModel:
@@ -177,41 +185,44 @@ class OipFrontend:
             raise ProtocolError(f"unknown outputs {unknown}; this model has {list(specs)}")
         names = {o.name for o in wanted}
         arrays = task.to_tensors([a.result.predictions for a in answers], served.manifest)
-        arrays[ID_OUTPUT] = np.array([a.id.encode() for a in answers], dtype=object)
+        # Empty where the record was dropped (the store's queue was full): no id is handed out.
+        arrays[ID_OUTPUT] = np.array([(a.id or "").encode() for a in answers], dtype=object)
         arrays.update(_connectivity_tensors([a.result.record for a in answers], names))
         return [(Tensor(o.name, specs[o.name].datatype, arrays[o.name]), o.binary) for o in wanted]
 
 
 def _connectivity_tensors(records: Sequence[Any], names: set[str]) -> dict[str, np.ndarray]:
-    """``<kind>/<module>`` -> the batch's stacked tensor field, ragged images padded."""
+    """``<kind>/<module>`` -> the batch's stacked tensor field, ragged images padded.
+
+    Every image of a batch has the same modules in the same order, so a module's name
+    is read once, from the first image, and its field gathered across the batch.
+    """
     out: dict[str, np.ndarray] = {}
+    if not records:
+        return out
     for kind in kinds():
         spec = kind.tensor
         if spec is None:
             continue
-        per_module: dict[str, list[Any]] = {}
-        for image in records:
-            for record in image[kind.kind]:
-                name = f"{kind.kind}/{getattr(record, kind.name_field)}"
-                if name in names:
-                    per_module.setdefault(name, []).append(_field(record, spec.field))
-        for name, values in per_module.items():
-            out[name] = _stack(values, spec.pad)
+        dtype = DTYPES[spec.datatype]
+        for index, first in enumerate(records[0][kind.kind]):
+            name = f"{kind.kind}/{getattr(first, kind.name_field)}"
+            if name in names:
+                values = [getattr(image[kind.kind][index], spec.field) for image in records]
+                out[name] = _stack(values, dtype, spec.pad)
     return out
 
 
-def _field(record: ConnectivityRecord, name: str) -> np.ndarray:
-    return np.asarray(getattr(record, name))
-
-
-def _stack(values: Sequence[np.ndarray], pad: float) -> np.ndarray:
-    shape = tuple(max(v.shape[d] for v in values) for d in range(values[0].ndim))
-    if all(v.shape == shape for v in values):
-        return np.stack(values)
-    out = np.full((len(values), *shape), pad, dtype=values[0].dtype)
-    for i, v in enumerate(values):
-        out[(i, *(slice(0, n) for n in v.shape))] = v
-    return out
+def _stack(values: Sequence[Any], dtype: np.dtype[Any], pad: float) -> np.ndarray:
+    try:
+        return np.array(values, dtype=dtype)  # the usual case: every image's field has one shape
+    except ValueError:  # ragged: images of different sizes (a detector's projection maps)
+        arrays = [np.asarray(v, dtype=dtype) for v in values]
+        shape = tuple(max(a.shape[d] for a in arrays) for d in range(arrays[0].ndim))
+        out = np.full((len(arrays), *shape), pad, dtype=dtype)
+        for i, a in enumerate(arrays):
+            out[(i, *(slice(0, n) for n in a.shape))] = a
+        return out
 
 
 def _options(task: Task, parameters: dict[str, Any]) -> Options:

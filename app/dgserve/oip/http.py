@@ -17,19 +17,17 @@ import json
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from dgserve.api.body import read_body
-from dgserve.api.deps import get_service
 from dgserve.errors import DGServeError
 from dgserve.oip.frontend import InferRequest, InferResponse, OipFrontend, RequestedOutput
 from dgserve.oip.tensors import ProtocolError, from_json_data, from_raw
-from dgserve.serving.service import ServingService
 
-__all__ = ["HEADER_LENGTH", "build_router", "parse_request", "render_response"]
+__all__ = ["HEADER_LENGTH", "build_router", "get_frontend", "install", "parse_request", "render_response"]
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -54,11 +52,19 @@ class OipRoute(APIRoute):
         return guarded
 
 
-def _frontend(service: Annotated[ServingService, Depends(get_service)]) -> OipFrontend:
-    return OipFrontend(service)
+def get_frontend(request: Request) -> OipFrontend:
+    """The app's one OIP front-end, made with the router."""
+    frontend: OipFrontend = request.app.state.dgserve_oip
+    return frontend
 
 
-Frontend = Annotated[OipFrontend, Depends(_frontend)]
+Frontend = Annotated[OipFrontend, Depends(get_frontend)]
+
+
+def install(app: FastAPI, frontend: OipFrontend) -> None:
+    """Serve ``frontend`` under ``/v2`` on ``app``."""
+    app.state.dgserve_oip = frontend
+    app.include_router(build_router())
 
 
 def build_router() -> APIRouter:
