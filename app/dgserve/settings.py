@@ -109,6 +109,12 @@ class Settings(BaseSettings):
     )
     inspection_max_records: PositiveInt = Field(1_000_000, description="Most inspection records kept (oldest go first).")
     inspection_list_max: PositiveInt = Field(10_000, description="Largest ?limit= of GET /v1/inspections.")
+    inspection_commit_timeout_s: float = Field(
+        2.0, ge=0,
+        description="How long an answer waits for its inspection records to be committed, so that every id "
+        "handed out survives a crash; past it (or at once while storage is down) the answer goes out marked "
+        "uncommitted. 0 answers without waiting (records written behind; a crash loses the last ones).",
+    )
     inspection_max_pending: PositiveInt = Field(
         10_000,
         description="Inspection records kept in memory while storage is behind or down; then the queue is full.",

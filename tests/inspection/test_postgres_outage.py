@@ -138,6 +138,8 @@ async def test_a_database_down_while_serving_keeps_answering_and_writes_the_reco
         postgres_server.stop()
         answers = [await classify(client, i) for i in range(1, 4)]
         assert [a.status_code for a in answers] == [200, 200, 200]
+        # Answered, but told that the records are not durable yet (they wait in the queue).
+        assert [a.headers["x-inspection-committed"] for a in answers] == ["false"] * 3
         ids = [a.json()["results"][0]["id"] for a in answers]
         assert (await client.get("/readyz")).status_code == 200  # predictions answer: still ready
         for record_id in ids:  # queued, and readable there

@@ -90,6 +90,34 @@ async def test_store_time_is_not_compute_time(service: ServingService) -> None:
     assert (await store.get(answer.id)).id == answer.id
 
 
+async def test_an_answer_waits_until_its_records_are_durable(service: ServingService) -> None:
+    served = service.admit("shapes-dgnet", None, CLASSIFY)
+    [item] = await service.prepare(served, [Upload(None, png(4), "image/png")], ClassificationOptions())
+    [answer] = await service.infer(served, [item], service.deadline(None))
+    assert answer.committed and answer.id is not None
+    # Already in the file, not only in the queue: a crash now would not lose it.
+    assert service.inspections.backend.get(answer.id) is not None
+
+
+async def test_with_storage_failing_answers_go_out_at_once_marked_uncommitted(service: ServingService) -> None:
+    store = service.inspections
+    failures: list[int] = []
+
+    def refuse(*args: Any) -> None:
+        failures.append(1)
+        raise OSError("disk full")
+
+    store._queue._write = refuse  # the backend starts refusing writes
+    served = service.admit("shapes-dgnet", None, CLASSIFY)
+    items = await service.prepare(served, [Upload(None, png(5), "image/png")], ClassificationOptions())
+    [first] = await service.infer(served, items, service.deadline(None))  # waits for the write that fails
+    assert not first.committed and first.id is not None and failures
+    started = asyncio.get_running_loop().time()
+    [second] = await service.infer(served, items, service.deadline(None))
+    assert not second.committed and asyncio.get_running_loop().time() - started < 1.0  # no wait on a failing store
+    assert (await store.get(second.id)).id == second.id  # still queued, readable, written once storage is back
+
+
 async def test_admission_says_why_not(service: ServingService) -> None:
     with pytest.raises(ModelNotFoundError):
         service.admit("nope", None, CLASSIFY)

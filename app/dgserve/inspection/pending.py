@@ -149,6 +149,7 @@ class PendingQueue:
         # grabbed the old one is woken exactly once per change.
         self._progress = asyncio.Event()
         self._error: BaseException | None = None
+        self._failing = False  # the last write failed: storage is down or refusing
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -241,6 +242,24 @@ class PendingQueue:
         self._wake.set()
         await self._wait_until(lambda: self._durable_seq >= target)
 
+    async def commit(self, timeout_s: float) -> bool:
+        """Like ``flush``, but for answering: ``True`` once everything queued before the
+        call is committed, ``False`` after ``timeout_s``, or at once while writes are
+        failing, so that no answer waits on storage that is down.
+
+        Concurrent callers share the writes (group commit): whoever finds a write under
+        way is served by the next one, which takes everything queued by then.
+        """
+        if self._durable_seq >= self._seq:
+            return True
+        if self._failing:
+            return False
+        try:
+            await asyncio.wait_for(self.flush(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
     def _full(self) -> bool:
         limits = self._batching
         return bool(self._queue) and (len(self._queue) >= limits.max_pending or self._bytes >= limits.max_pending_bytes)
@@ -289,6 +308,7 @@ class PendingQueue:
                 await asyncio.to_thread(self._write, [p.row for p in batch], graphs)
             except Exception as exc:
                 failures += 1
+                self._failing = True
                 self._observer.inspection_write_failed()
                 if self._stopping and failures >= CLOSE_ATTEMPTS:
                     log.error(
@@ -311,7 +331,7 @@ class PendingQueue:
                 )
                 await asyncio.sleep(delay)
                 continue
-            failures = 0
+            failures, self._failing = 0, False
             for written in batch:
                 self._queue.popleft()
                 self._bytes -= written.nbytes

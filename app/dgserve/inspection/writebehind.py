@@ -221,6 +221,14 @@ class InspectionStore:
         """Wait until every record queued before this call is durable."""
         await self._queue.flush()
 
+    async def commit(self, timeout_s: float) -> bool:
+        """Whether every record queued before this call became durable within ``timeout_s``.
+
+        ``False`` at once while writes are failing (storage down): an answer must not wait
+        on it. Concurrent calls share one write (group commit).
+        """
+        return await self._queue.commit(timeout_s)
+
     # --- retention --------------------------------------------------------------------
 
     async def enforce_retention(self) -> int:

@@ -65,6 +65,7 @@ class InferResponse:
     model_version: str
     id: str | None
     outputs: list[tuple[Tensor, bool | None]]  # each with the binary wish of its request
+    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 class OipFrontend:
@@ -153,7 +154,10 @@ class OipFrontend:
         deadline = self.service.deadline(None if timeout_us is None else timeout_us / 1000.0)
         items = await self._items(served, request.inputs, options)
         answers = await self.service.infer(served, items, deadline, request.id)
-        return InferResponse(served.name, str(served.version), request.id, self._outputs(served, task, request, answers))
+        outputs = self._outputs(served, task, request, answers)
+        # Whether every inspection record was durable before this answer went out.
+        committed = all(a.committed for a in answers if a.id is not None)
+        return InferResponse(served.name, str(served.version), request.id, outputs, {"inspection_committed": committed})
 
     async def _items(self, served: ServedModel, inputs: Sequence[Tensor], options: Options) -> list[Any]:
         if len(inputs) != 1 or inputs[0].name not in (IMAGE_INPUT, TENSOR_INPUT):

@@ -98,6 +98,8 @@ class _Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
             raise  # abort raises; this line is never reached
         reply = service_pb2.ModelInferResponse(model_name=response.model_name, model_version=response.model_version,
                                                id=response.id or "")  # fmt: skip
+        for key, value in response.parameters.items():
+            reply.parameters[key].bool_param = bool(value)  # the only one today: inspection_committed
         for tensor, _ in response.outputs:
             reply.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
             reply.raw_output_contents.append(tensor.raw())

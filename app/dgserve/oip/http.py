@@ -183,6 +183,8 @@ def render_response(response: InferResponse, binary_default: bool) -> tuple[byte
                            "outputs": outputs}  # fmt: skip
     if response.id is not None:
         doc["id"] = response.id
+    if response.parameters:
+        doc["parameters"] = response.parameters
     head = json.dumps(doc).encode()
     if not blobs:
         return head, {}

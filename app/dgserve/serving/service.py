@@ -71,11 +71,13 @@ class ImagePrediction:
 
     ``id`` is ``None`` when the record was dropped (the store's queue was full with
     ``DGSERVE_INSPECTION_WHEN_FULL=drop``): an id is only handed out for a kept record.
+    ``committed`` says whether the record was durable before the answer went out.
     """
 
     id: str | None
     image: ImageInfo
     result: ImageResult
+    committed: bool = True
 
 
 class ServingService:
@@ -255,8 +257,9 @@ class ServingService:
         """
         assert served.batcher is not None
         results = await _submit_all(served.batcher, items, deadline)
-        ids = await self._record(served, items, results, request_id)
-        return [ImagePrediction(i, item.image, r) for i, item, r in zip(ids, items, results, strict=True)]
+        ids, committed = await self._record(served, items, results, request_id)
+        return [ImagePrediction(i, item.image, r, committed and i is not None)
+                for i, item, r in zip(ids, items, results, strict=True)]  # fmt: skip
 
     async def _record(
         self,
@@ -264,7 +267,8 @@ class ServingService:
         items: Sequence[InferenceItem],
         results: Sequence[ImageResult],
         request_id: str | None,
-    ) -> list[str | None]:
+    ) -> tuple[list[str | None], bool]:
+        """Each image's record id (None: dropped), and whether they were all committed."""
         store = self.inspections
         assert served.manifest is not None
         started = time.perf_counter()
@@ -287,9 +291,15 @@ class ServingService:
             # still goes out (DGSERVE_INSPECTION_WHEN_FULL). Never the model worker's time.
             # A dropped record's id is never handed out: every id a client gets is durable.
             ids.append(record.id if await store.put(record) else None)
+        # An acknowledged id must survive a crash of this process: the answer waits for the
+        # commit (shared with every request queued meanwhile), but never on storage that is
+        # down; then it goes out marked uncommitted, its records still queued.
+        timeout = self.settings.inspection_commit_timeout_s
+        kept = any(i is not None for i in ids)
+        committed = kept and timeout > 0 and await store.commit(timeout)
         self.metrics.observe_recording(served.name, served.version, time.perf_counter() - started)
         self.metrics.observe_connectivity(served.name, served.version, [r.record for r in results])
-        return ids
+        return ids, committed
 
 
 def _prepare(upload: Upload, manifest: Manifest, max_pixels: int, options: Options) -> InferenceItem:

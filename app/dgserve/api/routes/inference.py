@@ -141,7 +141,16 @@ async def _infer(
     if predictions is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     body = _render(served.name, served.version, task.name, predictions, params.connectivity)
-    return Response(body, media_type="application/json")
+    return Response(body, media_type="application/json", headers=committed_header(predictions))
+
+
+COMMITTED_HEADER = "X-Inspection-Committed"
+
+
+def committed_header(predictions: Sequence[ImagePrediction]) -> dict[str, str]:
+    """``X-Inspection-Committed: false`` when some record was not yet durable as the answer went out."""
+    committed = all(p.committed for p in predictions if p.id is not None)
+    return {COMMITTED_HEADER: "true" if committed else "false"}
 
 
 # --- waiting ------------------------------------------------------------------------------
