@@ -24,3 +24,8 @@ test: install
 # Builds the image and runs the compose stack end to end with podman or docker (slow; see docs/deploy.md).
 container-test:
 	scripts/container_test.sh
+
+# Renders deploy/kubernetes/overlays/cpu and runs it with podman kube play (slow; see docs/deploy.md).
+.PHONY: kube-test
+kube-test: install
+	scripts/kube_play_test.sh
