@@ -29,3 +29,10 @@ container-test:
 .PHONY: kube-test
 kube-test: install
 	scripts/kube_play_test.sh
+
+# dgserve on a local Ray cluster: the end-to-end test of tests/ray/ (2 replicas, PostgreSQL,
+# a replica killed under load). Slow, so not part of `make test` nor CI (whose `make test`
+# runs the fast Ray tests); see docs/deploy.md.
+.PHONY: ray-test
+ray-test: install
+	DGSERVE_RAY_E2E=1 $(BIN)/python -m pytest tests/ray -s
