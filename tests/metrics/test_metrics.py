@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import sys
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
@@ -355,6 +357,13 @@ def test_every_metric_has_samples_after_traffic(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index: 1)
+    nvml = SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 1, nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetUtilizationRates=lambda h: SimpleNamespace(gpu=50),
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=1, total=2),
+        nvmlDeviceGetTemperature=lambda h, sensor: 60, NVML_TEMPERATURE_GPU=0,
+    )  # fmt: skip
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)  # the driver, as a GPU host has it
     m = Metrics()
     exercise(m)
     sampled = {

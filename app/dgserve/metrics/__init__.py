@@ -23,7 +23,6 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
-import torch
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -32,11 +31,19 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
-from dgserve.connectivity import ImageConnectivity, StageConnectivity
 from dgserve.inspection.pending import DROP_REASONS
+from dgserve.metrics.gpu import (  # noqa: F401  (the GPU names are exported here too)
+    GPU_MEMORY_ALLOCATED_BYTES,
+    GPU_MEMORY_TOTAL_BYTES,
+    GPU_MEMORY_USED_BYTES,
+    GPU_NAMES,
+    GPU_TEMPERATURE_CELSIUS,
+    GPU_UTILIZATION_RATIO,
+    NvmlCollector,
+    TorchMemoryCollector,
+)
+from dgserve.connectivity import ImageConnectivity, StageConnectivity
 
 if TYPE_CHECKING:
     from dgserve.inspection.pending import DropReason
@@ -64,7 +71,6 @@ MODEL_LOAD_SECONDS: Final = "dgserve_model_load_seconds"
 MODEL_READY: Final = "dgserve_model_ready"
 ACTIVE_EDGE_FRACTION: Final = "dgserve_active_edge_fraction"
 SKIPPED_NODES: Final = "dgserve_skipped_nodes_total"
-GPU_MEMORY_ALLOCATED_BYTES: Final = "dgserve_gpu_memory_allocated_bytes"
 INSPECTION_RECORD_SECONDS: Final = "dgserve_inspection_record_seconds"
 INSPECTION_PENDING_RECORDS: Final = "dgserve_inspection_pending_records"
 INSPECTION_DROPPED_RECORDS: Final = "dgserve_inspection_dropped_records_total"
@@ -73,8 +79,8 @@ INSPECTION_WRITE_ERRORS: Final = "dgserve_inspection_write_errors_total"
 METRIC_NAMES: Final[tuple[str, ...]] = (
     REQUESTS, REQUEST_DURATION_SECONDS, QUEUE_WAIT_SECONDS, COMPUTE_SECONDS, BATCH_SIZE, BATCHES, QUEUE_DEPTH,
     IN_FLIGHT_REQUESTS, REJECTIONS, MODEL_LOAD_SECONDS, MODEL_READY, ACTIVE_EDGE_FRACTION, SKIPPED_NODES,
-    GPU_MEMORY_ALLOCATED_BYTES, INSPECTION_RECORD_SECONDS, INSPECTION_PENDING_RECORDS, INSPECTION_DROPPED_RECORDS,
-    INSPECTION_WRITE_ERRORS,
+    INSPECTION_RECORD_SECONDS, INSPECTION_PENDING_RECORDS, INSPECTION_DROPPED_RECORDS, INSPECTION_WRITE_ERRORS,
+    *GPU_NAMES,
 )  # fmt: skip
 """Every metric family the server exports, by the name PromQL uses for it."""
 
@@ -209,7 +215,8 @@ class Metrics:
             INSPECTION_WRITE_ERRORS, "Failed writes of a batch of inspection records (kept queued, retried).",
             registry=r,
         )
-        r.register(_GpuMemoryCollector())
+        r.register(TorchMemoryCollector())
+        r.register(NvmlCollector())
 
     # --- requests ---------------------------------------------------------------
 
@@ -351,34 +358,3 @@ def _safe(read: Callable[[], float]) -> Callable[[], float]:
             return math.nan
 
     return guarded
-
-
-class _GpuMemoryCollector(Collector):
-    """``dgserve_gpu_memory_allocated_bytes{device}``, read from torch at scrape time.
-
-    Always yields the family, so its HELP/TYPE lines are present even on CPU, where
-    it simply has no samples.
-    """
-
-    def describe(self) -> Iterable[Metric]:
-        return [self._family()]
-
-    def collect(self) -> Iterable[Metric]:
-        family = self._family()
-        try:
-            # is_initialized, not is_available: a scrape must never be the thing that
-            # creates a CUDA context (hundreds of MB, and unsafe before a fork).
-            if torch.cuda.is_initialized():
-                for index in range(torch.cuda.device_count()):
-                    family.add_metric([f"cuda:{index}"], float(torch.cuda.memory_allocated(index)))
-        except Exception:
-            log.exception("metrics: reading GPU memory failed")
-        return [family]
-
-    @staticmethod
-    def _family() -> GaugeMetricFamily:
-        return GaugeMetricFamily(
-            GPU_MEMORY_ALLOCATED_BYTES,
-            "Bytes of GPU memory held by tensors (torch.cuda.memory_allocated), per device.",
-            labels=["device"],
-        )
