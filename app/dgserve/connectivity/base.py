@@ -22,7 +22,7 @@ imports torch.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 __all__ = [
@@ -187,10 +187,6 @@ class ImageConnectivity:
     def of(self, cls: type[R]) -> list[R]:
         """The records of one kind, typed."""
         return self._records[cls.kind]  # type: ignore[return-value]
-
-    def __iter__(self) -> Iterator[ConnectivityRecord]:
-        for records in self._records.values():
-            yield from records
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able, ``{kind: [record, ...]}``; shares the records' lists (meant to be serialised)."""

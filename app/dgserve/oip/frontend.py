@@ -33,7 +33,7 @@ from pydantic import ValidationError
 
 from dgserve import __version__
 from dgserve.connectivity import kinds
-from dgserve.errors import NotFoundError, VersionNotFoundError
+from dgserve.errors import VersionNotFoundError
 from dgserve.oip.tensors import DTYPES, ProtocolError, Tensor
 from dgserve.serving.served_models import ServedModel
 from dgserve.serving.service import ImagePrediction, ServingService, Upload
@@ -141,10 +141,10 @@ class OipFrontend:
     def admit(self, name: str, version: str | None) -> tuple[ServedModel, Task]:
         """The ready model (404 / 503 as on /v1) and its task, before a body is read."""
         known = self.lookup(name, version)
-        if known.manifest is None:
-            raise NotFoundError(f"model {name!r} version {known.version} has no usable manifest")
-        task = get_task(known.manifest.task)
-        return self.service.admit(known.name, known.version, task), task
+        # Any task: the protocol has one infer for all, and the model's manifest names its task.
+        served = self.service.admit(known.name, known.version, None)
+        assert served.manifest is not None  # ready models have one
+        return served, get_task(served.manifest.task)
 
     async def infer(self, served: ServedModel, task: Task, request: InferRequest) -> InferResponse:
         options = _options(task, request.parameters)

@@ -113,10 +113,10 @@ class ServedModels:
             raise VersionNotFoundError(name, version, sorted(group.versions))
         return served_version
 
-    def require(self, name: str, version: int | None, task: Task) -> ServedModel:
-        """A ready version that does ``task``, or the 404/422/503 that says why not."""
+    def require(self, name: str, version: int | None, task: Task | None) -> ServedModel:
+        """A ready version that does ``task`` (any, for ``None``), or the 404/422/503 that says why not."""
         served = self.lookup(name, version)
-        if served.manifest is not None and served.manifest.task != task.name:
+        if task is not None and served.manifest is not None and served.manifest.task != task.name:
             endpoint = get_task(served.manifest.task).endpoint
             raise InvalidRequestError(
                 f"model {name!r} version {served.version} is a {served.manifest.task} model; "

@@ -204,8 +204,8 @@ class ServingService:
         timeout = timeout_ms or self.settings.default_timeout_ms
         return asyncio.get_running_loop().time() + timeout / 1000.0
 
-    def admit(self, name: str, version: int | None, task: Task) -> ServedModel:
-        """A ready model version doing ``task`` whose queue has room; else its 404/422/503.
+    def admit(self, name: str, version: int | None, task: Task | None) -> ServedModel:
+        """A ready model version doing ``task`` (any, for ``None``) whose queue has room; else its 404/422/503.
 
         Also 503 while the inspection store is not open: every answer carries the id of
         its record, so none is computed before there is a store to keep it.

@@ -5,9 +5,9 @@ a task is its import line below.
 """
 
 from dgserve.tasks.base import (
-    ImageInfo, InferenceItem, Options, Task, TensorSpec, get_task, register_task, task_for_endpoint, tasks,
+    ImageInfo, InferenceItem, Options, Task, TensorSpec, get_task, register_task, tasks,
 )
 
 from dgserve.tasks import classification, detection  # noqa: E402,F401  (registration)
 
-__all__ = ["ImageInfo", "InferenceItem", "Options", "Task", "TensorSpec", "get_task", "register_task", "task_for_endpoint", "tasks"]
+__all__ = ["ImageInfo", "InferenceItem", "Options", "Task", "TensorSpec", "get_task", "register_task", "tasks"]

@@ -35,8 +35,7 @@ if TYPE_CHECKING:
     from dgserve.training.config import TrainConfig
 
 __all__ = [
-    "ImageInfo", "InferenceItem", "Options", "Task", "TensorSpec", "get_task", "register_task", "task_for_endpoint",
-    "tasks",
+    "ImageInfo", "InferenceItem", "Options", "Task", "TensorSpec", "get_task", "register_task", "tasks",
 ]
 
 
@@ -215,10 +214,3 @@ def get_task(name: str) -> Task:
 
 def tasks() -> tuple[Task, ...]:
     return tuple(_TASKS.values())
-
-
-def task_for_endpoint(endpoint: str) -> Task:
-    for task in _TASKS.values():
-        if task.endpoint == endpoint:
-            return task
-    raise KeyError(endpoint)
