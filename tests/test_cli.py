@@ -8,7 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 from dgserve.cli import app
+from dgserve.models.connectivity import describe_graph
 from dgserve.models.dgnet.backbones import build_plain
+from dgserve.models.registry import create_model
 from dgserve.model_store import ModelStore
 
 
@@ -34,3 +36,19 @@ def test_models_lists_every_architecture() -> None:
     result = CliRunner().invoke(app, ["models"])
     assert result.exit_code == 0
     assert "dgnet_resnet50" in result.output and "fasterrcnn_glore_resnet50_fpn" in result.output
+
+
+def test_train_keeps_a_random_wiring_in_the_manifest(tmp_path: Path) -> None:
+    """``-k wiring=... -k wiring_seed=...`` reach the builder and the manifest, and rebuild the same graph."""
+    store = tmp_path / "store"
+    args = ["train", "dgnet_mobilenet_v2", "--name", "rw", "--store", str(store), "--train-size", "32",
+            "--val-size", "8", "--input-size", "32", "--epochs", "1", "--batch-size", "16", "--threads", "1",
+            "--no-progress", "-k", "wiring=er", "-k", "wiring_seed=3", "-k", "routing=static"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    loaded = ModelStore(store).load("rw")
+    kwargs = loaded.manifest.arch_kwargs
+    assert (kwargs["wiring"], kwargs["wiring_seed"], kwargs["routing"]) == ("er", 3, "static")
+    stages = describe_graph(loaded.model)["stages"]
+    assert stages == describe_graph(create_model("dgnet_mobilenet_v2", **kwargs))["stages"]
+    assert stages != describe_graph(create_model("dgnet_mobilenet_v2", **{**kwargs, "wiring_seed": 4}))["stages"]

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from dgserve.model_store import ModelStore
+from dgserve.models.connectivity import describe_graph
+from dgserve.models.registry import create_model
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
 
@@ -25,7 +30,8 @@ async def test_models_listing_describes_graphs(main_client: httpx.AsyncClient) -
     assert clf["devices"] == ["cpu"] and clf["load_seconds"] > 0
     stages = clf["graph"]["stages"]
     assert [s["name"] for s in stages] == ["layer1", "layer2", "layer3", "layer4"]
-    assert stages[0] == {"name": "layer1", "nodes": ["input", "0", "1", "output"], "possible_edges": 3}
+    assert stages[0] == {"name": "layer1", "nodes": ["input", "0", "1", "output"], "possible_edges": 3,
+                         "routing": "dynamic", "wiring": "complete", "edges": [[1, 2], [1, 3], [2, 3]]}
     units = models["glore"]["versions"][0]["graph"]["glore_units"]
     assert len(units) == 3 and units[0]["num_nodes"] == 256
     det = models["det"]["versions"][0]
@@ -83,3 +89,21 @@ async def test_batching_overrides_reach_the_batcher(run_app: Any, make_settings:
         assert version["batching"] == {"max_batch_size": 2, "max_delay_ms": 1.0, "max_queue_size": 8}
         batcher = app.state.dgserve.service.models.lookup("clf").batcher
         assert (batcher.max_batch_size, batcher.max_delay_s, batcher.max_queue_size) == (2, 0.001, 8)
+
+
+async def test_graph_shows_a_random_wiring(
+    run_app: Any, make_settings: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A client tells a static, randomly wired DG-Net from the complete, routed one."""
+    kwargs = {"num_classes": 3, "width": 8, "routing": "static", "wiring": "er", "wiring_seed": 4}
+    model = create_model("dgnet_resnet18_slim", **kwargs)
+    ModelStore(tmp_path).save(
+        model, name="rw", architecture="dgnet_resnet18_slim", arch_kwargs=kwargs, labels=["a", "b", "c"],
+        preprocessing={"input_size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3},
+    )
+    async with run_app(make_settings(model_store=tmp_path, models=["rw"], warmup=False)) as (_, client):
+        [version] = (await client.get("/v1/models/rw")).json()["versions"]
+    stages = version["graph"]["stages"]
+    assert stages == describe_graph(model)["stages"]
+    assert {(s["routing"], s["wiring"]) for s in stages} == {("static", "er")}
+    assert all(len(s["edges"]) == s["possible_edges"] for s in stages)

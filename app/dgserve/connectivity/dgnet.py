@@ -25,6 +25,11 @@ class StageGraph(GraphDescription):
     name: str
     nodes: list[str]
     possible_edges: int
+    # How the stage is wired and routed, so a client tells a random DAG (RandWire's
+    # baselines) or static edge weights from the paper's per-image complete DAG.
+    routing: str  # "dynamic": a router per block and image; "static": one weight per edge for every image
+    wiring: str  # "complete", or a random DAG: "er", "ba", "ws"
+    edges: list[list[int]]  # every routed edge as [source, target] node indices (not the fixed input → block 1)
 
 
 @register_kind
@@ -52,7 +57,7 @@ class StageConnectivity(ConnectivityRecord):
     thresholds: list[float | None] = value("each node's threshold tau (None for input and output)")
     executed: list[bool] = value("which nodes ran for this image")
     open_edges: int = value("routed edges left open")
-    possible_edges: int = value("routed edges in the complete DAG")
+    possible_edges: int = value("routed edges the stage's wiring has (all later nodes, in the complete DAG)")
 
     @classmethod
     def tensor_dims(cls, graph: Mapping[str, Any]) -> tuple[int, ...]:

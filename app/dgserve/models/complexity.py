@@ -29,7 +29,9 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def measure(model: nn.Module, size: int = 224) -> Complexity:
+def measure(model: nn.Module, size: int | tuple[int, int] = 224) -> Complexity:
+    """Params and multiply-adds for one image of ``size`` (a side, or ``(height, width)``)."""
+    height, width = (size, size) if isinstance(size, int) else size
     model = model.eval()
     stage_outputs: dict[DGStage, tuple[int, ...]] = {}
 
@@ -39,7 +41,7 @@ def measure(model: nn.Module, size: int = 224) -> Complexity:
     hooks = [m.register_forward_hook(remember) for m in model.modules() if isinstance(m, DGStage)]
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.randn(1, 3, size, size))
+            model(torch.randn(1, 3, height, width))
     finally:
         for h in hooks:
             h.remove()
@@ -49,6 +51,7 @@ def measure(model: nn.Module, size: int = 224) -> Complexity:
         for d in shape[1:]:
             per_map *= d
         # One multiply-add per element for every routed edge, one add per element for
-        # every router's global pooling.
-        macs += (stage.possible_edges + stage.num_blocks) * per_map
+        # every router's global pooling (static routing pools nothing).
+        pooling = stage.num_blocks if stage.routing == "dynamic" else 0
+        macs += (stage.possible_edges + pooling) * per_map
     return Complexity(count_params(model) / 1e6, macs / 1e6)

@@ -20,8 +20,10 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from dgserve.models.connectivity import ConnectivitySource
-from dgserve.models.dgnet.backbones import block_channels, dgnet_from_torchvision
+from dgserve.models.dgnet.backbones import StageOptions, block_channels, dgnet_from_torchvision
+from dgserve.models.dgnet.routing import RoutingKind
 from dgserve.models.dgnet.stage import DEFAULT_TAU, DGStage
+from dgserve.models.dgnet.wiring import WiringKind
 from dgserve.models.glore.resnet import glore_resnet50
 from dgserve.models.registry import register_model
 
@@ -63,9 +65,9 @@ def norm_for(frozen_bn: bool) -> type[nn.Module]:
     return FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
 
 
-def _dgnet_body(depth: int, frozen_bn: bool, tau_init: float) -> nn.Module:
+def _dgnet_body(depth: int, frozen_bn: bool, options: StageOptions) -> nn.Module:
     plain = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}[depth](norm_layer=norm_for(frozen_bn))
-    return dgnet_from_torchvision(plain, tau_init)
+    return dgnet_from_torchvision(plain, options=options)
 
 
 def _register_dgnet_detector(depth: int) -> None:
@@ -77,9 +79,12 @@ def _register_dgnet_detector(depth: int) -> None:
         trainable_backbone_layers: int = 3,
         frozen_bn: bool = True,
         tau_init: float = DEFAULT_TAU,
+        routing: RoutingKind = "dynamic",
+        wiring: WiringKind = "complete",
+        wiring_seed: int = 0,
         **kwargs: Any,
     ) -> FasterRCNN:
-        body = _dgnet_body(depth, frozen_bn, tau_init)
+        body = _dgnet_body(depth, frozen_bn, StageOptions(tau_init, routing, wiring, wiring_seed))
         return FasterRCNN(resnet_fpn_backbone(body, trainable_backbone_layers), num_classes=num_classes, **kwargs)
 
     builder.__name__ = name

@@ -17,8 +17,10 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.resnet import BasicBlock
 
 from dgserve.models.detection import norm_for, resnet_fpn_backbone
-from dgserve.models.dgnet.backbones import dgnet_from_torchvision
+from dgserve.models.dgnet.backbones import StageOptions, dgnet_from_torchvision
+from dgserve.models.dgnet.routing import RoutingKind
 from dgserve.models.dgnet.stage import DEFAULT_TAU
+from dgserve.models.dgnet.wiring import WiringKind
 from dgserve.models.glore.resnet import GloReResNet
 from dgserve.models.registry import register_model
 from dgserve.models.widths import slim_resnet18
@@ -29,10 +31,18 @@ SLIM_GLORE_PLACEMENT = {"layer2": (0,), "layer3": (0,)}
 
 @register_model("dgnet_resnet18_slim", task="classification", family="dgnet")
 def dgnet_resnet18_slim(
-    num_classes: int = 1000, *, width: int = 32, tau_init: float = DEFAULT_TAU, norm_layer: type[nn.Module] | None = None
+    num_classes: int = 1000,
+    *,
+    width: int = 32,
+    tau_init: float = DEFAULT_TAU,
+    norm_layer: type[nn.Module] | None = None,
+    routing: RoutingKind = "dynamic",
+    wiring: WiringKind = "complete",
+    wiring_seed: int = 0,
 ) -> nn.Module:
     """DG-Net on ResNet-18's layout at stage widths w-2w-4w-8w (default w=32)."""
-    return dgnet_from_torchvision(slim_resnet18(width, num_classes, norm_layer), tau_init)
+    options = StageOptions(tau_init, routing, wiring, wiring_seed)
+    return dgnet_from_torchvision(slim_resnet18(width, num_classes, norm_layer), options=options)
 
 
 @register_model("glore_resnet18_slim", task="classification", family="glore")
@@ -64,10 +74,14 @@ def fasterrcnn_dgnet_resnet18_slim_fpn(
     min_size: int = 128,
     max_size: int = 256,
     anchor_sizes: tuple[int, ...] = (8, 16, 32, 64, 128),
+    routing: RoutingKind = "dynamic",
+    wiring: WiringKind = "complete",
+    wiring_seed: int = 0,
     **kwargs: Any,
 ) -> FasterRCNN:
     """Faster R-CNN + FPN on the slim DG-Net, sized for small images (anchors 8-128 px)."""
-    body = dgnet_from_torchvision(slim_resnet18(width, 1000, norm_for(frozen_bn)), tau_init)
+    options = StageOptions(tau_init, routing, wiring, wiring_seed)
+    body = dgnet_from_torchvision(slim_resnet18(width, 1000, norm_for(frozen_bn)), options=options)
     backbone = resnet_fpn_backbone(body, trainable_backbone_layers, out_channels=fpn_channels)
     anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes))
     return FasterRCNN(

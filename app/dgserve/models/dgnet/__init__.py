@@ -1,7 +1,20 @@
-"""DG-Net: every stage of a CNN as a complete DAG of its blocks, routed per image."""
+"""DG-Net: every stage of a CNN as a DAG of its blocks (complete, or a random baseline), routed per image."""
 
-from dgserve.models.dgnet.backbones import dg_stages, dgnet_from_torchvision, pin_chain
-from dgserve.models.dgnet.routing import Router, threshold_edges
+from dgserve.models.dgnet.backbones import StageOptions, dg_stages, dgnet_from_torchvision, pin_chain
+from dgserve.models.dgnet.routing import Router, StaticRouter, threshold_edges
 from dgserve.models.dgnet.stage import DGStage, edge_l1
+from dgserve.models.dgnet.wiring import StageWiring, stage_wiring
 
-__all__ = ["DGStage", "Router", "dg_stages", "dgnet_from_torchvision", "edge_l1", "pin_chain", "threshold_edges"]
+__all__ = [
+    "DGStage",
+    "Router",
+    "StageOptions",
+    "StageWiring",
+    "StaticRouter",
+    "dg_stages",
+    "dgnet_from_torchvision",
+    "edge_l1",
+    "pin_chain",
+    "stage_wiring",
+    "threshold_edges",
+]

@@ -5,12 +5,18 @@ Each builder asks torchvision for the plain network, then replaces each stage's
 same names. The blocks, stem and head are torchvision's, unchanged; DG-Net adds
 only routers and thresholds. Importing ImageNet weights is therefore a plain
 ``load_state_dict`` on the torchvision model before wrapping (see ``convert.py``).
+
+Every builder also takes the paper's baselines as options: ``routing="static"``
+(Table 6's α rows) and ``wiring="er" | "ba" | "ws"`` with ``wiring_seed`` (Table 4's
+random DAGs). They land in the manifest's arch_kwargs like any builder keyword, so
+a stored model rebuilds the same graph.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torchvision
@@ -20,7 +26,9 @@ from torchvision.models.regnet import BlockParams, RegNet
 from torchvision.models.resnet import ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from dgserve.models.dgnet.routing import ROUTING_KINDS, RoutingKind
 from dgserve.models.dgnet.stage import DEFAULT_TAU, DGStage
+from dgserve.models.dgnet.wiring import WIRING_KINDS, WiringKind, stage_wiring
 from dgserve.models.registry import register_model
 
 RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -38,27 +46,59 @@ def block_channels(block: nn.Module) -> int:
     return int(norms[-1].weight.shape[0])
 
 
-def make_stage(sequential: nn.Module, tau_init: float) -> DGStage:
-    blocks = list(sequential.named_children())
-    return DGStage(blocks, block_channels(blocks[-1][1]), tau_init=tau_init)
+@dataclass(frozen=True)
+class StageOptions:
+    """How every stage of one DG-Net is built: τ's start, the routing and the wiring."""
+
+    tau_init: float = DEFAULT_TAU
+    routing: RoutingKind = "dynamic"
+    wiring: WiringKind = "complete"
+    wiring_seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Checked here, at build time, so a bad manifest fails as it loads, not at first request.
+        if self.routing not in ROUTING_KINDS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTING_KINDS)}, got {self.routing!r}")
+        if self.wiring not in WIRING_KINDS:
+            raise ValueError(f"wiring must be one of {', '.join(WIRING_KINDS)}, got {self.wiring!r}")
+        if not isinstance(self.wiring_seed, int) or isinstance(self.wiring_seed, bool):
+            raise ValueError(f"wiring_seed must be an integer, got {self.wiring_seed!r}")
+
+    def stage(self, name: str, blocks: list[tuple[str, nn.Module]]) -> DGStage:
+        # Each stage draws its own graph: the seed string names the stage too.
+        wiring = stage_wiring(self.wiring, len(blocks), f"{self.wiring_seed}/{name}")
+        return DGStage(
+            blocks, block_channels(blocks[-1][1]), tau_init=self.tau_init, routing=self.routing, wiring=wiring
+        )
 
 
-def dgnet_from_torchvision(model: nn.Module, tau_init: float = DEFAULT_TAU) -> nn.Module:
-    """Turn a torchvision ResNet/ResNeXt, RegNet or MobileNetV2 into its DG-Net, in place."""
+def make_stage(sequential: nn.Module, name: str, options: StageOptions) -> DGStage:
+    return options.stage(name, list(sequential.named_children()))
+
+
+def dgnet_from_torchvision(
+    model: nn.Module, tau_init: float = DEFAULT_TAU, options: StageOptions | None = None
+) -> nn.Module:
+    """Turn a torchvision ResNet/ResNeXt, RegNet or MobileNetV2 into its DG-Net, in place.
+
+    ``options`` (routing, wiring) default to the paper's DG-Net; ``tau_init`` is used
+    only without them.
+    """
+    opts = options if options is not None else StageOptions(tau_init=tau_init)
     if isinstance(model, ResNet):
         for name in RESNET_STAGES:
-            setattr(model, name, make_stage(getattr(model, name), tau_init))
+            setattr(model, name, make_stage(getattr(model, name), name, opts))
     elif isinstance(model, RegNet):
         for name in REGNET_STAGES:
-            setattr(model.trunk_output, name, make_stage(getattr(model.trunk_output, name), tau_init))
+            setattr(model.trunk_output, name, make_stage(getattr(model.trunk_output, name), name, opts))
     elif isinstance(model, MobileNetV2):
-        model.features = _group_mobilenet_features(model.features, tau_init)
+        model.features = _group_mobilenet_features(model.features, opts)
     else:
         raise TypeError(f"no DG-Net adapter for {type(model).__name__}")
     return model
 
 
-def _group_mobilenet_features(features: nn.Sequential, tau_init: float) -> nn.Sequential:
+def _group_mobilenet_features(features: nn.Sequential, options: StageOptions) -> nn.Sequential:
     children = list(features.named_children())
     stem, blocks, last = children[0], children[1:-1], children[-1]
     if len(blocks) != sum(MOBILENET_V2_GROUPS):
@@ -66,8 +106,7 @@ def _group_mobilenet_features(features: nn.Sequential, tau_init: float) -> nn.Se
     layers: OrderedDict[str, nn.Module] = OrderedDict([stem])
     start = 0
     for i, size in enumerate(MOBILENET_V2_GROUPS, start=1):
-        group = blocks[start : start + size]
-        layers[f"stage{i}"] = DGStage(group, block_channels(group[-1][1]), tau_init=tau_init)
+        layers[f"stage{i}"] = options.stage(f"stage{i}", blocks[start : start + size])
         start += size
     layers[last[0]] = last[1]
     return nn.Sequential(layers)
@@ -92,6 +131,12 @@ def regnet_x_600mf(**kwargs: Any) -> RegNet:
     return RegNet(params, **kwargs)
 
 
+def regnet_y_600mf(**kwargs: Any) -> RegNet:
+    """RegNetY-600MF (SE ratio 0.25) from pycls's published design; torchvision ships 400MF and 800MF only."""
+    params = BlockParams.from_init_params(depth=15, w_0=48, w_a=32.54, w_m=2.32, group_width=16, se_ratio=0.25)
+    return RegNet(params, **kwargs)
+
+
 TORCHVISION_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "dgnet_resnet18": torchvision.models.resnet18,
     "dgnet_resnet50": torchvision.models.resnet50,
@@ -100,6 +145,7 @@ TORCHVISION_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "dgnet_mobilenet_v2": torchvision.models.mobilenet_v2,
     "dgnet_regnet_x_600mf": regnet_x_600mf,
     "dgnet_regnet_x_1_6gf": torchvision.models.regnet_x_1_6gf,
+    "dgnet_regnet_y_600mf": regnet_y_600mf,
 }
 
 
@@ -109,8 +155,17 @@ def build_plain(arch: str, **kwargs: Any) -> nn.Module:
 
 
 def _register(arch: str, description: str) -> None:
-    def builder(num_classes: int = 1000, *, tau_init: float = DEFAULT_TAU, **kwargs: Any) -> nn.Module:
-        return dgnet_from_torchvision(build_plain(arch, num_classes=num_classes, **kwargs), tau_init)
+    def builder(
+        num_classes: int = 1000,
+        *,
+        tau_init: float = DEFAULT_TAU,
+        routing: RoutingKind = "dynamic",
+        wiring: WiringKind = "complete",
+        wiring_seed: int = 0,
+        **kwargs: Any,
+    ) -> nn.Module:
+        options = StageOptions(tau_init, routing, wiring, wiring_seed)
+        return dgnet_from_torchvision(build_plain(arch, num_classes=num_classes, **kwargs), options=options)
 
     builder.__name__ = arch
     builder.__doc__ = description
@@ -125,5 +180,6 @@ for _arch, _desc in {
     "dgnet_mobilenet_v2": "DG-Net on MobileNetV2 1.0 (inverted-residual nodes, one stage per (t,c,n,s) group).",
     "dgnet_regnet_x_600mf": "DG-Net on RegNetX-600MF (regular bottleneck nodes).",
     "dgnet_regnet_x_1_6gf": "DG-Net on RegNetX-1.6GF (regular bottleneck nodes).",
+    "dgnet_regnet_y_600mf": "DG-Net-B: DG-Net on RegNetY-600MF (regular bottleneck nodes with SE).",
 }.items():
     _register(_arch, _desc)

@@ -10,9 +10,15 @@ and inference close exactly the same edges; the backward pass uses the gradient 
 sigmoid surrogate ``σ((α − τ) / T)``, which reaches both the router (through α) and
 τ. A sparsity penalty on the gated weights (see ``edge_l1``) pushes τ up and α down;
 the task loss pushes back where an edge matters.
+
+Static routing (the α rows of the paper's Table 6, its ablation baseline): a
+``StaticRouter`` holds one learnable logit per edge instead of GAP → FC, so every
+image gets the same α. Thresholds, the STE and closed edges work unchanged.
 """
 
 from __future__ import annotations
+
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +32,9 @@ DEFAULT_TEMPERATURE = 0.1
 # network bit for bit.
 PINNED_LOGIT = 30.0
 
+RoutingKind = Literal["dynamic", "static"]
+ROUTING_KINDS: tuple[str, ...] = get_args(RoutingKind)
+
 
 class Router(nn.Module):
     """GAP → FC → sigmoid: one weight in [0, 1) per output edge of a node, per image."""
@@ -38,11 +47,47 @@ class Router(nn.Module):
         pooled = x.mean(dim=tuple(range(2, x.dim())))
         return torch.sigmoid(self.fc(pooled))
 
+    @property
+    def num_edges(self) -> int:
+        return self.fc.out_features
+
     @torch.no_grad()
     def pin(self, open_edges: Tensor) -> None:
         """Make the router ignore its input and open exactly ``open_edges`` (bool, one per edge)."""
         self.fc.weight.zero_()
         self.fc.bias.copy_(torch.where(open_edges, PINNED_LOGIT, -PINNED_LOGIT))
+
+
+class StaticRouter(nn.Module):
+    """sigmoid(one learnable logit per edge): the same α for every image, whatever its features.
+
+    The sigmoid keeps α in the dynamic router's range, so τ (initialised for that range)
+    and the dead-end guard mean the same thing under both. Logits start at 0 (α = 0.5,
+    every edge open at the default τ), as a fresh dynamic router's outputs start near 0.5.
+    """
+
+    def __init__(self, num_edges: int) -> None:
+        super().__init__()
+        self.logit = nn.Parameter(torch.zeros(num_edges))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.logit).expand(x.shape[0], -1)
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.logit.shape[0])
+
+    @torch.no_grad()
+    def pin(self, open_edges: Tensor) -> None:
+        self.logit.copy_(torch.where(open_edges, PINNED_LOGIT, -PINNED_LOGIT))
+
+
+def make_router(routing: str, in_channels: int, num_edges: int) -> Router | StaticRouter:
+    if routing == "dynamic":
+        return Router(in_channels, num_edges)
+    if routing == "static":
+        return StaticRouter(num_edges)
+    raise ValueError(f"routing must be one of {', '.join(ROUTING_KINDS)}, got {routing!r}")
 
 
 def threshold_edges(alpha: Tensor, tau: Tensor, temperature: float = DEFAULT_TEMPERATURE) -> Tensor:

@@ -1,4 +1,4 @@
-"""A DG-Net stage: the blocks of one CNN stage wired as a complete DAG, routed per image.
+"""A DG-Net stage: the blocks of one CNN stage wired as a DAG (complete by default), routed per image.
 
 Node numbering (the rows and columns of the adjacency matrix):
 
@@ -19,6 +19,11 @@ Readings of the paper (see docs/dgnet.md for the reasoning and the parameter cou
   fixed) and the output node has none (it has no successors).
 * Each block has a learnable threshold τ for its output edges.
 
+The wiring (``wiring.py``) says which routed edges exist: the complete DAG above, or
+a fixed random DAG (RandWire's baselines), whose absent edges are never open. The
+routing says what weights them: a router per block and image (``"dynamic"``, the
+paper's DG-Net) or one learned weight per edge for every image (``"static"``).
+
 Per image, a block runs only if at least one of its input edges is open; it is then
 computed on the sub-batch of images for which it runs, so a batch gives the same
 result as each image alone. A block that did not run sends nothing: its output
@@ -31,12 +36,14 @@ weights (``adjacency[b, target, source]``, the paper's buffer) and which nodes r
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dgserve.connectivity import StageConnectivity, StageGraph
-from dgserve.models.dgnet.routing import DEFAULT_TEMPERATURE, Router, threshold_edges
+from dgserve.models.dgnet.routing import DEFAULT_TEMPERATURE, Router, StaticRouter, make_router, threshold_edges
+from dgserve.models.dgnet.wiring import StageWiring, complete_wiring
 
 DEFAULT_TAU = 0.1
 
@@ -48,6 +55,9 @@ class DGStage(nn.Module):
         channels: int,
         tau_init: float = DEFAULT_TAU,
         temperature: float = DEFAULT_TEMPERATURE,
+        *,
+        routing: str = "dynamic",
+        wiring: StageWiring | None = None,
     ) -> None:
         super().__init__()
         if not blocks:
@@ -58,7 +68,18 @@ class DGStage(nn.Module):
         for name, block in blocks:
             self.add_module(name, block)
         n = len(blocks)
-        self.routers = nn.ModuleList(Router(channels, n - k) for k in range(n))
+        self.wiring = wiring if wiring is not None else complete_wiring(n)
+        if self.wiring.num_blocks != n:
+            raise ValueError(f"a wiring for {self.wiring.num_blocks} blocks given to a stage of {n}")
+        self.routing = routing
+        self.routers = nn.ModuleList(make_router(routing, channels, len(t)) for t in self.wiring.successors)
+        # Where each block's and the output node's inputs come from: (source block, router column).
+        self._inputs = [self.wiring.predecessors(j + 1) for j in range(n + 1)]
+        # A random graph is rebuilt from the manifest's seed on load; storing its edges
+        # with the weights lets loading check that it was (``_load_from_state_dict``).
+        # The complete wiring stays out of the state dict, so models stored before
+        # wirings existed load unchanged.
+        self.register_buffer("wiring_mask", self._edge_mask(), persistent=self.wiring.kind != "complete")
         self.tau = nn.Parameter(torch.full((n,), float(tau_init)))
         self.temperature = temperature
         self.channels = channels
@@ -76,32 +97,38 @@ class DGStage(nn.Module):
 
     @property
     def possible_edges(self) -> int:
-        """Routed edges: each block to every later block and to the output node."""
+        """Routed edges the wiring has (complete DAG: each block to every later block and the output node)."""
+        return len(self.wiring.edges)
+
+    def _edge_mask(self) -> Tensor:
+        """``mask[target, source]``: which routed edges the wiring has."""
         n = self.num_blocks
-        return n * (n + 1) // 2
+        mask = torch.zeros(n + 2, n + 2, dtype=torch.bool)
+        for source, target in self.wiring.edges:
+            mask[target, source] = True
+        return mask
 
     def blocks(self) -> list[nn.Module]:
         return [getattr(self, name) for name in self.block_names]
 
     def forward(self, x: Tensor) -> Tensor:
         batch = x.shape[0]
-        n = self.num_blocks
-        outputs: list[Tensor | None] = []  # outputs[k] is block k+1's output (zeros where skipped)
-        gated: list[Tensor] = []  # gated[k]: B × (n-k) weights of block k+1 → blocks k+2.., output
+        outputs: list[Tensor | None] = []  # outputs[k] is block k+1's output (None where no image ran it)
+        gated: list[Tensor] = []  # gated[k]: B × weights of block k+1's edges, in wiring.successors[k] order
         executed: list[Tensor] = []
         prune = not torch.is_grad_enabled()
         for k, (block, router) in enumerate(zip(self.blocks(), self.routers, strict=True)):
             if k == 0:
                 inp, runs = x, torch.ones(batch, dtype=torch.bool, device=x.device)
             else:
-                weights = [g[:, k - i - 1] for i, g in enumerate(gated)]
+                weights, sources = self._gather(k, gated, outputs)
                 runs = torch.stack([w > 0 for w in weights], dim=1).any(dim=1)
-                inp = _weighted_sum(weights, outputs, prune)
+                inp = _weighted_sum(weights, sources, prune)
             executed.append(runs)
             out, edges = self._run_node(block, router, self.tau[k], inp, runs)
             outputs.append(out)
             gated.append(edges)
-        result = _weighted_sum([g[:, -1] for g in gated], outputs, prune)
+        result = _weighted_sum(*self._gather(self.num_blocks, gated, outputs), prune)
         if result is None:  # every edge into the output node closed for every image
             first = outputs[0]
             assert first is not None  # block 1 always runs: its input edge is fixed open
@@ -109,11 +136,18 @@ class DGStage(nn.Module):
         self._record(gated, executed, batch, x.device)
         return result
 
+    def _gather(
+        self, node: int, gated: list[Tensor], outputs: list[Tensor | None]
+    ) -> tuple[list[Tensor], list[Tensor | None]]:
+        """The weights and source outputs of the edges into block ``node`` + 1 (``num_blocks``: the output node)."""
+        edges = self._inputs[node]
+        return [gated[k][:, col] for k, col in edges], [outputs[k] for k, _ in edges]
+
     def _run_node(
-        self, block: nn.Module, router: nn.Module, tau: Tensor, inp: Tensor | None, runs: Tensor
+        self, block: nn.Module, router: Router | StaticRouter, tau: Tensor, inp: Tensor | None, runs: Tensor
     ) -> tuple[Tensor | None, Tensor]:
         batch = runs.shape[0]
-        num_out = router.fc.out_features
+        num_out = router.num_edges
         if inp is None or not bool(runs.any()):
             return None, runs.new_zeros((batch, num_out), dtype=self.tau.dtype)
         if bool(runs.all()):
@@ -131,8 +165,8 @@ class DGStage(nn.Module):
         n = self.num_blocks
         adj = torch.zeros(batch, n + 2, n + 2, device=device)
         adj[:, 1, 0] = 1.0
-        for k, g in enumerate(gated):
-            adj[:, k + 2 :, k + 1] = g.detach().float()
+        for k, (g, targets) in enumerate(zip(gated, self.wiring.successors, strict=True)):
+            adj[:, list(targets), k + 1] = g.detach().float()
         ran = torch.ones(batch, n + 2, dtype=torch.bool, device=device)
         ran[:, 1 : n + 1] = torch.stack(executed, dim=1)
         ran[:, n + 1] = (adj[:, n + 1, 1:] > 0).any(dim=1)
@@ -165,7 +199,14 @@ class DGStage(nn.Module):
         ]
 
     def graph_description(self, name: str) -> StageGraph:
-        return StageGraph(name=name, nodes=self.node_names, possible_edges=self.possible_edges)
+        return StageGraph(
+            name=name,
+            nodes=self.node_names,
+            possible_edges=self.possible_edges,
+            routing=self.routing,
+            wiring=self.wiring.kind,
+            edges=[[source, target] for source, target in self.wiring.edges],
+        )
 
     def gated_edge_weights(self) -> list[Tensor]:
         """The last training forward's gated edge weights, still attached to the graph."""
@@ -180,11 +221,40 @@ class DGStage(nn.Module):
         Used to import a static torchvision model: with every router pinned this way
         the DG-Net computes exactly what the torchvision model computes.
         """
+        # Block k is node k+1, so the chain edge goes to node k+2 (the output node for
+        # the last block); a random wiring may lack it.
+        if any(targets[0] != k + 2 for k, targets in enumerate(self.wiring.successors)):
+            raise ValueError(f"the {self.wiring.kind} wiring lacks the chain edges block k → block k+1")
         for router in self.routers:
-            edges = torch.zeros(router.fc.out_features, dtype=torch.bool)
+            edges = torch.zeros(router.num_edges, dtype=torch.bool)
             edges[0] = True  # the first routed edge of block k goes to block k+1 (or the output)
-            router.pin(edges.to(router.fc.bias.device))
+            router.pin(edges.to(self.tau.device))
         self.tau.fill_(0.5)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A random wiring is rebuilt from (kind, seed, block count) by networkx. Should
+        # another networkx draw another graph for the same seed, the stored weights
+        # belong to a different graph: refuse them rather than serve a graph they were
+        # not trained for. load_state_dict raises on error_msgs whatever ``strict`` is.
+        stored = state_dict.get(prefix + "wiring_mask")
+        mask = self.wiring_mask
+        if stored is not None and stored.shape == mask.shape and not torch.equal(stored.to(mask.device), mask):
+            error_msgs.append(
+                f"{prefix}wiring_mask: the stored {self.wiring.kind} graph differs from the one this "
+                "wiring_seed builds here (another networkx version?)"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 def _weighted_sum(weights: list[Tensor], outputs: list[Tensor | None], prune: bool) -> Tensor | None:
