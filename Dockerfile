@@ -56,6 +56,10 @@ RUN pip install --no-deps --no-build-isolation . \
 # or point DGSERVE_MODEL_STORE elsewhere, to serve different models without a rebuild.
 COPY model_store/ ./model_store/
 
+# 0.0.0.0 inside the container's own network namespace: loopback there is unreachable
+# from the host's published port and from a pod's probes. Who can reach the server is
+# decided where the port is published (compose: 127.0.0.1 unless DGSERVE_BIND_ADDRESS
+# says otherwise) and by DGSERVE_API_KEYS.
 ENV DGSERVE_HOST=0.0.0.0 \
     DGSERVE_PORT=8000 \
     DGSERVE_GRPC_PORT=8001 \

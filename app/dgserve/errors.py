@@ -57,6 +57,27 @@ class InspectionNotFoundError(NotFoundError):
         super().__init__(f"no inspection record with id {inspection_id!r}")
 
 
+# --- who may call (API keys, dgserve.api.auth) ------------------------------------
+
+
+class UnauthorizedError(DGServeError):
+    """No API key, or one the server does not know: 401 with ``WWW-Authenticate``."""
+
+    status_code = 401
+    code = "unauthorized"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="dgserve"'}
+
+
+class ForbiddenError(DGServeError):
+    """A known API key without the scope this call needs."""
+
+    status_code = 403
+    code = "forbidden"
+
+
 # --- request content ---------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import dgserve
@@ -128,10 +128,44 @@ class Settings(BaseSettings):
         "goes out, with no id for a dropped record) or make the request wait for room (nothing lost).",
     )
 
+    inspection_durability: Literal["sync", "async"] = Field(
+        "sync",
+        description="sync: an answer waits (up to inspection_commit_timeout_s) until its inspection records are "
+        "committed, group-committed with every answer waiting meanwhile, so an id a client holds survives a crash. "
+        "async: answers go out at once and records are written behind; a crash loses the last ones.",
+    )
+
+    # API keys (api/auth.py): off unless one of these is given. SecretStr, so that no repr
+    # or log of the settings shows a key.
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated API keys, each KEY or KEY:SCOPES with scopes infer and read joined by + "
+        "(a bare key has both); once any key is set, every route but the probes, /metrics and the docs needs one.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="A file of API keys' SHA-256 hashes, one per line as HEX [SCOPES] (# comments).",
+    )
+
+    # Connection guards (api/connections.py): a client must not hold a connection without
+    # sending a request, and there are only so many file descriptors.
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Most seconds from a request's first byte (or the connection's opening) to the "
+        "end of its headers; 408 and close past it (slow-loris clients).",
+    )
+    body_timeout_s: float = Field(
+        20.0, gt=0, description="Seconds a request body has from the end of its headers, each byte received adding "
+        "1/body_min_rate s; 408 and close past it.",
+    )
+    body_min_rate: PositiveInt = Field(
+        64 * 1024, description="Bytes per second at or above which an upload never times out (body_timeout_s).",
+    )
+    max_connections: PositiveInt | None = Field(
+        1000, description="Most open client connections; one more gets 503 and is closed. Empty: no cap.",
+    )
+
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
     access_log: bool = Field(True, description="uvicorn's per-request access log.")
 
-    @field_validator("grpc_port", mode="before")
+    @field_validator("grpc_port", "max_connections", mode="before")
     @classmethod
     def _empty_is_off(cls, value: object) -> object:
         return None if isinstance(value, str) and value.strip().lower() in ("", "off", "none") else value
@@ -154,6 +188,11 @@ class Settings(BaseSettings):
             if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
                 raise ValueError(f"{item!r} is not a device; use auto, cpu, cuda or cuda:N")
         return value
+
+    @property
+    def inspection_commit_wait_s(self) -> float:
+        """How long an answer waits for its records' commit: none with ``inspection_durability="async"``."""
+        return self.inspection_commit_timeout_s if self.inspection_durability == "sync" else 0.0
 
     @property
     def inspection_location(self) -> str | Path:

@@ -14,10 +14,11 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.types import Scope
 
 from dgserve import __version__
+from dgserve.api.auth import ApiKeys, authorize, document_security
 from dgserve.api.deps import AppState
 from dgserve.api.errors import RequestContextMiddleware, endpoint_of, install_error_handlers
 from dgserve.api.routes import health, inference, inspections, metrics, models
@@ -47,8 +48,11 @@ be fetched again from `/v1/inspections/{id}`.
 
 def create_app(settings: Settings) -> FastAPI:
     metrics_ = Metrics()
-    state = AppState(settings=settings, metrics=metrics_, service=ServingService(settings, metrics_))
-    app = FastAPI(title="dgserve", version=__version__, description=DESCRIPTION, lifespan=_lifespan)
+    keys = ApiKeys.from_settings(settings)  # a malformed key or file fails here, at start
+    state = AppState(settings=settings, metrics=metrics_, service=ServingService(settings, metrics_), api_keys=keys)
+    # authorize runs before every API route (the probes, /metrics and docs pass freely).
+    app = FastAPI(title="dgserve", version=__version__, description=DESCRIPTION, lifespan=_lifespan,
+                  dependencies=[Depends(authorize)])  # fmt: skip
     app.state.dgserve = state
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, on_response=partial(_observe_request, metrics_))
@@ -57,6 +61,24 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (inspections, models, health, metrics):
         app.include_router(module.router)
     return app
+
+
+def _document_settings(app: FastAPI, settings: Settings, keys: ApiKeys) -> None:
+    """What the OpenAPI document says that depends on settings, so it matches what the server does."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            # The listing's ?limit= cap is a setting (DGSERVE_INSPECTION_LIST_MAX).
+            for operation in schema["paths"].get("/v1/inspections", {}).values():
+                for parameter in operation.get("parameters", []):
+                    if parameter["name"] == "limit":
+                        parameter["schema"]["maximum"] = settings.inspection_list_max
+            app.openapi_schema = document_security(schema) if keys.enabled else schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 @asynccontextmanager
@@ -83,7 +105,7 @@ async def _start_grpc(state: AppState) -> Any:
     except ImportError as exc:
         log.warning("the OIP gRPC service is off: it needs pip install 'dgserve[grpc]' (%s)", exc)
         return None
-    server, state.grpc_port = await start_grpc_server(state.service, settings.host, settings.grpc_port)
+    server, state.grpc_port = await start_grpc_server(state.service, settings.host, settings.grpc_port, state.api_keys)
     return server
 
 

@@ -6,10 +6,11 @@ app's lifespan (``ServingService.start``), never when a module is imported.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from dgserve.api.auth import ApiKeys
 from dgserve.inspection import InspectionStore
 from dgserve.metrics import Metrics
 from dgserve.serving.served_models import ServedModels
@@ -25,6 +26,7 @@ class AppState:
     metrics: Metrics
     service: ServingService
     grpc_port: int | None = None  # the OIP gRPC service's bound port, once started
+    api_keys: ApiKeys = field(default_factory=ApiKeys)  # empty: keys are off
 
 
 def get_state(request: Request) -> AppState:

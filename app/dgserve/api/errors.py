@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dgserve.errors import DGServeError
 
-__all__ = ["RequestContextMiddleware", "endpoint_of", "error_response", "install_error_handlers", "request_id_of"]
+__all__ = ["RequestContextMiddleware", "endpoint_of", "error_body", "error_response", "install_error_handlers", "request_id_of"]
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,19 @@ def request_id_of(scope: Scope) -> str:
     return str(scope.get("state", {}).get("request_id", ""))
 
 
+def _document(code: str, message: str, request_id: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "request_id": request_id}}
+
+
 def error_response(
     status: int, code: str, message: str, request_id: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
-    body = {"error": {"code": code, "message": message, "request_id": request_id}}
-    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+    return JSONResponse(_document(code, message, request_id), status_code=status, headers=dict(headers or {}))
+
+
+def error_body(code: str, message: str, request_id: str) -> bytes:
+    """The same body as ``error_response``'s, for answers written below the app (``connections.py``)."""
+    return json.dumps(_document(code, message, request_id), separators=(",", ":")).encode()
 
 
 async def _dgserve_error(request: Request, exc: Exception) -> JSONResponse:

@@ -7,12 +7,22 @@ import logging
 import uvicorn
 
 from dgserve.api.app import create_app
+from dgserve.api.connections import ConnectionLimits, protocol_class
 from dgserve.settings import Settings
 
-__all__ = ["run"]
+__all__ = ["connection_limits", "run"]
 
 # Long enough for in-flight batches of a big model on a CPU to finish.
 GRACEFUL_SHUTDOWN_S = 30
+
+
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    return ConnectionLimits(
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        body_min_rate=settings.body_min_rate,
+        max_connections=settings.max_connections,
+    )
 
 
 def run(settings: Settings) -> None:
@@ -30,5 +40,8 @@ def run(settings: Settings) -> None:
         # Request ids and client addresses come from our own middleware and settings;
         # a proxy's X-Forwarded-* is only honoured when configured via uvicorn itself.
         proxy_headers=False,
+        # uvicorn's httptools protocol with header/body read timeouts, a connection cap and
+        # a lingering close (api/connections.py).
+        http=protocol_class(connection_limits(settings)),
     )
     uvicorn.Server(config).run()

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from dgserve.api.auth import ApiKeys, grpc_need, presented_key
 from dgserve.errors import DGServeError, NotFoundError
 from dgserve.oip.frontend import InferRequest, OipFrontend, RequestedOutput
 from dgserve.oip.tensors import ProtocolError, Tensor, from_json_data, from_raw
@@ -28,6 +29,7 @@ __all__ = ["start_grpc_server"]
 log = logging.getLogger(__name__)
 
 _STATUS = {
+    401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED,
     400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT, 503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -131,9 +133,38 @@ def _inputs(request: Any, limit: int) -> list[Tensor]:
     return tensors
 
 
-async def start_grpc_server(service: ServingService, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Serve the OIP gRPC service on ``host:port`` (0: any free port); returns the server and its port."""
-    server = grpc.aio.server(options=[
+class _KeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """API keys from the call's metadata (``authorization: Bearer`` or ``x-api-key``), as over HTTP."""
+
+    def __init__(self, keys: ApiKeys) -> None:
+        self.keys = keys
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        try:
+            self.keys.check(presented_key(details.invocation_metadata or ()), grpc_need(details.method))
+        except DGServeError as exc:
+            refusal = exc
+
+            async def refuse(request: Any, context: Any) -> Any:
+                await context.abort(_STATUS[refusal.status_code], refusal.message)
+
+            if handler is None:  # no such method: gRPC answers UNIMPLEMENTED, as without keys
+                return None
+            # The same kind of handler (unary or streaming), answering only the refusal.
+            kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+            return handler._replace(**{kind: refuse for kind in kinds if getattr(handler, kind) is not None})
+        return handler
+
+
+async def start_grpc_server(
+    service: ServingService, host: str, port: int, keys: ApiKeys | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """Serve the OIP gRPC service on ``host:port`` (0: any free port); returns the server and its port.
+
+    ``keys``: the API keys calls must carry (none: open)."""
+    interceptors = [_KeyInterceptor(keys)] if keys is not None and keys.enabled else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", service.settings.max_body_bytes + 1024 * 1024),
         ("grpc.max_send_message_length", -1),
     ])  # fmt: skip

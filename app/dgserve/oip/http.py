@@ -27,7 +27,7 @@ from dgserve.errors import DGServeError
 from dgserve.oip.frontend import InferRequest, InferResponse, OipFrontend, RequestedOutput
 from dgserve.oip.tensors import ProtocolError, from_json_data, from_raw
 
-__all__ = ["HEADER_LENGTH", "build_router", "get_frontend", "install", "parse_request", "render_response"]
+__all__ = ["ERROR_CONTENT", "HEADER_LENGTH", "build_router", "get_frontend", "install", "parse_request", "render_response"]
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -60,6 +60,37 @@ def get_frontend(request: Request) -> OipFrontend:
 
 Frontend = Annotated[OipFrontend, Depends(get_frontend)]
 
+# What the OpenAPI document says each route answers, so that it matches what they do.
+ERROR_CONTENT = {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}},
+                                               "required": ["error"]}}}  # fmt: skip
+_ERROR_TEXT = {
+    400: "a malformed request (bad JSON, shapes, datatypes or data; an image that does not decode)",
+    404: "unknown model or version", 413: "body over DGSERVE_MAX_BODY_BYTES",
+    503: "queue full or not ready (Retry-After)", 504: "deadline passed",
+}  # fmt: skip
+_EMPTY = {"content": {}}  # the health answers carry their status and no body
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"description": _ERROR_TEXT[status], "content": ERROR_CONTENT} for status in statuses}
+
+
+_INFER_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "An inference request: JSON, or JSON followed by binary tensor data "
+        "(Inference-Header-Content-Length gives the JSON's length).",
+        "content": {
+            "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+                "id": {"type": "string"}, "parameters": {"type": "object"},
+                "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "datatype", "shape"]}},
+                "outputs": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+            }}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}  # fmt: skip
+
 
 def install(app: FastAPI, frontend: OipFrontend) -> None:
     """Serve ``frontend`` under ``/v2`` on ``app``."""
@@ -74,26 +105,32 @@ def build_router() -> APIRouter:
     async def server_metadata(frontend: Frontend) -> dict[str, Any]:
         return frontend.server_metadata()
 
-    @router.get("/v2/health/live", summary="Server liveness")
+    @router.get("/v2/health/live", summary="Server liveness", response_class=Response, responses={200: _EMPTY})
     async def live() -> Response:
         return Response(status_code=200)
 
-    @router.get("/v2/health/ready", summary="Server readiness")
+    @router.get("/v2/health/ready", summary="Server readiness", response_class=Response,
+                responses={200: _EMPTY, 503: {"description": "not ready", **_EMPTY}})  # fmt: skip
     async def ready(frontend: Frontend) -> Response:
         return Response(status_code=200 if frontend.server_ready() else 503)
 
     for suffix in ("", "/versions/{version}"):
         base = "/v2/models/{name}" + suffix
 
-        @router.get(base, summary="Model metadata")
+        @router.get(base, summary="Model metadata", responses=_errors(400, 404))
         async def model_metadata(frontend: Frontend, name: str, version: str | None = None) -> dict[str, Any]:
             return frontend.model_metadata(name, version)
 
-        @router.get(base + "/ready", summary="Model readiness")
+        @router.get(base + "/ready", summary="Model readiness", response_class=Response,
+                    responses={200: _EMPTY, 503: {"description": "not ready", **_EMPTY}, **_errors(400, 404)})
         async def model_ready(frontend: Frontend, name: str, version: str | None = None) -> Response:
             return Response(status_code=200 if frontend.model_ready(name, version) else 503)
 
-        @router.post(base + "/infer", summary="Inference")
+        @router.post(base + "/infer", summary="Inference", response_class=Response, openapi_extra=_INFER_BODY,
+                     responses={200: {"description": "the outputs: JSON, then any binary tensor data",
+                                      "content": {"application/json": {"schema": {"type": "object"}},
+                                                  "application/octet-stream": {"schema": {}}}},
+                                **_errors(400, 404, 413, 503, 504)})  # fmt: skip
         async def infer(request: Request, frontend: Frontend, name: str, version: str | None = None) -> Response:
             known = frontend.lookup(name, version)  # 404 before anything else
             request.scope["state"]["model"] = (known.name, known.version)  # metric labels from here on

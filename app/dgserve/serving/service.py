@@ -294,7 +294,7 @@ class ServingService:
         # An acknowledged id must survive a crash of this process: the answer waits for the
         # commit (shared with every request queued meanwhile), but never on storage that is
         # down; then it goes out marked uncommitted, its records still queued.
-        timeout = self.settings.inspection_commit_timeout_s
+        timeout = self.settings.inspection_commit_wait_s  # 0 with DGSERVE_INSPECTION_DURABILITY=async
         kept = any(i is not None for i in ids)
         committed = kept and timeout > 0 and await store.commit(timeout)
         self.metrics.observe_recording(served.name, served.version, time.perf_counter() - started)

@@ -1,0 +1,268 @@
+"""Connection-level guards around uvicorn's HTTP/1.1 protocol: read timeouts, a connection
+cap, and a lingering close, none of which uvicorn has.
+
+Each guard answers a way a client can hold the server without sending a request:
+
+* **Header timeout** (``DGSERVE_HEADER_TIMEOUT_S``). A request's headers must arrive
+  within this many seconds of its first byte, or of the connection's opening, or of the
+  previous response on a kept-alive connection. Else ``408`` and close. uvicorn only
+  has a keep-alive timeout, which any byte resets, so a client that sends one header
+  byte a second (slow loris) held a connection forever; nginx's
+  ``client_header_timeout`` and Apache's ``mod_reqtimeout`` close it.
+* **Body timeout with a rate floor** (``DGSERVE_BODY_TIMEOUT_S``,
+  ``DGSERVE_BODY_MIN_RATE``), as ``mod_reqtimeout``'s ``body=20,MinRate=500``: the body
+  has ``body_timeout_s`` from the end of its headers, and every byte received extends
+  that by ``1 / body_min_rate`` s, so a body sent at the floor or faster never times
+  out (its size is capped by ``DGSERVE_MAX_BODY_BYTES``), while one trickled in does.
+  The clock stops while the server itself has paused reading (the app has not caught
+  up). On expiry before the app answered: ``408`` and close; the app's read ends as a
+  client disconnect.
+* **Connection cap** (``DGSERVE_MAX_CONNECTIONS``). A connection over the cap gets
+  ``503`` with ``Retry-After`` at once and is closed, before anything is parsed.
+  uvicorn's ``limit_concurrency`` is no help here: it counts only when headers are
+  complete, which a slow loris never reaches.
+* **Lingering close.** When the server closes a connection (``Connection: close``, or
+  an error) while the client is still sending the request body, e.g. a 413 answered
+  from ``Content-Length`` alone, closing at once makes the kernel send a reset, and a
+  client that writes its whole body before reading (Python's urllib, most simple
+  clients) sees ``ECONNRESET`` instead of the 413. So, as nginx's ``lingering_close``
+  does, the answer is sent, the sending side is shut down, and what the client still
+  sends is read and thrown away until it closes, for at most ``LINGER_S`` in all,
+  ``LINGER_IDLE_S`` without data, and ``LINGER_MAX_BYTES``. The same caps bound a
+  kept-alive connection that goes on sending a body nobody reads after its answer.
+
+The guards are a subclass of uvicorn's httptools protocol (the one ``uvicorn[standard]``
+picks): it keeps uvicorn's parsing and ASGI cycle, and adds one timer per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from dgserve.api.errors import error_body
+
+__all__ = ["LINGER_IDLE_S", "LINGER_MAX_BYTES", "LINGER_S", "ConnectionLimits", "protocol_class"]
+
+# nginx's lingering_time and lingering_timeout; the byte cap bounds what one client can
+# make the server read for nothing (a 64 MiB upload refused with 413 still reads back).
+LINGER_S = 30.0
+LINGER_IDLE_S = 5.0
+LINGER_MAX_BYTES = 256 * 2**20
+# A refused connection's request is a few hundred bytes: wait that long for it at most.
+_REFUSED_LINGER_S = 1.0
+
+_Phase = Literal["headers", "body", "idle", "draining", "lingering"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    header_timeout_s: float
+    body_timeout_s: float
+    body_min_rate: float  # bytes per second that earn a second more
+    max_connections: int | None
+
+
+def protocol_class(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
+    """uvicorn's ``http=``: the guarded protocol with these limits."""
+    return type("DGServeHttpProtocol", (GuardedHttpProtocol,), {"limits": limits})
+
+
+class _Transport:
+    """The connection's transport, whose ``close`` asks the protocol first (to linger)."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedHttpProtocol) -> None:
+        self.real = transport
+        self._protocol = protocol
+        self._closing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._protocol.close_requested()
+
+    def is_closing(self) -> bool:
+        return self._closing or self.real.is_closing()
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the guards of this module; see its docstring."""
+
+    limits: ConnectionLimits
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._phase: _Phase = "headers"
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._linger_end = 0.0
+        self._linger_bytes = 0
+        self._message_done = True
+        self._lost = False
+        self._guarded = _Transport(transport, self)
+        super().connection_made(self._guarded)  # type: ignore[arg-type]
+        cap = self.limits.max_connections
+        if cap is not None and len(self.connections) > cap:
+            self._answer(503, "overloaded", f"the server holds its maximum of {cap} connections", {"Retry-After": "1"})
+            self._linger(_REFUSED_LINGER_S)
+            return
+        self._arm(self.limits.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._cancel_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._phase == "lingering":  # the answer is out: read and throw away
+            self._count_drained(len(data))
+            self._deadline = min(self._linger_end, self.loop.time() + LINGER_IDLE_S)
+            return
+        super().data_received(data)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self._phase in ("lingering", "draining"):
+            self._close_now()  # server shutdown does not wait for a client's leftover body
+
+    # --- parser callbacks: which phase the request is in -------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._message_done = False
+        self._phase = "headers"
+        self._arm(self.limits.header_timeout_s)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if not self._message_done:
+            self._phase = "body"
+            self._arm(self.limits.body_timeout_s)
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        if self._phase == "body":
+            self._deadline += len(body) / self.limits.body_min_rate
+        elif self._phase == "draining":
+            self._count_drained(len(body))
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._message_done = True
+        if self._phase in ("body", "draining"):
+            self._phase = "idle"
+            self._cancel_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._guarded.is_closing():
+            return
+        if not self._message_done:
+            # Answered before the body was read (413, 401, 503...): uvicorn reads the rest
+            # and throws it away so the connection can be used again; bounded like a linger.
+            self._phase = "draining"
+            self._linger_end = self.loop.time() + LINGER_S
+            self._deadline = min(self._deadline, self._linger_end)
+            self._schedule()
+        elif not self.pipeline:
+            # Idle: uvicorn's keep-alive timeout closes it; this one catches a client that
+            # keeps it alive by trickling bytes that never make a request.
+            self._phase = "headers"
+            self._arm(self.limits.header_timeout_s)
+
+    # --- closing ------------------------------------------------------------------------
+
+    def close_requested(self) -> None:
+        """uvicorn closes the connection: at once, unless the client is still sending a body."""
+        if self._lost or self._phase == "lingering":
+            self._close_now()
+        elif not self._message_done and self._phase in ("body", "draining"):
+            self._linger(LINGER_S)
+        else:
+            self._close_now()
+
+    def _linger(self, seconds: float) -> None:
+        real = self._guarded.real
+        self._phase = "lingering"
+        self._guarded._closing = True
+        if real.can_write_eof():
+            real.write_eof()  # the answer goes out, then FIN: the client sees it and stops
+        real.resume_reading()
+        self.flow.read_paused = False
+        now = self.loop.time()
+        self._linger_end = now + seconds
+        self._arm(min(seconds, LINGER_IDLE_S))
+
+    def _count_drained(self, nbytes: int) -> None:
+        self._linger_bytes += nbytes
+        if self._linger_bytes > LINGER_MAX_BYTES:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        self._cancel_timer()
+        self._guarded._closing = True
+        self._guarded.real.close()
+
+    # --- the one timer ------------------------------------------------------------------
+
+    def _arm(self, seconds: float) -> None:
+        self._deadline = self.loop.time() + seconds
+        self._schedule()
+
+    def _schedule(self) -> None:
+        self._cancel_timer()
+        self._timer = self.loop.call_at(self._deadline, self._check)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        # Deadlines only move later between checks (bytes arriving extend them), so one
+        # timer re-armed at the new deadline is enough; no timer per chunk.
+        self._timer = None
+        if self._lost or self._phase == "idle":
+            return
+        now = self.loop.time()
+        if self._phase == "body" and self.flow.read_paused:
+            self._deadline = max(self._deadline, now + self.limits.body_timeout_s)  # our wait, not the client's
+        if now < self._deadline:
+            self._schedule()
+            return
+        if self._phase == "headers":
+            self._answer(408, "request_timeout", f"the request headers took over {self.limits.header_timeout_s:g} s")
+        elif self._phase == "body":
+            self._time_out_body()
+        self._close_now()
+
+    def _time_out_body(self) -> None:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # The app is reading this body: its next read sees a disconnect, and whatever
+            # it sends from now on is dropped; the 408 below is the answer.
+            state = self.scope.get("state", {})
+            state["error_code"] = "request_timeout"
+            answered = cycle.response_started
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if answered:
+                return
+        message = f"the request body came slower than {self.limits.body_min_rate:g} bytes/s"
+        self._answer(408, "request_timeout", message)
+
+    def _answer(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        """Write a complete error response straight to the socket (no app involved)."""
+        request_id = str(self.scope.get("state", {}).get("request_id", "")) if self.scope else ""
+        body = error_body(code, message, request_id or uuid.uuid4().hex)
+        lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", "content-type: application/json",
+                 f"content-length: {len(body)}", "connection: close",
+                 *(f"{name}: {value}" for name, value in (headers or {}).items())]  # fmt: skip
+        self._guarded.real.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)

@@ -1,0 +1,191 @@
+"""Connection guards against a real ``dgserve serve`` (``api/connections.py``).
+
+* an oversized upload gets its 413 with every common client, not a reset, because the
+  server reads and throws away the rest of the body (lingering close);
+* slow-loris clients, trickling headers or a body, are answered 408 and closed within
+  the read timeouts, and a normal request is served while 500 of them are open;
+* one connection over ``DGSERVE_MAX_CONNECTIONS`` gets 503 and is closed.
+
+Latency under the slow clients is measured and printed, never asserted: this box's
+cores are shared.
+"""
+
+from __future__ import annotations
+
+import io
+import selectors
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import requests
+
+sys.path.insert(0, str(Path(__file__).parent))
+from server_process import ServerProcess  # noqa: E402
+
+from dgserve.data.scenes import render_classification
+
+TIMEOUT_S = 2.0
+SLACK_S = 3.0  # for a loaded 2-core machine: the timer fires late, the test thread reads late
+LORIS = 500
+BIG = 64 * 2**20
+CLASSIFY = "/v1/models/shapes-dgnet/classify"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    env = {"DGSERVE_HEADER_TIMEOUT_S": str(TIMEOUT_S), "DGSERVE_BODY_TIMEOUT_S": str(TIMEOUT_S),
+           "DGSERVE_MAX_CONNECTIONS": str(LORIS + 100)}  # fmt: skip
+    with ServerProcess(tmp_path_factory.mktemp("conn"), env) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def png() -> bytes:
+    buf = io.BytesIO()
+    render_classification(7, 3, 64)[0].save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _urllib_status(url: str, body: bytes, content_type: str) -> int:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize(("path", "content_type"), [(CLASSIFY, "image/png"), ("/v2/models/shapes-dgnet/infer", "application/json")])
+def test_every_client_sees_413_for_a_64_mib_body(server: ServerProcess, path: str, content_type: str) -> None:
+    url, body = server.base + path, b"\0" * BIG
+    # urllib sends "Connection: close" and writes the whole body before reading: a
+    # server that closed at once after answering reset it (ECONNRESET).
+    assert _urllib_status(url, body, content_type) == 413
+    assert httpx.post(url, content=body, headers={"Content-Type": content_type}, timeout=120).status_code == 413
+    assert requests.post(url, data=body, headers={"Content-Type": content_type}, timeout=120).status_code == 413
+    # A chunked upload declares no length, so it is refused only once the limit is passed.
+    chunks = (body[i : i + 2**20] for i in range(0, BIG, 2**20))
+    assert requests.post(url, data=chunks, headers={"Content-Type": content_type}, timeout=120).status_code == 413
+    assert httpx.get(server.base + "/healthz", timeout=10).status_code == 200
+
+
+class _Loris:
+    """A client that sends ``head`` and then one byte of ``trickle`` every ``every_s``."""
+
+    def __init__(self, port: int, head: bytes, trickle: bytes) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setblocking(False)
+        self.opened = time.monotonic()
+        self.sock.send(head)
+        self.trickle = trickle
+        self.received = b""
+        self.closed_at: float | None = None
+
+    def tick(self) -> None:
+        try:
+            self.sock.send(self.trickle)
+        except OSError:
+            self.close()
+
+    def readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.received += data
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed_at is None:
+            self.closed_at = time.monotonic()
+
+
+def _timed_classify(http: httpx.Client, png: bytes) -> tuple[httpx.Response, float]:
+    started = time.perf_counter()
+    response = http.post(CLASSIFY, content=png, headers={"Content-Type": "image/png"})
+    return response, (time.perf_counter() - started) * 1000
+
+
+def test_slow_loris_connections_are_closed_and_others_served(server: ServerProcess, png: bytes) -> None:
+    with httpx.Client(base_url=server.base, timeout=30) as http:
+        baseline_ms = min(_timed_classify(http, png)[1] for _ in range(5))
+    head = b"POST " + CLASSIFY.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+    slow_headers = [_Loris(server.port, head, b"X") for _ in range(LORIS // 2)]
+    slow_bodies = [_Loris(server.port, head + b"Content-Length: 100000\r\n\r\n", b"\0") for _ in range(LORIS // 2)]
+    clients = slow_headers + slow_bodies
+    selector = selectors.DefaultSelector()
+    for client in clients:
+        selector.register(client.sock, selectors.EVENT_READ, client)
+
+    with httpx.Client(base_url=server.base, timeout=30) as http:
+        http.get("/healthz")  # behind every loris in the accept queue: they are all open now
+        served, took_ms = _timed_classify(http, png)
+        health = http.get("/healthz")
+    open_meanwhile = sum(c.closed_at is None for c in clients)
+    print(f"classify: {baseline_ms:.0f} ms alone, {took_ms:.0f} ms with {open_meanwhile} slow-loris connections open")
+    assert served.status_code == 200 and served.json()["results"][0]["predictions"]
+    assert health.status_code == 200
+
+    deadline = time.monotonic() + TIMEOUT_S + SLACK_S + 5
+    next_tick = 0.0
+    while time.monotonic() < deadline and any(c.closed_at is None for c in clients):
+        for key, _ in selector.select(timeout=0.1):
+            key.data.readable()
+        if time.monotonic() >= next_tick:
+            next_tick = time.monotonic() + 0.5
+            for client in clients:
+                if client.closed_at is None:
+                    client.tick()
+    for client in clients:
+        selector.unregister(client.sock)
+        client.sock.close()
+
+    lifetimes = sorted(c.closed_at - c.opened for c in clients if c.closed_at is not None)
+    print(f"slow-loris lifetimes: min {lifetimes[0]:.2f} s, max {lifetimes[-1]:.2f} s, closed {len(lifetimes)}/{LORIS}")
+    assert len(lifetimes) == LORIS, "every slow connection is closed"
+    assert lifetimes[0] >= TIMEOUT_S * 0.9, "none is closed before its timeout"
+    assert lifetimes[-1] <= TIMEOUT_S + SLACK_S, "each is closed within its timeout (and slack)"
+    answered = sum(c.received.startswith(b"HTTP/1.1 408 ") for c in clients)
+    print(f"answered 408 before closing: {answered}/{LORIS}")
+    assert answered >= LORIS * 0.9  # a reset can beat the answer to a client that keeps writing
+    assert httpx.get(server.base + "/healthz", timeout=10).status_code == 200
+
+
+def test_a_body_sent_at_the_rate_floor_is_not_timed_out(server: ServerProcess, png: bytes) -> None:
+    # 3 chunks 0.9 s apart take longer than the 2 s body timeout, but each 64 KiB chunk
+    # earns a second more (DGSERVE_BODY_MIN_RATE's default), so the upload completes.
+    filler = png + b"\0" * (3 * 65536 - len(png))
+
+    def slow_body() -> Iterator[bytes]:
+        for i in range(3):
+            yield filler[i * 65536 : (i + 1) * 65536]
+            time.sleep(0.9)
+
+    response = requests.post(server.base + CLASSIFY, data=slow_body(), headers={"Content-Type": "image/png"}, timeout=60)
+    assert response.status_code == 200, response.text
+
+
+def test_a_connection_over_the_cap_gets_503(tmp_path: Path) -> None:
+    with ServerProcess(tmp_path, {"DGSERVE_MAX_CONNECTIONS": "3"}) as proc:
+        held = [socket.create_connection(("127.0.0.1", proc.port)) for _ in range(3)]
+        try:
+            time.sleep(0.3)  # the server has accepted them
+            refused = httpx.get(proc.base + "/healthz", timeout=10)
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "overloaded" and refused.headers["retry-after"] == "1"
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.3)
+        assert httpx.get(proc.base + "/healthz", timeout=10).status_code == 200

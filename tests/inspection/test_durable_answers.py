@@ -1,0 +1,72 @@
+"""An inspection id handed to a client survives ``kill -9`` of the server, on every backend.
+
+A real ``dgserve serve`` answers 200 classify requests from 8 clients at once (so answers
+share commits), is killed with SIGKILL right after the last answer, and is started
+again on the same store: every one of the 200 ids reads back. That is the default,
+``DGSERVE_INSPECTION_DURABILITY=sync``: each answer waits for its record's commit.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "api"))
+from server_process import ServerProcess  # noqa: E402
+
+from dgserve.data.scenes import render_classification
+
+REQUESTS = 200
+CLIENTS = 8
+
+
+def _sqlite(request: pytest.FixtureRequest) -> str:
+    return f"sqlite:///{request.getfixturevalue('tmp_path') / 'inspections.db'}"
+
+
+def _postgresql(request: pytest.FixtureRequest) -> str:
+    url: str = request.getfixturevalue("postgres_schema_url")
+    return url
+
+
+STORES: dict[str, Callable[[pytest.FixtureRequest], str]] = {"sqlite": _sqlite, "postgresql": _postgresql}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("backend", sorted(STORES))
+def test_every_acknowledged_id_survives_kill_9(request: pytest.FixtureRequest, tmp_path: Path, backend: str) -> None:
+    env = {"DGSERVE_INSPECTION_URL": STORES[backend](request)}
+    pngs = []
+    for seed in range(8):
+        buf = io.BytesIO()
+        render_classification(seed, seed % 4, 64)[0].save(buf, "PNG")
+        pngs.append(buf.getvalue())
+
+    first = ServerProcess(tmp_path / "first", env).start()
+    try:
+        with httpx.Client(base_url=first.base, timeout=60) as client:
+
+            def classify(n: int) -> tuple[str, str]:
+                response = client.post("/v1/models/shapes-dgnet/classify", content=pngs[n % len(pngs)],
+                                       headers={"Content-Type": "image/png"})  # fmt: skip
+                response.raise_for_status()
+                return response.json()["results"][0]["id"], response.headers["x-inspection-committed"]
+
+            with ThreadPoolExecutor(CLIENTS) as pool:
+                answers = list(pool.map(classify, range(REQUESTS)))
+        first.kill()  # at once after the last answer: nothing gets to flush
+    finally:
+        first.kill()
+
+    ids = [i for i, _ in answers]
+    assert len(set(ids)) == REQUESTS and all(committed == "true" for _, committed in answers)
+    with ServerProcess(tmp_path / "second", env) as second, httpx.Client(base_url=second.base, timeout=60) as client:
+        readable = sum(client.get(f"/v1/inspections/{i}").status_code == 200 for i in ids)
+    print(f"{backend}: {readable} of {REQUESTS} acknowledged ids readable after kill -9 and a restart")
+    assert readable == REQUESTS
