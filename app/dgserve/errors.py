@@ -96,6 +96,19 @@ class InvalidRequestError(DGServeError):
     code = "invalid_request"
 
 
+class InvalidTagError(InvalidRequestError):
+    """A request tag (``?tag=key:value``, OIP ``tags``) or tag filter that breaks the rules."""
+
+    code = "invalid_tag"
+
+
+class InvalidAnalysisError(InvalidRequestError):
+    """An aggregate or export over inspection records that cannot be answered as asked:
+    a tag key no record has, a kind the model lacks, a time range that is empty."""
+
+    code = "invalid_analysis"
+
+
 class InvalidImageError(DGServeError):
     status_code = 422
     code = "invalid_image"

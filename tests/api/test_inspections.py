@@ -56,7 +56,7 @@ async def test_json_listing_filters(main_client: httpx.AsyncClient, image: Encod
 async def test_record_holds_everything(main_client: httpx.AsyncClient, image: Encode) -> None:
     [result, _] = await post_two(main_client, image)
     record = (await main_client.get(f"/v1/inspections/{result['id']}")).json()
-    assert set(record) == {"id", "model", "version", "task", "created_at", "prediction", "connectivity"}
+    assert set(record) == {"id", "model", "version", "task", "created_at", "tags", "prediction", "connectivity"}
     assert record["prediction"] == {"image": result["image"], "predictions": result["predictions"],
                                     "replica": socket.gethostname()}  # fmt: skip
     assert record["connectivity"] == result["connectivity"]

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from dgserve.inspection import InspectionRecord, InspectionStore, SQLiteBackend, SQLiteInspectionStore
@@ -52,9 +53,12 @@ async def test_the_file_is_in_wal_mode_with_the_documented_format(tmp_path: Path
         row = conn.execute("SELECT * FROM inspections WHERE id = ?", (rec.id,)).fetchone()
         indexes = {r[1] for r in conn.execute("PRAGMA index_list(inspections)")}
     assert mode == "wal"
-    assert version == 2
-    # Byte for byte what earlier releases wrote, so files written by either read in both.
-    assert row == (rec.id, "m", 3, "classification", int(T0.timestamp()) * 1_000_000, '{"top1":"cat"}',
+    assert version == 3
+    # Byte for byte what earlier releases wrote, so files written by either read in both;
+    # schema 3's analysis columns come after (tags, label, score, layout, features).
+    assert row[7:10] == ("{}", "", None) and row[10] is not None
+    assert row[11] == np.full(64, 0.25, np.float32).tobytes()
+    assert row[:7] == (rec.id, "m", 3, "classification", int(T0.timestamp()) * 1_000_000, '{"top1":"cat"}',
                    zlib.compress(compact(connectivity), 1))
     assert len(row[6]) < len(compact(connectivity))
     assert {"inspections_created", "inspections_model_created"} <= indexes
@@ -148,4 +152,4 @@ async def test_a_schema_1_file_opens_and_its_inline_graphs_still_read(
         assert (await store.get(new.id)).connectivity == new.connectivity
     with closing(sqlite3.connect(path)) as conn:
         (version,) = conn.execute("PRAGMA user_version").fetchone()
-    assert version == 2
+    assert version == 3

@@ -124,6 +124,7 @@ class InspectionRecordResponse(BaseModel):
     version: int
     task: str
     created_at: datetime
+    tags: dict[str, str] = Field(default_factory=dict, description="the request's tags (?tag=key:value)")
     prediction: InspectionPrediction
     connectivity: Connectivity = Field(  # type: ignore[valid-type]
         description="the full connectivity, matrices included; equal to the inference response's"

@@ -6,6 +6,7 @@ de-duplication follow from the kind's own declarations.
 """
 
 from dgserve.connectivity.base import (
+    Aggregate,
     ConnectivityRecord,
     ConnectivitySource,
     GraphDescription,
@@ -24,6 +25,7 @@ from dgserve.connectivity.dgnet import StageConnectivity, StageGraph  # noqa: E4
 from dgserve.connectivity.glore import GloReUnitConnectivity, GloReUnitGraph  # noqa: E402
 
 __all__ = [
+    "Aggregate",
     "ConnectivityRecord",
     "ConnectivitySource",
     "GloReUnitConnectivity",

@@ -12,7 +12,10 @@ fields, everything the rest of the server needs to know about it:
 * ``derived``: properties that ``to_dict`` adds, figures a client would recompute;
 * ``Graph``: the dataclass that describes a module of this kind in ``/v1/models/{name}``;
 * ``tensor``: the field that tensor protocols (the Open Inference Protocol) send, one
-  output per module, with its datatype and the value that pads ragged images.
+  output per module, with its datatype and the value that pads ragged images;
+* ``aggregates``: how analysis over many images summarises its fields
+  (``Aggregate``: an edge matrix, a per-node frequency, a mean, shares over categories),
+  so ``dgserve.analysis`` summarises and exports every kind without knowing it by name.
 
 The API schema, ``strip_matrices`` and the inspection store's de-duplication are all
 derived from these declarations, so adding a kind touches none of them. Nothing here
@@ -26,6 +29,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 __all__ = [
+    "STATISTICS",
+    "Aggregate",
     "ConnectivityRecord",
     "ConnectivitySource",
     "GraphDescription",
@@ -76,6 +81,32 @@ class TensorField:
     pad: float = 0  # fills an image whose field is smaller than the batch's largest
 
 
+# What ``Aggregate.statistic`` may say; ``dgserve.analysis.layout`` gives each its numbers:
+# "edges": a square weight matrix (0 = closed edge): open frequency, mean, std, patterns;
+# "frequency": a list of booleans: how often each entry is true;
+# "mean": a number: its mean;
+# "shares": a map of category indices (-1 = none): each category's share of the entries.
+STATISTICS = frozenset({"edges", "frequency", "mean", "shares"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Aggregate:
+    """How analysis summarises one field (or derived property) of a kind over many images.
+
+    ``size_field`` names the field that holds the number of categories ("shares" only).
+    """
+
+    field: str
+    statistic: str
+    size_field: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"unknown statistic {self.statistic!r}; known: {', '.join(sorted(STATISTICS))}")
+        if (self.statistic == "shares") != (self.size_field is not None):
+            raise ValueError("size_field is required by, and only by, the 'shares' statistic")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class GraphDescription:
     """How one module of a kind describes its graph in ``/v1/models/{name}``."""
@@ -101,6 +132,7 @@ class ConnectivityRecord:
     name_field: ClassVar[str]
     """The field that names the module (as the Graph's ``name`` does)."""
     tensor: ClassVar[TensorField | None] = None
+    aggregates: ClassVar[tuple[Aggregate, ...]] = ()
     # Filled in by register_kind, from the fields' declarations.
     field_names: ClassVar[tuple[str, ...]] = ()
     matrix_fields: ClassVar[frozenset[str]] = frozenset()
@@ -142,6 +174,11 @@ def register_kind(cls: type[R]) -> type[R]:
     for name, digest in cls.shared_fields.items():
         if digest not in cls.field_names:
             raise TypeError(f"{cls.__name__}.{name} is shared by {digest!r}, which is not a field")
+    readable = (*cls.field_names, *cls.derived)
+    for agg in cls.aggregates:
+        for name in (agg.field, agg.size_field):
+            if name is not None and name not in readable:
+                raise TypeError(f"{cls.__name__} aggregates {name!r}, which is neither a field nor derived")
     _KINDS[key] = cls
     return cls
 

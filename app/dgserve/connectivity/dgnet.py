@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from dgserve.connectivity.base import (
+    Aggregate,
     ConnectivityRecord,
     GraphDescription,
     TensorField,
@@ -47,6 +48,11 @@ class StageConnectivity(ConnectivityRecord):
     Graph: ClassVar[type[GraphDescription]] = StageGraph
     name_field: ClassVar[str] = "stage"
     tensor: ClassVar[TensorField | None] = TensorField("adjacency", "FP32", ndim=2)
+    aggregates: ClassVar[tuple[Aggregate, ...]] = (
+        Aggregate("adjacency", "edges"),
+        Aggregate("executed", "frequency"),
+        Aggregate("active_edge_fraction", "mean"),
+    )
 
     stage: str = value("the stage's module name")
     nodes: list[str] = value("node names: input, the blocks, output")

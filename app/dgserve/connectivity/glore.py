@@ -9,6 +9,7 @@ from typing import ClassVar
 from typing_extensions import TypedDict
 
 from dgserve.connectivity.base import (
+    Aggregate,
     ConnectivityRecord,
     GraphDescription,
     TensorField,
@@ -61,6 +62,7 @@ class GloReUnitConnectivity(ConnectivityRecord):
     # The projection map; its size follows the input's, so images of a batch may differ
     # (detection), and -1 pads the smaller ones.
     tensor: ClassVar[TensorField | None] = TensorField("projection", "INT32", ndim=2, pad=-1)
+    aggregates: ClassVar[tuple[Aggregate, ...]] = (Aggregate("projection", "shares", size_field="num_nodes"),)
 
     unit: str = value("the unit's module name")
     num_nodes: int = value("graph nodes N")

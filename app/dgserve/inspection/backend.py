@@ -18,10 +18,14 @@ before any other method, ``close`` once after the store has stopped writing.
 from __future__ import annotations
 
 import abc
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["InspectionBackend", "Key", "PageQuery", "StoredRecord"]
+from dgserve.analysis.layout import Layout
+from dgserve.analysis.summary import Selection
+from dgserve.inspection.tags import from_canonical
+
+__all__ = ["AnalysisRow", "Filters", "InspectionBackend", "Key", "PageQuery", "StoredRecord"]
 
 # A record's place in every listing: (created_at in microseconds since the epoch, id).
 Key = tuple[int, str]
@@ -34,6 +38,12 @@ class StoredRecord:
     ``created_at_us`` is microseconds since the Unix epoch (UTC). ``prediction`` and
     ``connectivity`` are compact JSON text; ``connectivity`` lacks the shared graphs
     (markers stand in their place) and is ``None`` when a read was asked to leave it out.
+
+    What analysis reads, made by the encoder (``codec.py``) and only written, never read
+    back, through this class: ``tags`` (canonical JSON, ``dgserve.inspection.tags``), the
+    top prediction's ``label`` ("" if none) and ``score``, and the record's numbers
+    (``features``, float32) in its ``layout`` (``dgserve.analysis.layout``, JSON text),
+    both ``None`` when no module has anything to aggregate.
     """
 
     id: str
@@ -43,6 +53,11 @@ class StoredRecord:
     created_at_us: int
     prediction: str
     connectivity: str | None
+    tags: str = "{}"
+    label: str = ""
+    score: float | None = None
+    layout: str | None = None
+    features: bytes | None = None
 
     @property
     def key(self) -> Key:
@@ -50,20 +65,73 @@ class StoredRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class PageQuery:
-    """Which stored records ``read_page`` returns: up to ``limit``, in ascending ``key``.
+class Filters:
+    """Which records a listing, an export or a summary covers; ``None`` (or no tags) is no filter.
 
-    Only ``model``'s records when it is given, only those created at or after
-    ``since_us``, and only those whose key is greater than ``after`` (the last key of
-    the previous page: keyset pagination, so a deep page costs what the first does).
-    Without ``include_connectivity`` rows come with ``connectivity=None``.
+    ``since_us`` is inclusive, ``until_us`` exclusive; ``label`` is the top prediction's;
+    every ``(key, value)`` of ``tags`` must be one of the record's tags.
     """
 
-    limit: int
     model: str | None = None
+    version: int | None = None
     since_us: int | None = None
+    until_us: int | None = None
+    label: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+
+    def matches(self, row: StoredRecord) -> bool:
+        """Whether a queued (encoded, not yet stored) record passes, as a backend would judge it."""
+        if (self.model is not None and row.model != self.model) or (
+            self.version is not None and row.version != self.version
+        ):
+            return False
+        if (self.since_us is not None and row.created_at_us < self.since_us) or (
+            self.until_us is not None and row.created_at_us >= self.until_us
+        ):
+            return False
+        if self.label is not None and row.label != self.label:
+            return False
+        have = from_canonical(row.tags) if self.tags else {}
+        return all(have.get(k) == v for k, v in self.tags)
+
+
+@dataclass(frozen=True, slots=True)
+class PageQuery(Filters):
+    """Which stored records ``read_page`` returns: up to ``limit``, in ascending ``key``.
+
+    Those ``Filters`` pass, and only those whose key is greater than ``after`` (the last
+    key of the previous page: keyset pagination, so a deep page costs what the first
+    does). Without ``include_connectivity`` rows come with ``connectivity=None``.
+    """
+
+    limit: int = 100
     after: Key | None = None
     include_connectivity: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AnalysisRow:
+    """One record as an export reads it: no prediction JSON, its numbers instead.
+
+    ``layout`` is the digest of a layout (``InspectionBackend.layouts``); ``connectivity``
+    is ``None`` unless the read asked for it.
+    """
+
+    id: str
+    model: str
+    version: int
+    task: str
+    created_at_us: int
+    label: str
+    score: float | None
+    tags: str
+    layout: str | None
+    features: bytes | None
+    connectivity: str | None
+
+    @property
+    def key(self) -> Key:
+        return (self.created_at_us, self.id)
 
 
 class InspectionBackend(abc.ABC):
@@ -117,6 +185,32 @@ class InspectionBackend(abc.ABC):
         ``None`` skips that rule. Shared graphs are kept: they outlive the records that
         name them (one per unit per model version, not one per image).
         """
+
+    # --- analysis ---------------------------------------------------------------------
+    # A backend keeps, in the transaction that writes or deletes records, rollups: per
+    # (model, version, hour, label, tags, layout), sums of the records' statistics
+    # (``dgserve.analysis.stats``), so that a summary reads a few rows per hour instead
+    # of every record. ``sqlrows.py`` and ``rollups.py`` hold the SQL both backends share.
+
+    @abc.abstractmethod
+    def read_analysis_page(self, query: PageQuery) -> list[AnalysisRow]:
+        """Like ``read_page``, as ``AnalysisRow``s (connectivity only if ``query`` asks)."""
+
+    @abc.abstractmethod
+    def select(self, filters: Filters) -> Selection:
+        """The rollups and edge-of-window sums a summary of ``filters`` needs (``filters.model`` is set)."""
+
+    @abc.abstractmethod
+    def layouts(self, filters: Filters) -> dict[str, Layout]:
+        """Every layout among the records ``filters`` selects (at the time buckets' grain)."""
+
+    @abc.abstractmethod
+    def pattern_bits(self, ids: Iterable[int]) -> dict[int, bytes]:
+        """The packed bits of each stored pattern id (``dgserve.analysis.stats.pattern_id``)."""
+
+    @abc.abstractmethod
+    def tag_keys(self, model: str) -> set[str]:
+        """Every tag key that some stored record of ``model`` has."""
 
     @abc.abstractmethod
     def count(self, exclude: Collection[str] = ()) -> int:

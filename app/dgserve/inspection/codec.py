@@ -11,9 +11,11 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from dgserve.analysis.layout import extract, top_prediction
 from dgserve.inspection.backend import StoredRecord
 from dgserve.inspection.record import InspectionRecord, from_us, to_us
 from dgserve.inspection.shared import GraphTextCache, attach_shared, split_shared
+from dgserve.inspection.tags import canonical, from_canonical
 
 __all__ = ["decode", "dumps", "encode"]
 
@@ -44,6 +46,10 @@ def encode(record: InspectionRecord, cache: GraphTextCache) -> tuple[StoredRecor
         connectivity = record.connectivity_json
     else:
         connectivity = dumps(record.connectivity)
+    # What analysis reads is made here too, from the objects the caller already has:
+    # a backend would otherwise parse the JSON again to find them.
+    label, score = top_prediction(record.prediction)
+    numbers = extract(record.connectivity)
     row = StoredRecord(
         id=record.id,
         model=record.model,
@@ -52,6 +58,11 @@ def encode(record: InspectionRecord, cache: GraphTextCache) -> tuple[StoredRecor
         created_at_us=to_us(record.created_at, "created_at"),
         prediction=dumps(record.prediction),
         connectivity=connectivity,
+        tags=canonical(record.tags),
+        label=label,
+        score=score,
+        layout=None if numbers is None else numbers[0].text,
+        features=None if numbers is None else numbers[1],
     )
     return row, graphs
 
@@ -73,4 +84,5 @@ def decode(row: StoredRecord, graph: Callable[[str], Any], include_connectivity:
         created_at=from_us(row.created_at_us),
         prediction=json.loads(row.prediction),
         connectivity=connectivity,
+        tags=from_canonical(row.tags),
     )

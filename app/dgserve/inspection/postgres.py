@@ -33,6 +33,10 @@ specific to PostgreSQL, and why:
   give back the text it was given (key order, spacing).
 * **Shared graphs** go once per digest into ``graphs`` with ``ON CONFLICT DO NOTHING``:
   replicas writing the same new graph at once both succeed, and it is kept once.
+* **Analysis** (migration 2): tags, top label and score, each record's numbers, the
+  tag index and hourly rollups (``rollups.py``), in the records' transaction. Replicas
+  update the same rollup rows: each is locked (``FOR UPDATE``) in key order, so
+  concurrent batches add up instead of overwriting, and never deadlock on each other.
 * **count** is one statement, so one snapshot. **Retention** runs on every replica;
   its deletes are idempotent, so replicas that race only find less to delete.
 * **Passwords** never leave the URL: ``location`` is rebuilt from its parts without the
@@ -50,10 +54,16 @@ import psycopg
 from psycopg import conninfo as pg_conninfo
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
+from dgserve.analysis.summary import Selection
 from dgserve.errors import NotReadyError
-from dgserve.inspection.backend import InspectionBackend, PageQuery, StoredRecord
+from dgserve.inspection import rollups
+from dgserve.inspection.backend import AnalysisRow, Filters, InspectionBackend, PageQuery, StoredRecord
 from dgserve.inspection.sqlrows import (
     COLUMNS,
+    INSERT_COLUMNS,
+    analysis_page_query,
+    analysis_row,
+    backfill,
     compress,
     decompress,
     delete_expired,
@@ -85,18 +95,46 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE graphs ALTER COLUMN body SET STORAGE EXTERNAL;
     """,
+    """
+    ALTER TABLE inspections ADD COLUMN tags text NOT NULL DEFAULT '{}';
+    ALTER TABLE inspections ADD COLUMN label text COLLATE "C" NOT NULL DEFAULT '';
+    ALTER TABLE inspections ADD COLUMN score double precision;
+    ALTER TABLE inspections ADD COLUMN layout text;
+    ALTER TABLE inspections ADD COLUMN features bytea;
+    CREATE TABLE inspection_tags (
+        id            text COLLATE "C" NOT NULL,
+        key           text COLLATE "C" NOT NULL,
+        value         text COLLATE "C" NOT NULL,
+        created_at_us bigint NOT NULL,
+        PRIMARY KEY (id, key)
+    );
+    CREATE INDEX inspection_tags_value ON inspection_tags (key, value, created_at_us, id);
+    CREATE INDEX inspection_tags_created ON inspection_tags (created_at_us, id);
+    CREATE TABLE layouts (digest text PRIMARY KEY, body text NOT NULL);
+    CREATE TABLE patterns (id bigint PRIMARY KEY, bits bytea NOT NULL);
+    CREATE TABLE rollups (
+        model     text COLLATE "C" NOT NULL,
+        version   integer NOT NULL,
+        bucket_us bigint  NOT NULL,
+        label     text COLLATE "C" NOT NULL,
+        tags      text COLLATE "C" NOT NULL,
+        layout    text    NOT NULL,
+        count     bigint  NOT NULL,
+        stats     bytea   NOT NULL,
+        patterns  bytea   NOT NULL,
+        PRIMARY KEY (model, version, bucket_us, label, tags, layout)
+    );
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+_ANALYSIS_VERSION = 2  # the migration that added analysis
 _COMPONENT = "inspections"
 # Any fixed 64-bit key will do, as long as nothing else in the database uses it.
 _MIGRATION_LOCK = 0x6467_7365_7276_6531  # "dgserve1"
 
 _UPSERT = (
-    "INSERT INTO inspections (id, model, version, task, created_at_us, prediction, connectivity) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
-    "model = EXCLUDED.model, version = EXCLUDED.version, task = EXCLUDED.task, "
-    "created_at_us = EXCLUDED.created_at_us, prediction = EXCLUDED.prediction, "
-    "connectivity = EXCLUDED.connectivity"
+    f"INSERT INTO inspections ({INSERT_COLUMNS}) VALUES ({', '.join(['%s'] * 12)}) ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in INSERT_COLUMNS.split(", ") if c != "id")
 )
 
 # Defaults for what the URL does not set: a black-holed host must not hang start-up or a
@@ -113,7 +151,7 @@ _RECONNECT_TIMEOUT_S = 30.0
 _CLOSE_TIMEOUT_S = 5.0
 
 
-class PostgreSQLBackend(InspectionBackend):
+class PostgreSQLBackend(rollups.Reads, InspectionBackend):
     """Inspection rows in the PostgreSQL database at ``url`` (any libpq URL or DSN)."""
 
     def __init__(self, url: str) -> None:
@@ -178,6 +216,8 @@ class PostgreSQLBackend(InspectionBackend):
             return
         for migration in _MIGRATIONS[version:]:
             conn.execute(migration)  # several statements: allowed without parameters
+        if 0 < version < _ANALYSIS_VERSION:  # records from before analysis: count them too
+            backfill(_db(conn))
         conn.execute(
             "INSERT INTO dgserve_schema (component, version) VALUES (%s, %s) "
             "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
@@ -220,11 +260,14 @@ class PostgreSQLBackend(InspectionBackend):
         with self._transaction() as conn, conn.cursor() as cur:
             if bodies:
                 cur.executemany("INSERT INTO graphs (digest, body) VALUES (%s, %s) ON CONFLICT DO NOTHING", bodies)
+            rollups.write(_db(conn), records)  # reads the rows it replaces, so first
             cur.executemany(_UPSERT, rows)
 
     def delete_expired(self, *, older_than_us: int | None, keep_newest: int | None) -> int:
         with self._transaction() as conn:
-            return delete_expired(conn.execute, "%s", older_than_us=older_than_us, keep_newest=keep_newest)
+            db = _db(conn)
+            return delete_expired(conn.execute, "%s", older_than_us=older_than_us, keep_newest=keep_newest,
+                                  forget=lambda where, params: rollups.forget(db, where, params))  # fmt: skip
 
     # --- reading ----------------------------------------------------------------------
 
@@ -239,6 +282,23 @@ class PostgreSQLBackend(InspectionBackend):
         with self._transaction() as conn:
             rows = conn.execute(sql, params, binary=True).fetchall()
         return [from_row(row) for row in rows]
+
+    def read_analysis_page(self, query: PageQuery) -> list[AnalysisRow]:
+        sql, params = analysis_page_query(query, "%s")
+        with self._transaction() as conn:
+            rows = conn.execute(sql, params, binary=True).fetchall()
+        return [analysis_row(row) for row in rows]
+
+    def select(self, filters: Filters) -> Selection:
+        with self._transaction() as conn:
+            # One snapshot: rollups and edge records agree even while replicas write.
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            return rollups.select(_db(conn), filters)
+
+    @contextlib.contextmanager
+    def _analysis_db(self) -> Iterator[rollups.Db]:
+        with self._transaction() as conn:
+            yield _db(conn)
 
     def graph(self, digest: str) -> str | None:
         with self._transaction() as conn:
@@ -256,6 +316,18 @@ class PostgreSQLBackend(InspectionBackend):
             row = conn.execute(sql, (list(exclude),)).fetchone()
         assert row is not None
         return int(row[0])
+
+
+def _db(conn: psycopg.Connection[Any]) -> rollups.Db:
+    def execute(sql: str, params: Sequence[Any]) -> Any:
+        return conn.execute(sql, params, binary=True)
+
+    def executemany(sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            with conn.cursor() as cur:
+                cur.executemany(sql, rows)
+
+    return rollups.Db(execute, executemany, "%s", " FOR UPDATE")
 
 
 def _redacted(params: Mapping[str, Any]) -> str:

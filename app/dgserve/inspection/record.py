@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from dgserve.inspection.tags import validate as validate_tags
+
 __all__ = ["InspectionRecord", "as_utc", "from_us", "new_inspection_id", "to_us", "utc_now"]
 
 # Crockford's base32: no I, L, O or U, so ids survive being read aloud or retyped.
@@ -91,11 +93,14 @@ class InspectionRecord:
     # The same connectivity as JSON text, when the producer already has it: a GloRe
     # record runs to megabytes, and encoding it again would stall the event loop.
     connectivity_json: str | None = field(default=None, compare=False, repr=False)
+    # The request's tags (``dgserve.inspection.tags``): what analysis filters and groups by.
+    tags: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
             raise ValueError("inspection id must be a non-empty string")
         object.__setattr__(self, "created_at", as_utc(self.created_at, "created_at"))
+        object.__setattr__(self, "tags", validate_tags(self.tags))
 
     @classmethod
     def new(
@@ -108,6 +113,7 @@ class InspectionRecord:
         connectivity: dict[str, Any],
         created_at: datetime | None = None,
         connectivity_json: str | None = None,
+        tags: dict[str, str] | None = None,
     ) -> InspectionRecord:
         """A record with a fresh id, created now unless ``created_at`` is given."""
         return cls(
@@ -119,6 +125,7 @@ class InspectionRecord:
             prediction=prediction,
             connectivity=connectivity,
             connectivity_json=connectivity_json,
+            tags=tags or {},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +136,7 @@ class InspectionRecord:
             "version": self.version,
             "task": self.task,
             "created_at": self.created_at.isoformat(),
+            "tags": self.tags,
             "prediction": self.prediction,
             "connectivity": self.connectivity,
         }
@@ -152,4 +160,5 @@ class InspectionRecord:
             created_at=created_at,
             prediction=dict(data.get("prediction") or {}),
             connectivity=dict(data.get("connectivity") or {}),
+            tags=dict(data.get("tags") or {}),
         )

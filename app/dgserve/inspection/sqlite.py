@@ -23,6 +23,11 @@ worker threads; what is specific to SQLite, and why:
   compressed whole) is stored in 800 bytes, plus its three graphs (1.9 MB) once
   (``benchmarks/inspection_storage.py``). Schema 2 added the table; schema 1 files
   open and gain it.
+* **Analysis.** Schema 3 adds each record's tags, top label and score, and its numbers
+  (``features``, float32 in a layout kept once), the ``inspection_tags`` index, and the
+  hourly rollups that summaries read (``rollups.py``), all written in the records'
+  transaction. Older files gain the columns, and their records their numbers, as they
+  open (``sqlrows.backfill``).
 * **Retention** deletes rows; freed pages are reused by later writes, and the file
   does not shrink.
 
@@ -40,9 +45,15 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dgserve.inspection.backend import InspectionBackend, PageQuery, StoredRecord
+from dgserve.analysis.summary import Selection
+from dgserve.inspection import rollups
+from dgserve.inspection.backend import AnalysisRow, Filters, InspectionBackend, PageQuery, StoredRecord
 from dgserve.inspection.sqlrows import (
     COLUMNS,
+    INSERT_COLUMNS,
+    analysis_page_query,
+    analysis_row,
+    backfill,
     compress,
     decompress,
     delete_expired,
@@ -54,7 +65,7 @@ from dgserve.inspection.writebehind import InspectionStore
 
 __all__ = ["SQLiteBackend", "SQLiteInspectionStore"]
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inspections (
     id            TEXT    NOT NULL PRIMARY KEY,
@@ -73,10 +84,38 @@ CREATE TABLE IF NOT EXISTS graphs (
     body   BLOB NOT NULL
 );
 """
-_INSERT = (
-    "INSERT OR REPLACE INTO inspections "
-    "(id, model, version, task, created_at_us, prediction, connectivity) VALUES (?, ?, ?, ?, ?, ?, ?)"
+# Schema 3: analysis (rollups.py). Run once, on a file below version 3.
+_SCHEMA_3 = """
+ALTER TABLE inspections ADD COLUMN tags TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE inspections ADD COLUMN label TEXT NOT NULL DEFAULT '';
+ALTER TABLE inspections ADD COLUMN score REAL;
+ALTER TABLE inspections ADD COLUMN layout TEXT;
+ALTER TABLE inspections ADD COLUMN features BLOB;
+CREATE TABLE inspection_tags (
+    id            TEXT    NOT NULL,
+    key           TEXT    NOT NULL,
+    value         TEXT    NOT NULL,
+    created_at_us INTEGER NOT NULL,
+    PRIMARY KEY (id, key)
+);
+CREATE INDEX inspection_tags_value ON inspection_tags (key, value, created_at_us, id);
+CREATE INDEX inspection_tags_created ON inspection_tags (created_at_us, id);
+CREATE TABLE layouts (digest TEXT NOT NULL PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE patterns (id INTEGER NOT NULL PRIMARY KEY, bits BLOB NOT NULL);
+CREATE TABLE rollups (
+    model     TEXT    NOT NULL,
+    version   INTEGER NOT NULL,
+    bucket_us INTEGER NOT NULL,
+    label     TEXT    NOT NULL,
+    tags      TEXT    NOT NULL,
+    layout    TEXT    NOT NULL,
+    count     INTEGER NOT NULL,
+    stats     BLOB    NOT NULL,
+    patterns  BLOB    NOT NULL,
+    PRIMARY KEY (model, version, bucket_us, label, tags, layout)
 )
+"""
+_INSERT = f"INSERT OR REPLACE INTO inspections ({INSERT_COLUMNS}) VALUES ({', '.join('?' * 12)})"
 
 # Another process (a backup, the sqlite3 shell) may hold the file briefly.
 _BUSY_TIMEOUT_MS = 5_000
@@ -140,7 +179,7 @@ class _ReaderPool:
             conn.close()
 
 
-class SQLiteBackend(InspectionBackend):
+class SQLiteBackend(rollups.Reads, InspectionBackend):
     """Inspection rows in the SQLite file at ``path`` (its directories are created)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -192,6 +231,12 @@ class SQLiteBackend(InspectionBackend):
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                if version < 3:
+                    for statement in _SCHEMA_3.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    if version:  # records from before analysis: count them too
+                        backfill(_db(conn))
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             readers = _ReaderPool(f"{self.path.resolve().as_uri()}?mode=ro")
         except BaseException:
@@ -237,13 +282,16 @@ class SQLiteBackend(InspectionBackend):
             conn = self._writer()
             with _write_transaction(conn):
                 conn.executemany("INSERT OR IGNORE INTO graphs (digest, body) VALUES (?, ?)", bodies)
+                rollups.write(_db(conn), records)  # reads the rows it replaces, so first
                 conn.executemany(_INSERT, rows)
 
     def delete_expired(self, *, older_than_us: int | None, keep_newest: int | None) -> int:
         with self._conn_lock:
             conn = self._writer()
             with _write_transaction(conn):
-                return delete_expired(conn.execute, "?", older_than_us=older_than_us, keep_newest=keep_newest)
+                db = _db(conn)
+                return delete_expired(conn.execute, "?", older_than_us=older_than_us, keep_newest=keep_newest,
+                                      forget=lambda where, params: rollups.forget(db, where, params))  # fmt: skip
 
     # --- reading ----------------------------------------------------------------------
 
@@ -259,6 +307,24 @@ class SQLiteBackend(InspectionBackend):
         with self._reader() as conn:
             rows = conn.execute(sql, params).fetchall()
         return [from_row(row) for row in rows]
+
+    def read_analysis_page(self, query: PageQuery) -> list[AnalysisRow]:
+        sql, params = analysis_page_query(query, "?")
+        with self._reader() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [analysis_row(row) for row in rows]
+
+    def select(self, filters: Filters) -> Selection:
+        with self._reader() as conn:
+            conn.execute("BEGIN")  # one snapshot: rollups and edge records agree
+            selection = rollups.select(_db(conn), filters)
+            conn.execute("COMMIT")
+        return selection
+
+    @contextlib.contextmanager
+    def _analysis_db(self) -> Iterator[rollups.Db]:
+        with self._reader() as conn:
+            yield _db(conn)
 
     def graph(self, digest: str) -> str | None:
         with self._reader() as conn:
@@ -280,6 +346,10 @@ class SQLiteBackend(InspectionBackend):
                 overlap += n
             conn.execute("COMMIT")
         return int(stored) - int(overlap)
+
+
+def _db(conn: sqlite3.Connection) -> rollups.Db:
+    return rollups.Db(conn.execute, conn.executemany, "?")
 
 
 class SQLiteInspectionStore(InspectionStore):

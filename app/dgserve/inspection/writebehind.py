@@ -42,6 +42,8 @@ How it behaves, and why (the backend, ``backend.py``, only stores and reads rows
   under its digest (``dgserve.inspection.shared``). Reads put it back, so what is read
   equals what was put. Encoded graphs are cached (``GraphTextCache``), so a graph is
   encoded, and read back from the backend, about once however many records name it.
+* **Analysis** (``summary``, ``analysis_pages``: ``analysis.py``) reads what the
+  backend has committed, at most ``HEAVY_READS`` at a time, in worker threads.
 * **Durability** is the backend's: ``flush`` returns once every record queued before
   the call has been committed by it; ``close`` flushes first.
 
@@ -63,7 +65,8 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 from dgserve.errors import InspectionNotFoundError
-from dgserve.inspection.backend import InspectionBackend, Key, PageQuery
+from dgserve.inspection.analysis import HEAVY_READS, AnalysisReads
+from dgserve.inspection.backend import Filters, InspectionBackend, Key, PageQuery
 from dgserve.inspection.codec import decode, encode
 from dgserve.inspection.pending import Batching, Pending, PendingQueue, QueueObserver, WhenFull
 from dgserve.inspection.record import InspectionRecord, to_us, utc_now
@@ -83,7 +86,7 @@ def _queued_record(pending: Pending, include_connectivity: bool) -> InspectionRe
     return decode(pending.row, lambda digest: json.loads(pending.graphs[digest]), include_connectivity)
 
 
-class InspectionStore:
+class InspectionStore(AnalysisReads):
     """Inspection records over ``backend``; see the module docstring for behaviour.
 
     ``max_age_s``/``max_records``: retention limits (``None``: unlimited).
@@ -136,6 +139,7 @@ class InspectionStore:
         self._graph_texts = GraphTextCache(_GRAPH_CACHE_BYTES)
         self._retention_task: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
+        self._heavy = asyncio.Semaphore(HEAVY_READS)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.backend.location!r}, state={self._state})"
@@ -294,12 +298,15 @@ class InspectionStore:
         since: datetime | None = None,
         limit: int = 100,
         include_connectivity: bool = True,
+        filters: Filters | None = None,
     ) -> AsyncIterator[InspectionRecord]:
         """Up to ``limit`` records, oldest first (``created_at``, then ``id``).
 
         ``model`` keeps only that model's records; ``since`` (timezone-aware) keeps
-        those created at or after it. With ``include_connectivity=False`` the large
-        ``connectivity`` field is not read and comes back as ``{}``.
+        those created at or after it; ``filters`` adds version, until, label and tags
+        (its own ``model``/``since_us`` give way to the arguments when those are set).
+        With ``include_connectivity=False`` the large ``connectivity`` field is not
+        read and comes back as ``{}``.
 
         Queued records are taken as of the first iteration and merged in order with
         pages read from the backend. A record written while the listing runs can show
@@ -308,16 +315,14 @@ class InspectionStore:
         if limit < 0:
             raise ValueError(f"limit must not be negative, got {limit}")
         self._check_readable()
-        since_us = None if since is None else to_us(since, "since")
-        queued = sorted(
-            (
-                p
-                for p in self._queue.newest()
-                if (model is None or p.row.model == model) and (since_us is None or p.row.created_at_us >= since_us)
-            ),
-            key=lambda p: p.row.key,
-        )
-        query = PageQuery(self._page_size, model=model, since_us=since_us, include_connectivity=include_connectivity)
+        base = filters or Filters()
+        if model is not None:
+            base = dataclasses.replace(base, model=model)
+        if since is not None:
+            base = dataclasses.replace(base, since_us=to_us(since, "since"))
+        queued = sorted((p for p in self._queue.newest() if base.matches(p.row)), key=lambda p: p.row.key)
+        query = PageQuery(**{f.name: getattr(base, f.name) for f in dataclasses.fields(Filters)},
+                          limit=self._page_size, include_connectivity=include_connectivity)  # fmt: skip
         page: deque[tuple[Key, InspectionRecord]] = deque()
         stored_done = False
         queued_at = 0

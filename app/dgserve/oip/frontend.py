@@ -18,7 +18,9 @@ stage's thresholded adjacency (``stages/layer1``, ``FP32 [N, n, n]``) and each G
 unit's projection map (``glore_units/layer3.units.0``, ``INT32 [N, H, W]``).
 
 Request ``parameters``: ``timeout`` (microseconds, as Triton reads it) sets the
-deadline; the task's options (``top_k``, ``score_threshold``) are taken by name.
+deadline; ``tags`` (a string, ``"truth:cat,split:val"``: what ``?tag=`` is on ``/v1``,
+checked by the same rules, ``dgserve.inspection.tags``) goes with every image's
+inspection record; the task's options (``top_k``, ``score_threshold``) are taken by name.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pydantic import ValidationError
 from dgserve import __version__
 from dgserve.connectivity import kinds
 from dgserve.errors import VersionNotFoundError
+from dgserve.inspection.tags import parse_list
 from dgserve.oip.tensors import DTYPES, ProtocolError, Tensor
 from dgserve.serving.served_models import ServedModel
 from dgserve.serving.service import ImagePrediction, ServingService, Upload
@@ -131,7 +134,7 @@ class OipFrontend:
         models = self.service.models
         if version is None or version == "":
             return models.lookup(name)
-        if not version.isdigit():  # a path segment: "latest" or "1.0" are no version here
+        if not (version.isascii() and version.isdigit()):  # "latest", "1.0" or "¹" are no version here
             group = models.groups.get(name)
             raise VersionNotFoundError(name, version, sorted(group.versions) if group else [])
         return models.lookup(name, int(version))
@@ -152,8 +155,9 @@ class OipFrontend:
         if timeout_us is not None and (not isinstance(timeout_us, int | float) or timeout_us <= 0):
             raise ProtocolError(f"parameter timeout must be a positive number of microseconds, got {timeout_us!r}")
         deadline = self.service.deadline(None if timeout_us is None else timeout_us / 1000.0)
+        tags = _tags(request.parameters.get("tags"))
         items = await self._items(served, request.inputs, options)
-        answers = await self.service.infer(served, items, deadline, request.id)
+        answers = await self.service.infer(served, items, deadline, request.id, tags)
         outputs = self._outputs(served, task, request, answers)
         # Whether every inspection record was durable before this answer went out.
         committed = all(a.committed for a in answers if a.id is not None)
@@ -227,6 +231,15 @@ def _stack(values: Sequence[Any], dtype: np.dtype[Any], pad: float) -> np.ndarra
         for i, a in enumerate(arrays):
             out[(i, *(slice(0, n) for n in a.shape))] = a
         return out
+
+
+def _tags(value: Any) -> dict[str, str]:
+    # A string parameter: what every OIP client (Triton's HTTP and gRPC, KServe's) can send.
+    if value is None:
+        return {}
+    if not isinstance(value, str):
+        raise ProtocolError(f"parameter tags must be a string of key:value pairs separated by commas, got {value!r}")
+    return parse_list(value)
 
 
 def _options(task: Task, parameters: dict[str, Any]) -> Options:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -249,15 +249,21 @@ class ServingService:
         return items
 
     async def infer(
-        self, served: ServedModel, items: Sequence[InferenceItem], deadline: float, request_id: str | None = None
+        self,
+        served: ServedModel,
+        items: Sequence[InferenceItem],
+        deadline: float,
+        request_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> list[ImagePrediction]:
         """Every item's result, in order, each recorded in the inspection store under its id.
 
         ``request_id`` is the client's own id for the request (OIP's ``id``); the records keep it.
+        ``tags`` (validated by the front-end, ``dgserve.inspection.tags``) go with every image's record.
         """
         assert served.batcher is not None
         results = await _submit_all(served.batcher, items, deadline)
-        ids, committed = await self._record(served, items, results, request_id)
+        ids, committed = await self._record(served, items, results, request_id, dict(tags or {}))
         return [ImagePrediction(i, item.image, r, committed and i is not None)
                 for i, item, r in zip(ids, items, results, strict=True)]  # fmt: skip
 
@@ -267,6 +273,7 @@ class ServingService:
         items: Sequence[InferenceItem],
         results: Sequence[ImageResult],
         request_id: str | None,
+        tags: dict[str, str],
     ) -> tuple[list[str | None], bool]:
         """Each image's record id (None: dropped), and whether they were all committed."""
         store = self.inspections
@@ -285,6 +292,7 @@ class ServingService:
                 prediction=prediction,
                 connectivity=result.connectivity,
                 connectivity_json=result.connectivity_json,
+                tags=tags,
             )
             # A full store queue (storage down or behind) makes this wait (back-pressure,
             # nothing lost) or drops the record, counted and logged, so that the answer

@@ -39,7 +39,7 @@ from dgserve.api.deps import get_service
 from dgserve.api.schemas import ErrorResponse, inference_response
 from dgserve.connectivity import strip_matrices
 from dgserve.api.body import read_uploads
-from dgserve.serving.decode import ALLOWED_CONTENT_TYPES
+from dgserve.inspection.tags import parse_pairs
 from dgserve.serving.service import ImagePrediction, ServingService
 from dgserve.tasks import Task, tasks
 
@@ -49,24 +49,30 @@ T = TypeVar("T")
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention; only ever seen in logs and metrics
 
-_IMAGE_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": "One image, or multipart/form-data with one or more image files (any field names).",
-        "content": {
-            **{ct: {"schema": {"type": "string", "format": "binary"}} for ct in sorted(ALLOWED_CONTENT_TYPES)},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                }
+def _upload_body(content_types: frozenset[str]) -> dict[str, Any]:
+    """The OpenAPI request body of a task's route: one upload of its content types, or multipart."""
+    return {
+        "requestBody": {
+            "required": True,
+            "description": "One file, or multipart/form-data with one or more files (any field names).",
+            "content": {
+                **{ct: {"schema": {"type": "string", "format": "binary"}} for ct in sorted(content_types)},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}
+                    },
+                    "required": ["images"],
+                    }
+                },
             },
-        },
+        }
     }
-}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
+        400: "malformed multipart body",
         404: "unknown model or version",
         413: "body over DGSERVE_MAX_BODY_BYTES",
         415: "unsupported content type",
@@ -83,6 +89,10 @@ class V1Params(BaseModel):
     version: int | None = Field(None, ge=1, description="model version (default: the highest)")
     connectivity: bool = Field(True, description="false leaves the matrices out (they are still stored)")
     timeout_ms: float | None = Field(None, gt=0, description="deadline in ms (default DGSERVE_DEFAULT_TIMEOUT_MS)")
+    tag: list[str] = Field(
+        default_factory=list,
+        description="key:value, repeatable (at most 16): kept with each image's record, for filtering and grouping",
+    )
 
 
 def _route(task: Task) -> Callable[..., Awaitable[Response]]:
@@ -120,7 +130,7 @@ def build_router() -> APIRouter:
             name=task.endpoint,
             response_model=inference_response(task),
             responses=_ERRORS,
-            openapi_extra=_IMAGE_BODY,
+            openapi_extra=_upload_body(task.content_types),
         )
     return router
 
@@ -129,15 +139,16 @@ async def _infer(
     request: Request, service: ServingService, task: Task, name: str, params: V1Params, options: Any
 ) -> Response:
     deadline = service.deadline(params.timeout_ms)
+    tags = parse_pairs(params.tag)  # 422 before anything is read
     known = service.models.lookup(name, params.version)  # 404 for names the store does not have
     request.scope["state"]["model"] = (known.name, known.version)  # metric labels from here on
     served = service.admit(name, params.version, task)
     try:
-        uploads = await read_uploads(request, service.settings)
+        uploads = await read_uploads(request, service.settings, task.content_types)
     except ClientDisconnect:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     items = await service.prepare(served, uploads, options)
-    predictions = await _until_disconnect(request, service.infer(served, items, deadline))
+    predictions = await _until_disconnect(request, service.infer(served, items, deadline, tags=tags))
     if predictions is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     body = _render(served.name, served.version, task.name, predictions, params.connectivity)

@@ -2,20 +2,22 @@
 
 The listing is for analysis: ``Accept: application/x-ndjson`` or ``?format=ndjson``
 streams one JSON record per line as the store pages them in, so a long listing never
-sits in memory whole; plain JSON (the default) gathers them into one document.
+sits in memory whole; plain JSON (the default) gathers them into one document. It takes
+the analysis routes' filters (``analysis.FilterParams``): version, since, until, label
+and ``tag=key:value``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from dgserve.api.deps import get_inspections, get_settings
+from dgserve.api.routes.analysis import FilterParams, filters_of
 from dgserve.api.schemas import ErrorResponse, InspectionListResponse, InspectionRecordResponse
 from dgserve.errors import InvalidRequestError
 from dgserve.inspection import InspectionStore
@@ -53,8 +55,8 @@ async def list_inspections(
     request: Request,
     inspections: Inspections,
     settings: Annotated[Settings, Depends(get_settings)],
+    filters: Annotated[FilterParams, Depends()],
     model: Annotated[str | None, Query(description="only this model's records")] = None,
-    since: Annotated[datetime | None, Query(description="ISO 8601; records created at or after (UTC if no offset)")] = None,
     limit: Annotated[int, Query(ge=1, description="most records (at most DGSERVE_INSPECTION_LIST_MAX)")] = 100,
     connectivity: Annotated[bool, Query(description="false leaves connectivity out ({}), much smaller")] = True,
     format: Annotated[Literal["json", "ndjson"] | None, Query(description="ndjson: one record per line")] = None,
@@ -63,11 +65,7 @@ async def list_inspections(
     cap = settings.inspection_list_max
     if limit > cap:
         raise InvalidRequestError(f"limit {limit} is over the maximum of {cap}; page with ?since=")
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
-    records = inspections.list(
-        model=model, since=since, limit=limit, include_connectivity=connectivity
-    )
+    records = inspections.list(limit=limit, include_connectivity=connectivity, filters=filters_of(filters, model))
     if format == "ndjson" or (format is None and NDJSON in request.headers.get("accept", "")):
         return StreamingResponse(_ndjson(records), media_type=NDJSON)
     lines = [json.dumps(record.to_dict()) async for record in records]

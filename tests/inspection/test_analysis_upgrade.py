@@ -1,0 +1,66 @@
+"""A store written before analysis existed gains it when it opens: its records get their
+label, score and numbers, and summaries count them (SQLite schema 1 -> 3, PostgreSQL
+migration 1 -> 2)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import zlib
+from contextlib import closing
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from dgserve.inspection import InspectionStore, PostgreSQLBackend, SQLiteBackend
+from dgserve.inspection.backend import Filters
+from dgserve.inspection.postgres import _MIGRATIONS
+
+pytestmark = pytest.mark.timeout(60)
+
+ADJACENCY = [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.5, 0.0]]
+CONNECTIVITY = {"stages": [{"stage": "layer1", "adjacency": ADJACENCY, "executed": [True, True, True]}]}
+PREDICTION = {"predictions": [{"label": "cat", "score": 0.8}]}
+OLD = [("r1", 1_700_000_000_000_000), ("r2", 1_700_000_100_000_000)]
+
+
+async def check(store: InspectionStore) -> None:
+    async with store:
+        summary = await store.summary(Filters(model="m"), group_by="label")
+        assert [(g["key"], g["count"]) for g in summary["groups"]] == [("cat", 2)]
+        stage = summary["groups"][0]["stages"][0]
+        assert stage["adjacency_open_frequency"] == [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+        assert stage["adjacency_patterns"]["distinct"] == 1
+
+
+def old_rows() -> list[tuple[str, int, str, bytes]]:
+    blob = zlib.compress(json.dumps(CONNECTIVITY).encode())
+    return [(i, t, json.dumps(PREDICTION), blob) for i, t in OLD]
+
+
+@pytest.mark.asyncio
+async def test_a_schema_1_sqlite_file_gains_its_records_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "inspections.db"
+    with closing(sqlite3.connect(path)) as conn:
+        conn.executescript(
+            """
+            CREATE TABLE inspections (id TEXT NOT NULL PRIMARY KEY, model TEXT NOT NULL, version INTEGER NOT NULL,
+                task TEXT NOT NULL, created_at_us INTEGER NOT NULL, prediction TEXT NOT NULL, connectivity BLOB NOT NULL);
+            PRAGMA user_version = 1;
+            """
+        )
+        conn.executemany("INSERT INTO inspections VALUES (?, 'm', 1, 'classification', ?, ?, ?)", old_rows())
+        conn.commit()
+    await check(InspectionStore(SQLiteBackend(path)))
+
+
+@pytest.mark.asyncio
+async def test_a_migration_1_postgresql_schema_gains_its_records_numbers(postgres_schema_url: str) -> None:
+    with psycopg.connect(postgres_schema_url) as conn:
+        conn.execute(_MIGRATIONS[0])
+        conn.execute("CREATE TABLE dgserve_schema (component text PRIMARY KEY, version integer NOT NULL)")
+        conn.execute("INSERT INTO dgserve_schema VALUES ('inspections', 1)")
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO inspections VALUES (%s, 'm', 1, 'classification', %s, %s, %s)", old_rows())
+    await check(InspectionStore(PostgreSQLBackend(postgres_schema_url)))
