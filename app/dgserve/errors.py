@@ -124,6 +124,28 @@ class ImageTooLargeError(InvalidImageError):
     code = "image_too_large"
 
 
+class InvalidVideoError(InvalidImageError):
+    """Not a complete video in an allowed container and codec (no video stream, truncated, ...).
+
+    An undecodable upload like an image, naming its part the same way; its own code.
+    """
+
+    code = "invalid_video"
+
+
+class VideoTooLargeError(InvalidVideoError):
+    """Frames with more pixels than DGSERVE_MAX_VIDEO_FRAME_PIXELS, as images over their limit."""
+
+    code = "video_too_large"
+
+
+class VideoTooLongError(InvalidVideoError):
+    """More frames or seconds than DGSERVE_MAX_VIDEO_FRAMES / _SECONDS: too much content, 413."""
+
+    status_code = 413
+    code = "video_too_long"
+
+
 # --- capacity and time -------------------------------------------------------
 
 

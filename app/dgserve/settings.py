@@ -89,6 +89,15 @@ class Settings(BaseSettings):
         40_000_000, description="Largest decoded image (width × height) accepted (422 above): stops decompression bombs."
     )
     max_images_per_request: PositiveInt = Field(64, description="Most image parts in one multipart request.")
+    max_video_seconds: float = Field(
+        120.0, gt=0, description="Longest video accepted, in seconds (413 above; header, then while decoding)."
+    )
+    max_video_frames: PositiveInt = Field(
+        3600, description="Most frames in one video (413 above; checked as decoding goes, whatever the header says)."
+    )
+    max_video_frame_pixels: PositiveInt = Field(
+        3840 * 2160, description="Largest video frame (width × height) accepted (422 above), checked before decoding."
+    )
     decode_threads: PositiveInt = Field(
         default_factory=_default_decode_threads, description="Threads that decode and resize images."
     )

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request
 
 from dgserve.errors import InvalidRequestError, PayloadTooLargeError
-from dgserve.serving.decode import check_content_type
+from dgserve.serving.decode import ALLOWED_CONTENT_TYPES, check_content_type
 from dgserve.serving.service import Upload
 from dgserve.settings import Settings
 
@@ -40,18 +40,23 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def read_uploads(request: Request, settings: Settings) -> list[Upload]:
-    """One image as the body (``Content-Type: image/*``), or the file parts of a multipart body."""
+async def read_uploads(
+    request: Request, settings: Settings, content_types: frozenset[str] = ALLOWED_CONTENT_TYPES
+) -> list[Upload]:
+    """One image as the body (``Content-Type: image/*``), or the file parts of a multipart body.
+
+    ``content_types`` are the media types the task takes (``Task.content_types``; images by default).
+    """
     limit = settings.max_body_bytes
     _check_declared(request, limit)
     content_type = request.headers.get("content-type", "")
     if content_type.split(";", 1)[0].strip().lower() == "multipart/form-data":
-        return await _read_multipart(request, limit, settings.max_images_per_request)
-    media_type = check_content_type(content_type)
+        return await _read_multipart(request, limit, settings.max_images_per_request, content_types)
+    media_type = check_content_type(content_type, allowed=content_types)
     return [Upload(None, await read_body(request, limit), media_type)]
 
 
-async def _read_multipart(request: Request, limit: int, max_parts: int) -> list[Upload]:
+async def _read_multipart(request: Request, limit: int, max_parts: int, content_types: frozenset[str]) -> list[Upload]:
     received = 0
 
     async def receive() -> Any:
@@ -72,7 +77,7 @@ async def _read_multipart(request: Request, limit: int, max_parts: int) -> list[
             part = value.filename or field or f"#{index}"
             media_type = (value.content_type or "").split(";", 1)[0].strip().lower()
             if media_type not in _UNTYPED_PARTS:
-                check_content_type(media_type, part)
+                check_content_type(media_type, part, content_types)
             uploads.append(Upload(part, await value.read(), media_type))
     finally:
         await form.close()

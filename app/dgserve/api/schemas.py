@@ -85,6 +85,8 @@ class ImageInfo(BaseModel):
     part: str | None = Field(None, description="the multipart part (file name or field) the image came from")
     width: int
     height: int
+    frames: int | None = Field(None, description="videos only: the frames decoded (width and height are a frame's)")
+    seconds: float | None = Field(None, description="videos only: the video's length")
 
 
 @cache

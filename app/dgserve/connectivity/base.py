@@ -53,9 +53,9 @@ _SHARED_BY = "dgserve_shared_by"
 _DESCRIPTION = "description"
 
 
-def value(description: str = "") -> Any:
-    """A plain field: always in the response."""
-    return dataclasses.field(metadata={_DESCRIPTION: description})
+def value(description: str = "", default: Any = dataclasses.MISSING) -> Any:
+    """A plain field: always in the response. A ``default`` lets a kind add a field that older records lack."""
+    return dataclasses.field(default=default, metadata={_DESCRIPTION: description})
 
 
 def matrix(description: str = "") -> Any:

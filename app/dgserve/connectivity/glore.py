@@ -76,10 +76,16 @@ class GloReUnitConnectivity(ConnectivityRecord):
     projection: list[list[int]] = matrix(
         "per feature-map location, the node it projects to most; left out with ?connectivity=false"
     )
+    # Last, with a default: records written before video existed read as one frame.
+    frames: int = value(
+        "frames T of the projection map: 1 for an image; a video unit's T frames of H x W are "
+        "stacked top to bottom, so projection is (T·H) x W and frame t is rows t·H to (t+1)·H",
+        default=1,
+    )
 
     @property
     def projection_summary(self) -> ProjectionSummary:
-        """How the image's locations spread over the graph nodes, without the full map."""
+        """How the image's locations spread over the graph nodes, without the full map (height: one frame's)."""
         counts: dict[int, int] = {}
         for row in self.projection:
             for node in row:
@@ -87,7 +93,7 @@ class GloReUnitConnectivity(ConnectivityRecord):
         total = sum(counts.values()) or 1
         top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
         return {
-            "height": len(self.projection),
+            "height": len(self.projection) // max(self.frames, 1),
             "width": len(self.projection[0]) if self.projection else 0,
             "nodes_used": len(counts),
             "top_nodes": [{"node": node, "fraction": n / total} for node, n in top],

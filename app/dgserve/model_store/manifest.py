@@ -56,6 +56,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ClipSampling(_Strict):
+    """How a video task cuts clips from a decoded video (``dgserve.video.clip_indices``)."""
+
+    frames_per_clip: PositiveInt = Field(8, le=256, description="frames T of one clip, the model's temporal input")
+    frame_stride: PositiveInt = Field(1, le=64, description="a clip takes every s-th decoded frame")
+    num_clips: PositiveInt = Field(1, le=32, description="clips spread evenly over the video; their scores are averaged")
+
+
 class Preprocessing(_Strict):
     input_size: tuple[PositiveInt, PositiveInt] = Field(description="(height, width) fed to the model")
     mean: tuple[UnitFloat, UnitFloat, UnitFloat] = Field(description="per-channel RGB mean, pixels in [0, 1]")
@@ -63,6 +71,11 @@ class Preprocessing(_Strict):
     interpolation: Interpolation = "bilinear"
     resize: ResizeMode = "center_crop"
     crop_fraction: float = Field(0.875, gt=0.0, le=1.0, description="used by resize=center_crop only")
+    # Video tasks only; left out of an image model's manifest altogether, so image
+    # manifests read and write exactly as before.
+    clips: ClipSampling | None = Field(
+        None, exclude_if=lambda v: v is None, description="video: frames per clip, stride and clips per video"
+    )
 
 
 class Thresholds(_Strict):

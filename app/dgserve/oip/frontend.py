@@ -9,7 +9,8 @@ A model takes one input per request, either of:
 
 * ``image``: ``BYTES [N]``, each element an encoded image (JPEG, PNG, ...), decoded and
   preprocessed by the server with the manifest, as OpenVINO Model Server does;
-* ``input``: ``FP32 [N, 3, H, W]``, already preprocessed at the manifest's input size.
+* ``input``: ``FP32 [N, 3, H, W]``, already preprocessed at the manifest's input size
+  (the task's ``input_shape``: a video model takes one clip each, ``[N, 3, T, H, W]``).
 
 It answers with its task's prediction tensors (``Task.tensor_outputs``), the
 ``inspection_id`` of each image (``BYTES [N]``: ``GET /v1/inspections/{id}``), and one
@@ -103,10 +104,10 @@ class OipFrontend:
         manifest = served.manifest
         if manifest is None:
             return meta  # a broken store entry: nothing is known about its tensors
-        height, width = manifest.preprocessing.input_size
+        shape = get_task(manifest.task).input_shape(manifest.preprocessing)
         meta["inputs"] = [
-            _spec(TensorSpec(IMAGE_INPUT, "BYTES", (-1,), "encoded images (JPEG, PNG, ...); send this or input")),
-            _spec(TensorSpec(TENSOR_INPUT, "FP32", (-1, 3, height, width), "preprocessed images; or send image")),
+            _spec(TensorSpec(IMAGE_INPUT, "BYTES", (-1,), "encoded files (JPEG, PNG, ...; MP4, WebM); or input")),
+            _spec(TensorSpec(TENSOR_INPUT, "FP32", (-1, *shape), "preprocessed inputs (video: a clip each); or image")),
         ]
         meta["outputs"] = [_spec(s) for s in self._output_specs(served)]
         return meta
@@ -177,8 +178,11 @@ class OipFrontend:
                 raise ProtocolError(f"input {IMAGE_INPUT!r} must be BYTES of shape [N], got {tensor.datatype} {tensor.shape}")
             uploads = [Upload(f"{IMAGE_INPUT}[{i}]", data, "") for i, data in enumerate(tensor.array)]
             return await self.service.prepare(served, uploads, options)
-        if tensor.datatype != "FP32" or tensor.array.ndim != 4:
-            raise ProtocolError(f"input {TENSOR_INPUT!r} must be FP32 of shape [N, 3, H, W], got {tensor.datatype} {tensor.shape}")
+        assert served.manifest is not None
+        dims = get_task(served.manifest.task).input_shape(served.manifest.preprocessing)
+        if tensor.datatype != "FP32" or tensor.array.ndim != 1 + len(dims):
+            wanted = ", ".join(["N", *map(str, dims)])
+            raise ProtocolError(f"input {TENSOR_INPUT!r} must be FP32 of shape [{wanted}], got {tensor.datatype} {tensor.shape}")
         batch = torch.from_numpy(np.array(tensor.array, dtype=np.float32))  # a copy the request owns
         return self.service.prepare_tensors(served, list(batch.unbind(0)), options)
 

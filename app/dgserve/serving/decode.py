@@ -72,28 +72,31 @@ def new_decode_pool(threads: int) -> ThreadPoolExecutor:
 # --- content type ---------------------------------------------------------------
 
 
-def check_content_type(content_type: str | None, part: str | None = None) -> str:
+def check_content_type(
+    content_type: str | None, part: str | None = None, allowed: frozenset[str] = ALLOWED_CONTENT_TYPES
+) -> str:
     """The canonical media type of an upload, or ``UnsupportedMediaTypeError`` (415).
 
     Parameters (``image/png; charset=binary``) and case are ignored. Passing this
     only means the client *claims* an image; :func:`decode_image` checks the bytes.
+    ``allowed`` is what the task takes (``Task.content_types``): images by default.
     """
     where = f"part {part!r}: " if part else ""
     if not content_type or not content_type.strip():
         raise UnsupportedMediaTypeError(
-            f"{where}no content type given; send one of {_allowed_list()}"
+            f"{where}no content type given; send one of {_allowed_list(allowed)}"
         )
     media_type = content_type.split(";", 1)[0].strip().lower()
     media_type = _CONTENT_TYPE_ALIASES.get(media_type, media_type)
-    if media_type not in ALLOWED_CONTENT_TYPES:
+    if media_type not in allowed:
         raise UnsupportedMediaTypeError(
-            f"{where}content type {media_type!r} is not supported; send one of {_allowed_list()}"
+            f"{where}content type {media_type!r} is not supported; send one of {_allowed_list(allowed)}"
         )
     return media_type
 
 
-def _allowed_list() -> str:
-    return ", ".join(sorted(ALLOWED_CONTENT_TYPES))
+def _allowed_list(allowed: frozenset[str]) -> str:
+    return ", ".join(sorted(allowed))
 
 
 # --- decoding ---------------------------------------------------------------------

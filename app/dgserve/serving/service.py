@@ -31,7 +31,6 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from PIL import Image
 from torch import Tensor
 
 from dgserve.errors import DGServeError, InvalidRequestError, NotReadyError
@@ -39,7 +38,7 @@ from dgserve.inspection import InspectionRecord, InspectionStore, open_inspectio
 from dgserve.metrics import Metrics
 from dgserve.model_store import Manifest, ModelStore
 from dgserve.serving.batcher import DynamicBatcher
-from dgserve.serving.decode import decode_image, new_decode_pool
+from dgserve.serving.decode import new_decode_pool
 from dgserve.serving.served_models import ServedModel, ServedModels
 from dgserve.serving.worker import ImageResult
 from dgserve.settings import Settings
@@ -224,9 +223,9 @@ class ServingService:
         assert served.manifest is not None
         loop = asyncio.get_running_loop()
         pool, manifest = self._decode_pool, served.manifest
-        max_pixels = self.settings.max_image_pixels
+        settings = self.settings
         outcomes = await asyncio.gather(
-            *(loop.run_in_executor(pool, _prepare, u, manifest, max_pixels, options) for u in uploads),
+            *(loop.run_in_executor(pool, _prepare, u, manifest, settings, options) for u in uploads),
             return_exceptions=True,
         )
         for outcome in outcomes:
@@ -235,14 +234,15 @@ class ServingService:
         return list(outcomes)  # type: ignore[arg-type]
 
     def prepare_tensors(self, served: ServedModel, tensors: Sequence[Tensor], options: Options) -> list[InferenceItem]:
-        """Inputs the client preprocessed itself: ``(3, H, W)`` float32 at the manifest's input size."""
+        """Inputs the client preprocessed itself: float32 of the task's ``input_shape`` (``(3, H, W)`` for images)."""
         assert served.manifest is not None
         task, (height, width) = get_task(served.manifest.task), served.manifest.preprocessing.input_size
+        shape = task.input_shape(served.manifest.preprocessing)
         items = []
         for index, tensor in enumerate(tensors):
-            if tuple(tensor.shape) != (3, height, width):
+            if tuple(tensor.shape) != shape:
                 raise InvalidRequestError(
-                    f"input {index}: shape {list(tensor.shape)} is not the model's preprocessed input [3, {height}, {width}]"
+                    f"input {index}: shape {list(tensor.shape)} is not the model's preprocessed input {list(shape)}"
                 )
             prepared, context = task.prepare_tensor(tensor)
             items.append(InferenceItem(prepared, ImageInfo(None, width, height), options, context))
@@ -310,11 +310,11 @@ class ServingService:
         return ids, committed
 
 
-def _prepare(upload: Upload, manifest: Manifest, max_pixels: int, options: Options) -> InferenceItem:
-    """Runs in the decode pool: bytes to a preprocessed tensor."""
-    img: Image.Image = decode_image(upload.data, max_pixels=max_pixels, part=upload.part)
-    tensor, context = get_task(manifest.task).prepare(img, manifest.preprocessing)
-    return InferenceItem(tensor, ImageInfo(upload.part, img.width, img.height), options, context)
+def _prepare(upload: Upload, manifest: Manifest, settings: Settings, options: Options) -> InferenceItem:
+    """Runs in the decode pool: bytes to a preprocessed tensor, decoded as the model's task decodes uploads."""
+    task = get_task(manifest.task)
+    tensor, info, context = task.prepare_upload(upload.data, upload.part, manifest.preprocessing, settings)
+    return InferenceItem(tensor, info, options, context)
 
 
 async def _submit_all(

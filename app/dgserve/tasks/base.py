@@ -27,12 +27,14 @@ from torch import Tensor, nn
 
 from dgserve.imaging import IMAGENET_MEAN, IMAGENET_STD
 from dgserve.model_store.manifest import Manifest, Preprocessing, ResizeMode
+from dgserve.serving.decode import ALLOWED_CONTENT_TYPES, decode_image
 
 if TYPE_CHECKING:
     import torch
 
     from dgserve.data.sources import DataBundle
-    from dgserve.training.config import TrainConfig
+    from dgserve.settings import Settings
+    from dgserve.training.config import Schedule, TrainConfig
 
 __all__ = [
     "ImageInfo", "InferenceItem", "Options", "Task", "TensorSpec", "get_task", "register_task", "tasks",
@@ -96,12 +98,19 @@ class Task(abc.ABC):
     Options: ClassVar[type[Options]] = Options
     Prediction: ClassVar[type[BaseModel]]
     """The schema of one prediction (one label, one box, ...) in a response."""
+    many: ClassVar[bool] = True
+    """Whether a result's ``predictions`` is a list of ``Prediction`` (labels, boxes) or one
+    ``Prediction`` for the whole image (a label map)."""
     default_input_size: ClassVar[int]
     default_resize: ClassVar[ResizeMode]
     data_sources: ClassVar[tuple[str, ...]]
     """``dgserve train --data`` values this task reads; ``generated`` is the shapes generator."""
     collate: ClassVar[Callable[[Sequence[Any]], Any] | None] = None
     """The training DataLoader's collate; ``None`` is torch's default (stacking)."""
+    augmentation: ClassVar[str] = "random flips and 90° rotations"
+    """What ``dgserve train --augment`` (the default) does, for the model card."""
+    content_types: ClassVar[frozenset[str]] = ALLOWED_CONTENT_TYPES
+    """The media types the task's route accepts (415 for others); ``prepare_upload`` decodes them."""
 
     # --- manifest -----------------------------------------------------------------
 
@@ -135,10 +144,31 @@ class Task(abc.ABC):
     def prepare(self, img: Image.Image, pre: Preprocessing) -> tuple[Tensor, Any]:
         """A decoded RGB image to ``(model input, context for predict)``; runs in the decode pool."""
 
+    def prepare_upload(
+        self, data: bytes, part: str | None, pre: Preprocessing, settings: Settings
+    ) -> tuple[Tensor, ImageInfo, Any]:
+        """One upload's bytes to ``(model input, what was uploaded, context for predict)``; in the decode pool.
+
+        The default decodes an image (``serving.decode``: the allowed formats, the pixel
+        limit) and hands it to ``prepare``. A task whose uploads are not images (video)
+        overrides this and ``content_types``: it owns its decoding and its limits.
+        """
+        img = decode_image(data, max_pixels=settings.max_image_pixels, part=part)
+        tensor, context = self.prepare(img, pre)
+        return tensor, ImageInfo(part, img.width, img.height), context
+
+    def input_shape(self, pre: Preprocessing) -> tuple[int, ...]:
+        """The shape of one preprocessed input, as tensor protocols send it to ``prepare_tensor``."""
+        return (3, *pre.input_size)
+
+    def predictions_schema(self) -> Any:
+        """The type of one result's ``predictions`` in a response: see ``many``."""
+        return list[self.Prediction] if self.many else self.Prediction  # type: ignore[name-defined]
+
     @abc.abstractmethod
     def predict(
         self, model: nn.Module, items: Sequence[InferenceItem], manifest: Manifest, to_device: ToDevice
-    ) -> list[list[dict[str, Any]]]:
+    ) -> list[Any]:
         """Run ``model`` on a batch and return each item's predictions, JSON-able, in order.
 
         Runs in the worker thread under ``torch.inference_mode``; ``to_device`` moves a
@@ -156,7 +186,7 @@ class Task(abc.ABC):
         """The prediction tensors this task answers with, for a model's metadata."""
 
     @abc.abstractmethod
-    def to_tensors(self, predictions: Sequence[list[dict[str, Any]]], manifest: Manifest) -> dict[str, np.ndarray]:
+    def to_tensors(self, predictions: Sequence[Any], manifest: Manifest) -> dict[str, np.ndarray]:
         """A batch's ``predict`` output as the tensors ``tensor_outputs`` names (BYTES as object arrays)."""
 
     # --- training -------------------------------------------------------------------
@@ -175,6 +205,8 @@ class Task(abc.ABC):
 
     metric: ClassVar[tuple[str, str]]
     """The held-out figure that matters: its key in ``evaluate``'s dict, and its title."""
+    schedule: ClassVar[Schedule] = "cosine"
+    """The learning-rate decay after warm-up when ``dgserve train --schedule`` is not given."""
     routing_groups: ClassVar[str]
     """What the per-class routing figures group images by, for the model card."""
 

@@ -62,7 +62,10 @@ class Classification(Task):
         self, model: nn.Module, items: Sequence[InferenceItem], manifest: Manifest, to_device: ToDevice
     ) -> list[list[dict[str, Any]]]:
         logits = model(to_device(torch.stack([item.tensor for item in items])))
-        probs = torch.softmax(logits.float(), dim=1)
+        return self.top_k(torch.softmax(logits.float(), dim=1), items, manifest)
+
+    def top_k(self, probs: Tensor, items: Sequence[InferenceItem], manifest: Manifest) -> list[list[dict[str, Any]]]:
+        """Each item's top-k labels from its row of class probabilities (``top_k`` option, else the manifest's)."""
         num_labels, default_k = probs.shape[1], manifest.thresholds.top_k
         ks = [min(num_labels, _options(item).top_k or default_k) for item in items]
         scores, indices = probs.topk(max(ks), dim=1)
@@ -125,7 +128,7 @@ class Classification(Task):
         correct = torch.zeros(num_classes)
         total = torch.zeros(num_classes)
         for images, labels in tqdm(batches, desc="  eval", leave=False, disable=not progress):
-            predicted = model(images).argmax(1)
+            predicted = self.scores(model, images).argmax(1)
             if routed:
                 for record, label in zip(collect_connectivity(model, len(images)), labels.tolist(), strict=True):
                     stats.add(record, label)
@@ -139,6 +142,10 @@ class Classification(Task):
         if routed:
             out["connectivity"] = stats.summary()
         return out
+
+    def scores(self, model: nn.Module, inputs: Tensor) -> Tensor:
+        """Class scores ``(n, classes)`` of a batch of held-out inputs: the logits, for images."""
+        return model(inputs)
 
     def card_results(self, final: dict[str, Any], labels: Sequence[str]) -> list[str]:
         per_class = ", ".join(f"{label} {acc:.3f}" for label, acc in zip(labels, final["per_class_top1"], strict=True))

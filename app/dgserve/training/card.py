@@ -51,10 +51,10 @@ def render_card(
         "",
         *[f"- {note}" for note in init_notes],
         f"- {len(history.epochs)} epochs, batch {config.batch_size}, {config.optimizer} at peak lr {config.lr:g} "
-        f"(warm-up {_epochs(config.warmup_epochs)}, cosine decay), weight decay {config.weight_decay:g}, "
+        f"(warm-up {_epochs(config.warmup_epochs)}, {config.schedule or task.schedule} decay), weight decay {config.weight_decay:g}, "
         f"seed {config.seed}, trained parameters: {config.train}.",
         _sparsity_line(config, routed="connectivity" in final),
-        f"- Augmentation: {'random flips and 90° rotations' if config.augment else 'none'}.",
+        f"- Augmentation: {task.augmentation if config.augment else 'none'}.",
         *(
             [f"- Resumed (`--resume`) from the checkpoint written after epoch {history.resumed_at}, same settings."]
             if history.resumed_at is not None

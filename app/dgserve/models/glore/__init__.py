@@ -1,9 +1,9 @@
 """GloRe (Chen et al., CVPR 2019): the Global Reasoning unit and GloRe ResNets.
 
-Importing this package registers the GloRe classification models.
+Importing this package registers the GloRe classification and video classification models.
 """
 
-from dgserve.models.glore import resnet, unit
+from dgserve.models.glore import resnet, unit, video
 from dgserve.models.glore.resnet import (
     RES3_RES4_PLACEMENT,
     RES4_PLACEMENT,
@@ -11,6 +11,7 @@ from dgserve.models.glore.resnet import (
     GloReStage,
 )
 from dgserve.models.glore.unit import GloReUnit, GloReUnit1d, GloReUnit2d, GloReUnit3d
+from dgserve.models.glore.video import GloReVideoResNet
 
 __all__ = [
     "RES3_RES4_PLACEMENT",
@@ -21,6 +22,8 @@ __all__ = [
     "GloReUnit1d",
     "GloReUnit2d",
     "GloReUnit3d",
+    "GloReVideoResNet",
     "resnet",
     "unit",
+    "video",
 ]

@@ -22,7 +22,7 @@ from typing import Any, Final
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from dgserve.models.glore.unit import GloReUnit2d
+from dgserve.models.glore.unit import GloReUnit, GloReUnit2d
 from dgserve.models.widths import set_widths
 from dgserve.models.registry import register_model
 
@@ -38,7 +38,7 @@ _STAGES: Final = ("layer1", "layer2", "layer3", "layer4")
 class GloReStage(nn.Module):
     """A ResNet stage with GloRe units between (or after) its blocks."""
 
-    def __init__(self, blocks: nn.Sequential, units: Mapping[int, GloReUnit2d]) -> None:
+    def __init__(self, blocks: nn.Sequential, units: Mapping[int, GloReUnit]) -> None:
         super().__init__()
         self.num_blocks = len(blocks)
         for index in units:

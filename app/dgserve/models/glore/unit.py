@@ -147,7 +147,7 @@ class GloReUnit(nn.Module):
 
         The record's ``projection`` is two-dimensional: H x W for a 2-D unit, one row
         of L for a 1-D unit, and for a 3-D unit the T frames of H x W stacked top to
-        bottom into a (T·H) x W map.
+        bottom into a (T·H) x W map, with ``frames`` = T (1 otherwise).
         """
         if self._projection is None:
             return []
@@ -155,6 +155,7 @@ class GloReUnit(nn.Module):
         adjacency: list[list[float]] = matrix.tolist()
         digest = adjacency_digest(matrix)
         width = self._projection.shape[-1]
+        frames = self._projection.shape[1] if self.dims == 3 else 1
         maps = self._projection.cpu().reshape(self._projection.shape[0], -1, width)
         return [
             GloReUnitConnectivity(
@@ -166,6 +167,7 @@ class GloReUnit(nn.Module):
                 adjacency=adjacency,
                 projection=image_map.tolist(),
                 adjacency_digest=digest,
+                frames=frames,
             )
             for image_map in maps
         ]
