@@ -67,7 +67,7 @@ def _check_instance_aware(records: list[ImageConnectivity], groups: list[int]) -
 
 def test_store_holds_every_bundled_model_with_a_card_within_60_mb() -> None:
     store = ModelStore(STORE)
-    assert set(store.names()) >= {*CLASSIFIERS, DETECTOR}
+    assert set(store.names()) >= {*CLASSIFIERS, DETECTOR, "shapes-segmenter", "shapes-video"}
     total = sum(p.stat().st_size for p in STORE.rglob("*") if p.is_file())
     assert total < 60 * 2**20
     for name in store.names():
@@ -190,3 +190,91 @@ def test_served_end_to_end(tmp_path: Path) -> None:
                 assert record["connectivity"] == result["connectivity"] and result["connectivity"]["stages"]
 
     asyncio.run(scenario())
+
+
+VIDEO = "shapes-video"
+VIDEO_CLIPS = 210  # 30 videos of each of the 7 motions
+
+
+def test_video_classifier_top1_on_held_out_clips() -> None:
+    """shapes-video on generated videos of a seed no training drew, cut into clips as the server cuts uploads."""
+    from torch.utils.data import DataLoader
+
+    from dgserve.data.clips import MOTIONS, MotionClips
+    from dgserve.tasks import get_task
+    from dgserve.tasks.video import GENERATED_LENGTH
+
+    loaded = _load(VIDEO)
+    assert loaded.manifest.labels == list(MOTIONS)
+    task = get_task(loaded.manifest.task)
+    held_out = MotionClips(VIDEO_CLIPS, HELD_OUT_SEED, loaded.manifest.preprocessing, GENERATED_LENGTH)
+    with torch.no_grad():
+        figures = task.evaluate(loaded.model, DataLoader(held_out, batch_size=BATCH), len(MOTIONS), progress=False)
+    assert figures["images"] == VIDEO_CLIPS
+    assert figures["top1"] >= 0.90, figures
+
+
+SEGMENTER = "shapes-segmenter"
+SEGMENTATION_SCENES = 150
+
+
+def test_segmenter_miou_on_held_out_scenes() -> None:
+    """shapes-segmenter's mIoU on scenes of a seed no training drew, preprocessed as the server does."""
+    from torch.utils.data import DataLoader
+
+    from dgserve.data import ShapesSegmentation
+    from dgserve.tasks import get_task
+
+    loaded = _load(SEGMENTER)
+    assert loaded.manifest.labels == ["background", *CLASSES]
+    task = get_task(loaded.manifest.task)
+    pre = loaded.manifest.preprocessing
+    held_out = ShapesSegmentation(SEGMENTATION_SCENES, HELD_OUT_SEED, pre.input_size[0],
+                                  transform=lambda image: task.prepare(image, pre)[0])  # fmt: skip
+    figures = task.evaluate(loaded.model, DataLoader(held_out, batch_size=BATCH), len(CLASSES) + 1, progress=False)
+    assert figures["mIoU"] >= 0.80, figures
+    assert min(figures["per_class_iou"]) >= 0.5, figures  # no class is left behind by the mean
+
+
+def test_segment_end_to_end_against_the_true_mask(tmp_path: Path) -> None:
+    """One scene through the real app, uploaded at twice its size: the label map comes back at the
+    upload's size and matches the true mask, and the GloRe unit's projection map is recorded."""
+    import asyncio
+
+    import httpx
+    import numpy as np
+
+    from dgserve.api.app import create_app
+    from dgserve.data.scenes import render_segmentation
+    from dgserve.settings import Settings
+    from dgserve.tasks.segmentation import decode_label_map
+
+    image, truth = render_segmentation(HELD_OUT_SEED + 1, 0, 96)
+    upload = image.resize((192, 192), Image.Resampling.NEAREST)
+    truth = np.kron(truth, np.ones((2, 2), np.uint8))  # the true mask at the upload's size
+
+    async def scenario() -> dict[str, object]:
+        app = create_app(Settings(model_store=STORE, data_dir=tmp_path, models=[SEGMENTER], torch_threads=1,
+                                  grpc_port=None))  # fmt: skip
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
+                while (await client.get("/readyz")).status_code != 200:
+                    await asyncio.sleep(0.05)
+                response = await client.post(f"/v1/models/{SEGMENTER}/segment", content=_png(upload),
+                                             headers={"content-type": "image/png"})  # fmt: skip
+                assert response.status_code == 200, response.text
+                result: dict[str, object] = response.json()["results"][0]
+                record = (await client.get(f"/v1/inspections/{result['id']}")).json()
+                assert record["prediction"]["predictions"] == result["predictions"]
+                return result
+
+    result = asyncio.run(scenario())
+    label_map = decode_label_map(result["predictions"])  # type: ignore[arg-type]
+    assert label_map.shape == truth.shape == (192, 192)
+    assert (label_map == truth).mean() >= 0.95
+    for k in np.unique(truth):
+        iou = ((label_map == k) & (truth == k)).sum() / ((label_map == k) | (truth == k)).sum()
+        assert iou >= 0.7, (CLASSES[k - 1] if k else "background", iou)
+    [unit] = result["connectivity"]["glore_units"]  # type: ignore[index]
+    assert len(unit["projection"]) == 12  # the unit's feature map: the 96 px model input at output stride 8

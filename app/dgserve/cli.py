@@ -81,8 +81,8 @@ def train(
     architecture: Annotated[str | None, typer.Argument(help="Registered architecture (see `dgserve models`); optional with --from-store.")] = None,
     name: Annotated[str, typer.Option(help="Store name to write the trained model under (a new version).")] = ...,  # type: ignore[assignment]
     store: Annotated[Path, typer.Option(help="Model store directory.")] = Path("model_store"),
-    data: Annotated[str, typer.Option(help="generated | imagefolder | coco.")] = "generated",
-    data_path: Annotated[Path | None, typer.Option(help="ImageFolder root or COCO annotation JSON.")] = None,
+    data: Annotated[str, typer.Option(help="generated | imagefolder | coco | masks.")] = "generated",
+    data_path: Annotated[Path | None, typer.Option(help="ImageFolder root, COCO annotation JSON, or a folder of images/ and masks/.")] = None,
     val_path: Annotated[Path | None, typer.Option(help="Held-out set in the same format (default: a seeded split).")] = None,
     val_fraction: Annotated[float, typer.Option(help="Held out when no --val-path is given.")] = 0.1,
     train_size: Annotated[int, typer.Option(help="Generated data: training images.")] = 20000,
@@ -96,9 +96,10 @@ def train(
     epochs: Annotated[int, typer.Option()] = 10,
     batch_size: Annotated[int, typer.Option()] = 64,
     optimizer: Annotated[str, typer.Option(help="adamw | sgd.")] = "adamw",
-    lr: Annotated[float, typer.Option(help="Peak learning rate (linear warm-up, cosine decay).")] = 3e-3,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (linear warm-up, then --schedule).")] = 3e-3,
     weight_decay: Annotated[float, typer.Option(help="Decoupled (AdamW) or L2 (SGD) weight decay; none on biases, norms, routers and tau.")] = 0.05,
     warmup_epochs: Annotated[float, typer.Option()] = 0.5,
+    schedule: Annotated[str | None, typer.Option(help="cosine | poly after warm-up (default: the task's; poly for segmentation).")] = None,
     label_smoothing: Annotated[float, typer.Option()] = 0.0,
     sparsity: Annotated[float, typer.Option(help="Coefficient of the L1 penalty on gated edge weights.")] = 0.0,
     sparsity_warmup: Annotated[float, typer.Option(help="Epochs over which the sparsity coefficient ramps up from 0.")] = 0.0,
@@ -138,7 +139,7 @@ def train(
         train_size=train_size, val_size=val_size, data_seed=data_seed, val_seed=val_seed,
         input_size=input_size, max_objects=max_objects, augment=augment,
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,  # type: ignore[arg-type]
-        weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
+        weight_decay=weight_decay, warmup_epochs=warmup_epochs, schedule=schedule, label_smoothing=label_smoothing,  # type: ignore[arg-type]
         sparsity=sparsity, sparsity_warmup=sparsity_warmup, dead_end_penalty=dead_end_penalty, train=train_scope, from_store=from_store, init_backbone=init_backbone,  # type: ignore[arg-type]
         seed=seed, checkpoint_dir=checkpoint_dir, resume=resume, workers=workers, threads=threads,
         progress=progress, description=description, storage_dtype=dtype,  # type: ignore[arg-type]

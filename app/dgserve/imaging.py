@@ -18,7 +18,9 @@ from torchvision.transforms.v2 import functional as F
 
 from dgserve.model_store.manifest import Interpolation, Preprocessing
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "interpolation_mode", "preprocess", "resize", "to_rgb"]
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "interpolation_mode", "letterbox_geometry", "preprocess", "resize", "to_rgb",
+]
 
 # The statistics torchvision's ImageNet weights were trained with, for pixels in [0, 1].
 IMAGENET_MEAN: Final[tuple[float, float, float]] = (0.485, 0.456, 0.406)
@@ -77,17 +79,26 @@ def preprocess(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
         pixels = resize(pixels, _cover_size(src_h, src_w, height, width, pre.crop_fraction), interpolation)
         pixels = F.center_crop(pixels, [height, width])
     else:  # letterbox
-        scale = min(height / src_h, width / src_w)
-        new_h = min(height, max(1, round(src_h * scale)))
-        new_w = min(width, max(1, round(src_w * scale)))
+        (new_h, new_w), pad = letterbox_geometry(src_h, src_w, height, width)
         pixels = resize(pixels, (new_h, new_w), interpolation)
-        left, top = (width - new_w) // 2, (height - new_h) // 2
-        pad = [left, top, width - new_w - left, height - new_h - top]
 
     out = F.normalize(F.to_dtype(pixels, torch.float32, scale=True), mean=list(pre.mean), std=list(pre.std))
     if pad is not None and any(pad):
         out = F.pad(out, pad, fill=0.0)  # zero after normalising is the mean before
     return out
+
+
+def letterbox_geometry(src_h: int, src_w: int, height: int, width: int) -> tuple[tuple[int, int], list[int]]:
+    """Where ``resize="letterbox"`` puts an image: its scaled ``(h, w)`` and the padding ``[left, top, right, bottom]``.
+
+    Shared by ``preprocess`` and by what must follow the image exactly (a label map in
+    training, the model's output mapped back to the original pixels).
+    """
+    scale = min(height / src_h, width / src_w)
+    new_h = min(height, max(1, round(src_h * scale)))
+    new_w = min(width, max(1, round(src_w * scale)))
+    left, top = (width - new_w) // 2, (height - new_h) // 2
+    return (new_h, new_w), [left, top, width - new_w - left, height - new_h - top]
 
 
 def _cover_size(src_h: int, src_w: int, height: int, width: int, crop_fraction: float) -> tuple[int, int]:

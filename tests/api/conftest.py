@@ -2,8 +2,8 @@
 
 The store is built once per session from registered architectures with random
 weights (throughput and plumbing do not depend on the weights): a DG-Net ResNet-18
-classifier, a GloRe ResNet-50 classifier and a DG-Net Faster R-CNN, all at tiny input
-sizes. ``main_client`` serves all three for the whole session; tests that need odd
+classifier, a GloRe ResNet-50 classifier, a DG-Net Faster R-CNN and a GloRe FCN
+segmenter, all at tiny input sizes. ``main_client`` serves all three for the whole session; tests that need odd
 settings (tiny queues, a blocked worker, a broken store) start their own app with
 ``running(...)``, serving only the small classifier.
 
@@ -105,6 +105,12 @@ def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         name="det", architecture="fasterrcnn_dgnet_resnet50_fpn", arch_kwargs=det_kwargs, labels=["ball", "box"],
         preprocessing={**PRE_64, "input_size": [128, 128], "resize": "letterbox"},
         thresholds={"score_threshold": 0.0, "max_detections": 10},
+    )
+    # A GloRe FCN segmenter, letterboxed like the bundled one; served by tests/api/test_segment.py.
+    store.save(
+        create_model("fcn_glore_resnet_slim", num_classes=3),
+        name="seg", architecture="fcn_glore_resnet_slim", arch_kwargs={"num_classes": 3},
+        labels=["background", "disc", "bar"], preprocessing={**PRE_64, "resize": "letterbox"},
     )
     return root
 

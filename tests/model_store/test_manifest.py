@@ -100,7 +100,7 @@ def test_manifest_is_immutable() -> None:
         ({"version": 0}, "version", "greater than 0"),
         ({"version": "one"}, "version", "valid integer"),
         ({"schema_version": 2}, "schema_version", "1"),
-        ({"task": "segmentation"}, "task", "classification"),
+        ({"task": "counting"}, "task", "classification"),
         ({"created_at": "2025-01-01T12:00:00"}, "created_at", "timezone"),
         ({"labels": []}, "labels", "at least 1"),
         ({"labels": ["cat", "cat", "dog"]}, "labels", "duplicate labels"),

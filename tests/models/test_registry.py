@@ -16,6 +16,7 @@ def test_issue_architectures_are_registered() -> None:
         "dgnet_regnet_x_600mf", "dgnet_regnet_x_1_6gf", "glore_resnet50", "glore_resnet50_2_3",
         "glore_resnet101", "glore_resnext101_32x4d", "glore_resnet200", "fasterrcnn_dgnet_resnet50_fpn",
         "fasterrcnn_dgnet_resnet101_fpn", "fasterrcnn_glore_resnet50_fpn",
+        "fcn_glore_resnet50", "fcn_glore_resnet101", "fcn_dgnet_resnet50",
     }  # fmt: skip
     assert expected <= set(ALL_MODELS)
 
@@ -25,10 +26,14 @@ def test_entry_is_described_and_filterable(name: str) -> None:
     entry = get_entry(name)
     assert entry.description
     assert name in list_models(task=entry.task) and name in list_models(family=entry.family)
-    assert name.startswith(("dgnet_", "glore_", "fasterrcnn_"))
+    assert name.startswith(("dgnet_", "glore_", "fasterrcnn_", "fcn_"))
 
 
-@pytest.mark.parametrize("name", ["dgnet_resnet18_slim", "glore_resnet18_slim", "fasterrcnn_dgnet_resnet18_slim_fpn"])
+@pytest.mark.parametrize(
+    "name",
+    ["dgnet_resnet18_slim", "glore_resnet18_slim", "fasterrcnn_dgnet_resnet18_slim_fpn", "fcn_glore_resnet_slim",
+     "fcn_dgnet_resnet_slim"],
+)  # fmt: skip
 def test_slim_variants_build(name: str) -> None:
     model = create_model(name, num_classes=5)
     assert isinstance(model, nn.Module)

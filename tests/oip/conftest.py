@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import io
-import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
-
-import httpx
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "api"))
+from server_process import ServerProcess, free_port  # noqa: E402
 
 from dgserve.data.scenes import render_classification, render_detection_scene
 
-MODELS = "shapes-dgnet,shapes-glore,shapes-detector"
+MODELS = "shapes-dgnet,shapes-glore,shapes-detector,shapes-segmenter"
 MAX_IMAGES = 8
 
 

@@ -150,6 +150,29 @@ def test_glore_projection_maps_come_as_tensors(server: Any, protocol: str, shape
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_segmentation_label_maps_come_as_an_int_tensor_padded_per_batch(
+    server: Any, protocol: str, scenes: list[bytes], shapes: list[bytes]
+) -> None:
+    from dgserve.tasks.segmentation import decode_label_map
+
+    module, client = connect(server, protocol)
+    meta = metadata(client, protocol, "shapes-segmenter")
+    outputs = {t["name"]: t for t in meta["outputs"]}
+    assert outputs["label_map"]["datatype"] == "INT32" and outputs["label_map"]["shape"] == [-1, -1, -1]
+    images = [scenes[0], shapes[0]]  # 160x160 and 64x64: the smaller map is padded with -1
+    result = client.infer("shapes-segmenter", [bytes_input(module, images)])
+    label_map, fractions = result.as_numpy("label_map"), result.as_numpy("class_fractions")
+    assert label_map.dtype == np.int32 and label_map.shape == (2, 160, 160) and fractions.shape == (2, 9)
+    expected = v1(server, "shapes-segmenter", "segment", images)
+    np.testing.assert_array_equal(label_map[0], decode_label_map(expected[0]["predictions"]))
+    np.testing.assert_array_equal(label_map[1, :64, :64], decode_label_map(expected[1]["predictions"]))
+    assert (label_map[1, 64:] == -1).all() and (label_map[1, :, 64:] == -1).all()
+    np.testing.assert_allclose(fractions.sum(1), 1.0, rtol=1e-5)
+    [unit] = expected[0]["connectivity"]["glore_units"]
+    assert result.as_numpy(f"glore_units/{unit['unit']}")[0].tolist() == unit["projection"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize(
     ("build", "message"),
     [

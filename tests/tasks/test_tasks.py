@@ -55,9 +55,9 @@ def test_each_task_reads_the_generated_data_and_refuses_a_source_it_lacks(name: 
 
 
 def test_a_manifest_with_an_unknown_task_names_the_known_ones() -> None:
-    with pytest.raises(ValidationError, match="unknown task 'segmentation'; known: classification, detection"):
+    with pytest.raises(ValidationError, match="unknown task 'counting'; known: classification, detection"):
         Manifest.model_validate({
-            "schema_version": 1, "name": "x", "version": 1, "architecture": "a", "task": "segmentation",
+            "schema_version": 1, "name": "x", "version": 1, "architecture": "a", "task": "counting",
             "arch_kwargs": {"num_classes": 2}, "labels": ["a", "b"],
             "preprocessing": {"input_size": [8, 8], "mean": [0.5] * 3, "std": [0.5] * 3},
             "weights": {"sha256": "0" * 64}, "created_at": "2026-01-01T00:00:00Z",
@@ -98,7 +98,7 @@ def test_a_new_task_gets_its_route_parameters_and_schema(monkeypatch: pytest.Mon
     spec = create_app(Settings(model_store=tmp_path, data_dir=tmp_path)).openapi()
     operation = spec["paths"]["/v1/models/{name}/count"]["post"]
     params = {p["name"] for p in operation["parameters"]}
-    assert params == {"name", "version", "connectivity", "timeout_ms", "min_area"}
+    assert params == {"name", "version", "connectivity", "timeout_ms", "tag", "min_area"}
     response = operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
     assert response.endswith("/CountResponse")
     assert spec["components"]["schemas"]["CountResult"]["properties"]["predictions"]["items"]["$ref"].endswith("/Count")

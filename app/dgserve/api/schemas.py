@@ -98,7 +98,7 @@ def inference_response(task: Task) -> type[BaseModel]:
         id=(str | None, Field(description="inspection id: GET /v1/inspections/{id}; null when the record was "
                               "dropped because the inspection store's queue was full (DGSERVE_INSPECTION_WHEN_FULL)")),
         image=(ImageInfo, ...),
-        predictions=(list[task.Prediction], ...),  # type: ignore[name-defined]
+        predictions=(task.predictions_schema(), ...),
         connectivity=(Connectivity, ...),
     )
     return create_model(
@@ -115,7 +115,9 @@ def inference_response(task: Task) -> type[BaseModel]:
 
 class InspectionPrediction(BaseModel):
     image: ImageInfo
-    predictions: list[dict[str, Any]] = Field(description="exactly as the inference response gave them")
+    predictions: list[dict[str, Any]] | dict[str, Any] = Field(
+        description="exactly as the inference response gave them (one object per image for segmentation)"
+    )
     replica: str | None = Field(None, description="the server that wrote the record (DGSERVE_REPLICA)")
     request_id: str | None = Field(None, description="the client's id for the request (the OIP request id)")
 

@@ -13,23 +13,26 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .export import export_coco, export_image_folder
+from .export import export_coco, export_image_folder, export_segmentation_folder
 from .scenes import (
     BACKGROUNDS,
     CLASSIFICATION_CONFIG,
     DETECTION_CONFIG,
     NUM_CLASSES,
+    SEGMENTATION_CONFIG,
     DetectionScene,
     SceneConfig,
     render_classification,
     render_detection,
     render_detection_scene,
+    render_segmentation,
 )
 from .shapes import CLASSES
 
 _LAZY = {
     "ShapesClassification": "datasets",
     "ShapesDetection": "datasets",
+    "ShapesSegmentation": "datasets",
     "pil_to_tensor": "datasets",
 }
 
@@ -39,16 +42,20 @@ __all__ = [
     "CLASSIFICATION_CONFIG",
     "DETECTION_CONFIG",
     "NUM_CLASSES",
+    "SEGMENTATION_CONFIG",
     "DetectionScene",
     "SceneConfig",
     "ShapesClassification",
     "ShapesDetection",
+    "ShapesSegmentation",
     "export_coco",
     "export_image_folder",
+    "export_segmentation_folder",
     "pil_to_tensor",
     "render_classification",
     "render_detection",
     "render_detection_scene",
+    "render_segmentation",
 ]
 
 

@@ -14,7 +14,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .scenes import CLASSIFICATION_CONFIG, DETECTION_CONFIG, SceneConfig, render_classification, render_detection_scene
+from .scenes import (
+    CLASSIFICATION_CONFIG, DETECTION_CONFIG, SEGMENTATION_CONFIG, SceneConfig, render_classification,
+    render_detection_scene, render_segmentation,
+)
 from .shapes import CLASSES
 
 DetectionTarget = dict[str, torch.Tensor]
@@ -118,3 +121,37 @@ class ShapesDetection(Dataset[tuple[torch.Tensor, DetectionTarget]]):
         if self.transforms is not None:
             return self.transforms(image, target)
         return image, target
+
+
+class ShapesSegmentation(Dataset[tuple[Any, torch.Tensor]]):
+    """``n`` scenes of 1..``max_objects`` objects; item ``i`` is ``(image, label map)``.
+
+    The label map is int64 [H, W]: 0 background, ``k + 1`` for ``CLASSES[k]`` (so the
+    model's labels are ``("background", *CLASSES)``). The image is a PIL RGB image
+    unless ``transform`` maps it, as for ``ShapesClassification``.
+    """
+
+    classes: tuple[str, ...] = ("background", *CLASSES)
+
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        size: int = 96,
+        max_objects: int = 3,
+        transform: Callable[[Image.Image], Any] | None = None,
+        config: SceneConfig = SEGMENTATION_CONFIG,
+    ) -> None:
+        if n < 0 or seed < 0:
+            raise ValueError(f"n and seed must be non-negative, got n={n}, seed={seed}")
+        self.n, self.seed, self.size, self.max_objects = n, seed, size, max_objects
+        self.transform, self.config = transform, config
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[Any, torch.Tensor]:
+        index = _check_index(index, self.n)
+        image, label_map = render_segmentation(self.seed, index, self.size, self.max_objects, self.config)
+        sample: Any = self.transform(image) if self.transform is not None else image
+        return sample, torch.from_numpy(label_map.astype(np.int64))

@@ -7,6 +7,11 @@
   emits), image id = scene index, bbox in xywh, area = mask pixels, and the mask as
   compressed RLE so segmentation-aware loaders work too.
 
+* ``export_segmentation_folder``: ``root/images/<index>.png``, ``root/masks/<index>.png``
+  (8-bit label maps: 0 background, ``k + 1`` for ``CLASSES[k]``, the layout of VOC's
+  ``SegmentationClass`` and Cityscapes' ``labelIds``) and ``root/labels.txt``, one
+  class name per line in index order.
+
 Files are PNG, so the exported pixels are exactly the rendered ones.
 """
 
@@ -18,11 +23,19 @@ from typing import Any
 
 import numpy as np
 
-from .scenes import CLASSIFICATION_CONFIG, DETECTION_CONFIG, SceneConfig, render_classification, render_detection_scene
+from PIL import Image
+
+from .scenes import (
+    CLASSIFICATION_CONFIG, DETECTION_CONFIG, SEGMENTATION_CONFIG, SceneConfig, render_classification,
+    render_detection_scene, render_segmentation,
+)
 from .shapes import CLASSES
 
 COCO_ANNOTATIONS = "annotations.json"
 COCO_IMAGES = "images"
+SEGMENTATION_IMAGES = "images"
+SEGMENTATION_MASKS = "masks"
+SEGMENTATION_LABELS = "labels.txt"
 
 
 def _file_name(index: int, n: int) -> str:
@@ -94,3 +107,23 @@ def export_coco(
     path = root / COCO_ANNOTATIONS
     path.write_text(json.dumps(dataset))
     return path
+
+
+def export_segmentation_folder(
+    root: str | Path,
+    n: int,
+    seed: int,
+    size: int = 96,
+    max_objects: int = 3,
+    config: SceneConfig = SEGMENTATION_CONFIG,
+) -> Path:
+    """Render ``ShapesSegmentation(n, seed, size, max_objects)`` as images and PNG masks; returns root."""
+    root = Path(root)
+    (root / SEGMENTATION_IMAGES).mkdir(parents=True, exist_ok=True)
+    (root / SEGMENTATION_MASKS).mkdir(parents=True, exist_ok=True)
+    for index in range(n):
+        image, label_map = render_segmentation(seed, index, size, max_objects, config)
+        image.save(root / SEGMENTATION_IMAGES / _file_name(index, n))
+        Image.fromarray(label_map).save(root / SEGMENTATION_MASKS / _file_name(index, n))
+    (root / SEGMENTATION_LABELS).write_text("\n".join(("background", *CLASSES)) + "\n")
+    return root

@@ -49,6 +49,7 @@ BACKGROUNDS: tuple[str, ...] = ("solid", "linear", "radial", "stripes", "checker
 
 _CLASSIFICATION_STREAM = 1
 _DETECTION_STREAM = 2
+_SEGMENTATION_STREAM = 3
 
 # Objects smaller than this (circumradius, px) are always plain: see ``_place``.
 _MIN_TEXTURED_RADIUS = 12.0
@@ -99,6 +100,9 @@ CLASSIFICATION_CONFIG = SceneConfig(radius=(0.24, 0.44))
 # Diameters of ~20-51 px at 128 px: inside the range Faster R-CNN's smallest FPN
 # anchors (32 px) cover, with room for up to five objects.
 DETECTION_CONFIG = SceneConfig(radius=(0.08, 0.2), distractors=(0, 3))
+# Diameters of ~31-61 px at 96 px: four to eight cells of an output-stride-8 FCN, so
+# a shape's outline is resolvable, with room for up to three objects.
+SEGMENTATION_CONFIG = SceneConfig(radius=(0.16, 0.32), distractors=(0, 3))
 
 
 class DetectionScene(NamedTuple):
@@ -362,9 +366,31 @@ def render_detection_scene(
     The object count is drawn first; an object that finds no free, contrasting spot in
     ``placement_attempts`` tries is left out, so crowded draws may hold fewer (never 0).
     """
+    return _render_scene(_DETECTION_STREAM, seed, index, size, max_objects, config)
+
+
+def render_segmentation(
+    seed: int, index: int, size: int = 96, max_objects: int = 3, config: SceneConfig = SEGMENTATION_CONFIG
+) -> tuple[Image.Image, np.ndarray]:
+    """A scene of 1..``max_objects`` objects and its label map: (RGB image, uint8 [H, W]).
+
+    The label map holds 0 for background and ``k + 1`` where ``CLASSES[k]`` covers the
+    pixel (the same masks detection's boxes come from; objects never touch, so no
+    pixel has two labels). Its own random stream: not the detection scenes' draws.
+    """
+    scene = _render_scene(_SEGMENTATION_STREAM, seed, index, size, max_objects, config)
+    label_map = np.zeros((size, size), np.uint8)
+    for mask, label in zip(scene.masks, scene.labels, strict=True):
+        label_map[mask] = label + 1
+    return scene.image, label_map
+
+
+def _render_scene(
+    stream: int, seed: int, index: int, size: int, max_objects: int, config: SceneConfig
+) -> DetectionScene:
     if max_objects < 1:
         raise ValueError(f"max_objects must be >= 1, got {max_objects}")
-    rng = _rng(_DETECTION_STREAM, seed, index)
+    rng = _rng(stream, seed, index)
     count = int(rng.integers(1, max_objects + 1))
     labels = [int(c) for c in rng.integers(0, NUM_CLASSES, count)]
     image, placed = _compose(rng, size, labels, config)

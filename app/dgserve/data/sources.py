@@ -1,4 +1,4 @@
-"""Where ``dgserve train`` reads its data: generated scenes, an ImageFolder, COCO JSON.
+"""Where ``dgserve train`` reads its data: generated scenes, an ImageFolder, COCO JSON, image/mask folders.
 
 Each task picks the sources it supports and the transform that makes its inputs
 (``dgserve.tasks``); this module only reads. Every transform a task passes is the
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "CocoDetection", "DataBundle", "coco", "generated_description", "image_folder", "load_rgb", "quiet", "split",
+    "CocoDetection", "DataBundle", "MaskFolder", "coco", "generated_description", "image_folder", "load_rgb",
+    "mask_folder", "quiet", "split",
 ]
 
 @dataclass
@@ -73,6 +74,16 @@ def coco(config: TrainConfig, transform: Callable[[Image.Image], tuple[torch.Ten
         return dataset, dataset.labels
 
     return _bundle(config, open_set, "COCO", "categories")
+
+
+def mask_folder(config: TrainConfig, transform: Callable[[Image.Image, Image.Image], Any]) -> DataBundle:
+    """Images with PNG label maps at ``config.data_path`` (see ``MaskFolder``)."""
+
+    def open_set(path: Path) -> tuple[Dataset[Any], list[str]]:
+        dataset = MaskFolder(path, transform)
+        return dataset, dataset.labels
+
+    return _bundle(config, open_set, "Image and mask folders", "classes")
 
 
 def _bundle(
@@ -148,6 +159,46 @@ class CocoDetection(Dataset[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
             "iscrowd": torch.zeros(len(anns), dtype=torch.int64),
         }
         return image, target
+
+
+class MaskFolder(Dataset[Any]):
+    """Semantic segmentation data as VOC and Cityscapes lay it out.
+
+    ``root/images/<stem>.<ext>`` beside ``root/masks/<stem>.png``: an 8-bit label map
+    whose pixel values are class indices (a palette PNG's indices, as VOC's
+    ``SegmentationClass``, or a greyscale PNG, as Cityscapes' ``labelIds``); 255 marks
+    pixels to ignore. Class names are ``root/labels.txt``, one per line, line k naming
+    index k. ``transform`` maps ``(image, mask)`` jointly, since both must be resized alike.
+    """
+
+    IGNORE_INDEX = 255
+
+    def __init__(self, root: Path, transform: Callable[[Image.Image, Image.Image], Any]) -> None:
+        self.root, self.transform = Path(root), transform
+        labels_file = self.root / "labels.txt"
+        if not labels_file.is_file():
+            raise ValueError(f"{labels_file} is missing: one class name per line, line k naming index k")
+        self.labels = [line.strip() for line in labels_file.read_text().splitlines() if line.strip()]
+        masks = {p.stem: p for p in sorted((self.root / "masks").glob("*.png"))}
+        images = sorted(p for p in (self.root / "images").glob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+        self.pairs = [(image, masks[image.stem]) for image in images if image.stem in masks]
+        if not self.pairs:
+            raise ValueError(f"no image in {self.root / 'images'} has a mask of the same name in {self.root / 'masks'}")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> Any:
+        image_path, mask_path = self.pairs[index]
+        with Image.open(mask_path) as mask:
+            if mask.mode not in ("L", "P"):
+                raise ValueError(f"{mask_path}: a label map must be an 8-bit greyscale or palette PNG, not {mask.mode}")
+            # Never .convert(): that would map palette indices to colours.
+            label_map = mask.copy()
+        return self.transform(load_rgb(str(image_path)), label_map)
+
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def split(dataset: Dataset[Any], fraction: float, seed: int) -> tuple[Subset[Any], Subset[Any]]:

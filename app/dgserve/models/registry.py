@@ -79,4 +79,4 @@ def list_models(task: Task | None = None, family: Family | None = None) -> list[
 def _ensure_builtin_models() -> None:
     # Importing the architecture modules registers them. Done lazily so that importing
     # the registry alone stays cheap and free of side effects.
-    from dgserve.models import detection, dgnet, glore, small  # noqa: F401
+    from dgserve.models import detection, dgnet, glore, segmentation, small  # noqa: F401

@@ -15,17 +15,28 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 
-def set_widths(model: ResNet, block: type[BasicBlock | Bottleneck], layers: Sequence[int], widths: Sequence[int]) -> None:
+def set_widths(
+    model: ResNet,
+    block: type[BasicBlock | Bottleneck],
+    layers: Sequence[int],
+    widths: Sequence[int],
+    replace_stride_with_dilation: Sequence[bool] = (False, False, False),
+) -> None:
+    """Rebuild ``model`` at stage ``widths``; ``replace_stride_with_dilation`` as torchvision's ResNet takes it."""
     if len(widths) != 4 or len(layers) != 4:
         raise ValueError(f"need 4 widths and 4 stage depths, got {list(widths)} and {list(layers)}")
+    if len(replace_stride_with_dilation) != 3:
+        raise ValueError(f"replace_stride_with_dilation needs 3 flags, got {list(replace_stride_with_dilation)}")
+    dilate = list(replace_stride_with_dilation)
     norm = model._norm_layer
     model.inplanes = widths[0]
+    model.dilation = 1  # _make_layer accumulates it, as in ResNet.__init__
     model.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
     model.bn1 = norm(widths[0])
     model.layer1 = model._make_layer(block, widths[0], layers[0])
-    model.layer2 = model._make_layer(block, widths[1], layers[1], stride=2)
-    model.layer3 = model._make_layer(block, widths[2], layers[2], stride=2)
-    model.layer4 = model._make_layer(block, widths[3], layers[3], stride=2)
+    model.layer2 = model._make_layer(block, widths[1], layers[1], stride=2, dilate=dilate[0])
+    model.layer3 = model._make_layer(block, widths[2], layers[2], stride=2, dilate=dilate[1])
+    model.layer4 = model._make_layer(block, widths[3], layers[3], stride=2, dilate=dilate[2])
     model.fc = nn.Linear(widths[3] * block.expansion, model.fc.out_features)
     for m in model.modules():  # as torchvision's ResNet.__init__
         if isinstance(m, nn.Conv2d):

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 class ImageResult:
     """What the model made of one image."""
 
-    predictions: list[dict[str, Any]]
+    predictions: Any  # JSON-able, as the task made it (a list of labels or boxes, a label map)
     connectivity: dict[str, Any]
     connectivity_json: str  # json.dumps(connectivity), computed off the event loop
     record: ImageConnectivity  # the typed form, for the metrics

@@ -8,6 +8,6 @@ from dgserve.tasks.base import (
     ImageInfo, InferenceItem, Options, Task, TensorSpec, get_task, register_task, tasks,
 )
 
-from dgserve.tasks import classification, detection  # noqa: E402,F401  (registration)
+from dgserve.tasks import classification, detection, segmentation, video  # noqa: E402,F401  (registration)
 
 __all__ = ["ImageInfo", "InferenceItem", "Options", "Task", "TensorSpec", "get_task", "register_task", "tasks"]

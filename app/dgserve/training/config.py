@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-DataSource = Literal["generated", "imagefolder", "coco"]
+DataSource = Literal["generated", "imagefolder", "coco", "masks"]
 TrainScope = Literal["all", "routers", "routers+head"]
 OptimizerName = Literal["adamw", "sgd"]
+Schedule = Literal["cosine", "poly"]
 
 # Settings that may differ between a run and its resumption without changing the result.
 # Where and how the result is stored does not change the training either.
@@ -38,7 +39,8 @@ class TrainConfig:
     # --- data ---------------------------------------------------------------
     data: DataSource = "generated"
     data_path: Path | None = None
-    """ImageFolder root, or a COCO annotation JSON (images beside it, see data.py)."""
+    """ImageFolder root, a COCO annotation JSON (images beside it), or a folder of
+    ``images/`` and ``masks/`` (segmentation; see ``dgserve.data.sources``)."""
     val_path: Path | None = None
     """Held-out set in the same format; without it ``val_fraction`` of the training data is held out."""
     val_fraction: float = 0.1
@@ -61,6 +63,9 @@ class TrainConfig:
     weight_decay: float = 0.05
     momentum: float = 0.9
     warmup_epochs: float = 0.5
+    schedule: Schedule | None = None
+    """After warm-up: ``cosine`` decay, or ``poly`` ((1 - t)^0.9, as the GloRe paper trains
+    segmentation); ``None`` is the task's own choice (``Task.schedule``)."""
     label_smoothing: float = 0.0
     sparsity: float = 0.0
     """λ of ``λ · edge_l1(model)``: pushes gated edge weights down so thresholds close edges."""
@@ -89,7 +94,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         for option, value, allowed in (
-            ("--data", self.data, ("generated", "imagefolder", "coco")),
+            ("--data", self.data, ("generated", "imagefolder", "coco", "masks")),
+            ("--schedule", self.schedule or "cosine", ("cosine", "poly")),
             ("--optimizer", self.optimizer, ("adamw", "sgd")),
             ("--train", self.train, ("all", "routers", "routers+head")),
             ("--dtype", self.storage_dtype, ("float16", "float32")),

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from dgserve.models.dgnet.stage import edge_l1
 from dgserve.tasks import Task
 from dgserve.training.checkpoint import load_checkpoint, restore, save_checkpoint
-from dgserve.training.config import TrainConfig
+from dgserve.training.config import Schedule, TrainConfig
 from dgserve.training.model import freeze_batchnorm_stats, param_groups
 from dgserve.training.regularizers import DeadEndGuard
 
@@ -44,12 +44,18 @@ def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 7 + stream) % (2**63))
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warm-up to ``peak``, then cosine decay to 0 at ``total`` steps."""
+POLY_POWER = 0.9
+"""The "poly" policy's power, as DeepLab and the GloRe paper's segmentation runs use it."""
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, schedule: Schedule = "cosine") -> float:
+    """Linear warm-up to ``peak``, then cosine or poly decay to 0 at ``total`` steps."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "poly":
+        return peak * (1.0 - progress) ** POLY_POWER
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def sparsity_at(step: int, steps_per_epoch: int, config: TrainConfig) -> float:
@@ -152,7 +158,7 @@ def _train_epoch(
         for i, batch in enumerate(bar):
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, warmup, config.lr)
+                group["lr"] = lr_at(step, total_steps, warmup, config.lr, config.schedule or task.schedule)
             task_loss, size = task.loss(model, batch, config, augment)
             sparsity = edge_l1(model)
             dead_end = guard.penalty()
