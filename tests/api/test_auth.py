@@ -68,6 +68,11 @@ async def test_scopes_over_http(run_app: Any, keyed_settings: Settings, image: C
             assert (await client.get("/v1/models", headers=bearer(key))).status_code == 200  # metadata: any key
         assert (await client.post("/v1/models/clf/classify", headers={**jpeg["headers"], **bearer(BOTH)},
                                   content=jpeg["content"])).status_code == 200  # fmt: skip
+        # What is computed from stored records needs read, even under /v1/models.
+        summary = "/v1/models/clf/connectivity"
+        assert (await client.get(summary, headers=bearer(INFER))).status_code == 403
+        assert (await client.get(summary, headers=bearer(READ))).status_code == 200
+        assert (await client.get("/v1/models/clf", headers=bearer(INFER))).status_code == 200
 
         # The Open Inference Protocol: its own error body, the same rules.
         oip = await client.post("/v2/models/clf/infer", json={"inputs": []})

@@ -51,6 +51,7 @@ Need = Literal["open", "any", "infer", "read"]
 MIN_KEY_LENGTH = 16  # shorter is a mistake (a test value, a truncated secret), refused at start
 
 OPEN_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+METADATA_PATHS: Final = frozenset({"/v1/models", "/v1/models/{name}"})
 # gRPC methods by name (the path's last part); any other method (Triton's unimplemented ones) needs a key.
 _GRPC_NEEDS: Final[Mapping[str, Need]] = {
     "ServerLive": "open", "ServerReady": "open", "ModelInfer": "infer",
@@ -149,11 +150,20 @@ def presented_key(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> str
 
 
 def http_need(method: str, path_template: str) -> Need:
-    """What an HTTP route needs, by its path template (default deny: ``read``)."""
+    """What an HTTP route needs, by its path template (default deny: ``read``).
+
+    Under ``/v1/models`` only the model metadata takes any key: the routes beside it
+    that read stored records (the connectivity summary and its picture) need ``read``,
+    as the new routes there will unless they are listed here.
+    """
     if path_template in OPEN_PATHS:
         return "open"
-    if path_template.startswith(("/v1/models", "/v2")):
+    if path_template.startswith("/v2"):
         return "infer" if method == "POST" else "any"
+    if path_template.startswith("/v1/models/") and method == "POST":
+        return "infer"
+    if path_template in METADATA_PATHS:
+        return "any"
     return "read"
 
 
