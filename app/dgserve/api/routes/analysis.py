@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from dgserve.analysis import export
+from dgserve.analysis import export, pictures
 from dgserve.api.deps import get_inspections, get_models
 from dgserve.api.params import IsoDateTime
 from dgserve.api.schemas import ErrorResponse
@@ -109,6 +110,39 @@ async def connectivity_summary(
 
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+
+
+_PICTURE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {media: {} for media in pictures.FORMATS.values()}, "description": "a PNG or an SVG"},
+}
+
+
+@router.get("/v1/models/{name}/connectivity.{fmt}", responses={**_ERRORS, **_PICTURE})
+async def connectivity_summary_picture(
+    inspections: Inspections,
+    models: Annotated[ServedModels, Depends(get_models)],
+    name: Annotated[str, Path(max_length=256)],
+    fmt: Annotated[pictures.Format, Path(description="png or svg")],
+    filters: Annotated[FilterParams, Depends()],
+    group_by: Annotated[str | None, Query(description="label, or tag:KEY (a tag's value)")] = None,
+    kind: Annotated[str | None, Query(description="only this connectivity kind (stages, glore_units)")] = None,
+) -> Response:
+    """The summary as a picture: per stage each group's open-frequency heatmap on one shared
+    scale, and the groups' distance matrix (``dgserve.analysis.pictures``)."""
+    response = await connectivity_summary(inspections, models, name, filters, group_by, kind, top_k=5)
+    summary = json.loads(bytes(response.body))
+    return Response(await asyncio.to_thread(pictures.summary_picture, summary, fmt), media_type=pictures.FORMATS[fmt])
+
+
+@router.get("/v1/inspections/{inspection_id}/connectivity.{fmt}", responses={**_ERRORS, **_PICTURE})
+async def record_picture(
+    inspections: Inspections,
+    inspection_id: Annotated[str, Path(max_length=128)],
+    fmt: Annotated[pictures.Format, Path(description="png or svg")],
+) -> Response:
+    """One image's path as a picture: each stage's DAG and heatmap, each GloRe unit's projection."""
+    record = (await inspections.get(inspection_id)).to_dict()
+    return Response(await asyncio.to_thread(pictures.record_picture, record, fmt), media_type=pictures.FORMATS[fmt])
 
 
 @router.get(
