@@ -1,4 +1,4 @@
-"""The ``dgserve`` command: serve a model store, list architectures, import weights, train."""
+"""The ``dgserve`` command: serve a model store, list architectures, import weights, train, inspect."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from typing import Annotated
 
 import typer
 
+from dgserve.cli_inspect import inspect_app
+
 app = typer.Typer(help="dgserve: a model server that shows the path each image took.", no_args_is_help=True)
+app.add_typer(inspect_app, name="inspect")
 
 
 @app.command()
