@@ -46,6 +46,8 @@ VIDEO_CONTENT_TYPES: Final[frozenset[str]] = frozenset(
     {"video/mp4", "video/quicktime", "video/webm", "video/x-matroska", "image/gif"}
 )
 ALLOWED_CODECS: Final[frozenset[str]] = frozenset({"h264", "vp8", "vp9", "av1", "gif"})
+MAX_KEPT_BYTES: Final = 512 * 2**20
+"""Most decoded RGB bytes one upload keeps while its clips are cut (413 past it)."""
 
 # FFmpeg's demuxer names, as opened and as they report themselves once open.
 _DEMUXERS: Final[dict[str, str]] = {"mov": "mov,mp4,m4a,3gp,3g2,mj2", "matroska": "matroska,webm", "gif": "gif"}
@@ -108,6 +110,8 @@ def decode_video(data: bytes, limits: VideoLimits, *, cover: tuple[int, int], pa
             kinds = sorted({s.type for s in container.streams}) or ["none"]
             raise InvalidVideoError(f"no video stream (streams: {', '.join(kinds)})", part)
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # PyAV leaves it unset when FFmpeg has no decoder for the codec
+            raise InvalidVideoError("no decoder for the video stream's codec", part)
         # The codec's canonical name: the decoder FFmpeg picked may be a library (libdav1d for av1).
         codec = stream.codec_context.codec.canonical_name
         if codec not in ALLOWED_CODECS:
@@ -151,18 +155,28 @@ def _decode_frames(
     container: InputContainer, stream: VideoStream, limits: VideoLimits, cover: tuple[int, int], part: str | None
 ) -> tuple[list[Image.Image], float]:
     frames: list[Image.Image] = []
-    last_time, step = 0.0, 0.0
+    last_time, step, kept = 0.0, 0.0, 0
+    start: float | None = None  # a clip cut from a stream may start at any timestamp
     try:
         for frame in container.decode(stream):
             if len(frames) == limits.max_frames:
                 raise VideoTooLongError(f"more than the limit of {limits.max_frames} frames", part)
             _check_pixels(frame.width, frame.height, limits, part)  # a stream may change size mid-way
             if frame.time is not None:
-                step = max(step, float(frame.time) - last_time) if frames else 0.0
-                last_time = float(frame.time)
+                start = float(frame.time) if start is None else start
+                step = max(step, float(frame.time) - start - last_time) if frames else 0.0
+                last_time = float(frame.time) - start
                 if last_time > limits.max_seconds:
                     raise VideoTooLongError(f"frames past {limits.max_seconds:g} s, the limit", part)
             h, w = _covering(frame.height, frame.width, cover)
+            kept += h * w * 3
+            if kept > MAX_KEPT_BYTES:
+                # Frames are kept until the clips are cut: a long or very wide video must not
+                # take the process's memory with it, whatever the frame and pixel limits allow.
+                raise VideoTooLongError(
+                    f"its frames take more than {MAX_KEPT_BYTES // 2**20} MiB once decoded; send a shorter or smaller video",
+                    part,
+                )
             frames.append(frame.to_image(width=w, height=h))
     except (InvalidVideoError, VideoTooLongError):
         raise

@@ -189,3 +189,22 @@ def test_a_connection_over_the_cap_gets_503(tmp_path: Path) -> None:
                 sock.close()
         time.sleep(0.3)
         assert httpx.get(proc.base + "/healthz", timeout=10).status_code == 200
+
+
+def test_a_body_sent_after_an_early_answer_does_not_hold_the_connection(server: ServerProcess) -> None:
+    """Answered before its body was read (404 here), then sent the body, then silent: the
+    connection still gets the header timeout of an idle one instead of staying open."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        sock.settimeout(30)
+        sock.sendall(b"POST /v1/models/no-such-model/classify HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: image/png\r\nContent-Length: 1\r\n\r\n")  # fmt: skip
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 404")
+        sock.sendall(b"\0")  # the body, after the answer; then nothing more
+        opened = time.monotonic()
+        while sock.recv(65536):  # a 408, then the close
+            pass
+        assert time.monotonic() - opened < TIMEOUT_S + SLACK_S
+    finally:
+        sock.close()

@@ -42,3 +42,9 @@ def test_canonical_text_is_equal_for_equal_sets_and_reads_back() -> None:
     assert a == b == '{"split":"val","truth":"cat"}'
     assert from_canonical(a) == {"split": "val", "truth": "cat"} and from_canonical("") == {}
     assert parse_filters(["truth:cat", "split:val"]) == (("split", "val"), ("truth", "cat"))
+
+
+@pytest.mark.parametrize("item", ["truth:cat\n", "truth\n:cat"])
+def test_a_trailing_newline_is_no_part_of_a_valid_tag(item: str) -> None:
+    with pytest.raises(InvalidTagError):
+        parse_pairs([item])

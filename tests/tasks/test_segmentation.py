@@ -138,3 +138,15 @@ def test_the_task_reads_both_of_its_sources(tmp_path: Path) -> None:
     root = export_segmentation_folder(tmp_path / "set", 10, seed=2, size=40)
     folder = task.datasets(TrainConfig(name="t", data="masks", data_path=root), pre)
     assert len(folder.train) + len(folder.val) == 10 and folder.labels == generated.labels  # type: ignore[arg-type]
+
+
+def test_a_batch_of_very_different_shapes_is_refused_rather_than_padded_to_gigabytes() -> None:
+    from dgserve.errors import InvalidRequestError
+
+    task = get_task("segmentation")
+    manifest = type("M", (), {"labels": LABELS})()
+    tall = seg._prediction(np.zeros((2000, 20), np.uint8), LABELS, "rle")
+    wide = seg._prediction(np.zeros((20, 2000), np.uint8), LABELS, "rle")
+    with pytest.raises(InvalidRequestError, match="separate requests"):
+        task.to_tensors([tall, wide], manifest)  # type: ignore[arg-type]
+    assert task.to_tensors([tall, tall], manifest)["label_map"].shape == (2, 2000, 20)  # type: ignore[arg-type]

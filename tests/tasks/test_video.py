@@ -258,3 +258,34 @@ def test_dgserve_train_writes_a_servable_video_model(tmp_path: Path) -> None:
     with torch.inference_mode():
         [preds] = TASK.predict(loaded.model, [item(tensor)], manifest, lambda t: t)
     assert len(preds) == 5 and history.epochs[0]["images"] == 7
+
+
+def test_decoded_frames_past_the_memory_budget_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dgserve.video as video_module
+
+    data = encode_video(noise(10, 32))
+    monkeypatch.setattr(video_module, "MAX_KEPT_BYTES", 32 * 32 * 3 * 6)  # room for six 32x32 frames
+    with pytest.raises(VideoTooLongError, match="MiB once decoded"):
+        decode_video(data, LIMITS, cover=(32, 32))
+    monkeypatch.setattr(video_module, "MAX_KEPT_BYTES", 32 * 32 * 3 * 10)
+    assert len(decode_video(data, LIMITS, cover=(32, 32)).frames) == 10
+
+
+def test_timestamps_count_from_the_streams_first_frame() -> None:
+    # A clip cut from a longer stream starts at a late timestamp; its length is what counts.
+    buf = io.BytesIO()
+    import av
+
+    with av.open(buf, mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width = stream.height = 16
+        stream.pix_fmt = "yuv420p"
+        for index, pixels in enumerate(noise(5, 16)):
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts = 25 * 100 + index  # 100 s into the stream, at 25 frames a second
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    video = decode_video(buf.getvalue(), VideoLimits(60, 100, 4096), cover=(16, 16))
+    assert len(video.frames) == 5 and video.seconds < 1

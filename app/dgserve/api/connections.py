@@ -156,9 +156,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._message_done = True
-        if self._phase in ("body", "draining"):
+        if self._phase == "body":
             self._phase = "idle"
             self._cancel_timer()
+        elif self._phase == "draining":
+            # The answer went out before this body was read: the response is complete, so
+            # nothing else re-arms a timer, and uvicorn's keep-alive timer was cancelled by
+            # the body's bytes. Wait for the next request's headers as on an idle connection,
+            # or a client could send the body and then hold the connection open for ever.
+            self._phase = "headers"
+            self._arm(self.limits.header_timeout_s)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

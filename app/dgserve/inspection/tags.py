@@ -33,11 +33,11 @@ Tags = dict[str, str]
 
 
 def _check(key: str, value: str, where: str) -> None:
-    if not _KEY.match(key):
+    if not _KEY.fullmatch(key):  # fullmatch: "$" alone would let a trailing newline through
         raise InvalidTagError(
             f"{where}: tag key {key!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter"
         )
-    if not _VALUE.match(value):
+    if not _VALUE.fullmatch(value):
         raise InvalidTagError(
             f"{where}: tag {key!r} has value {value!r}; a value is 1-128 letters, digits or any of _ . - : / @ +"
         )

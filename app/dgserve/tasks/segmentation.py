@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from dgserve.data.datasets import ShapesSegmentation
 from dgserve.data.sources import DataBundle, MaskFolder, generated_description, mask_folder
+from dgserve.errors import InvalidRequestError
 from dgserve.imaging import letterbox_geometry, preprocess
 from dgserve.model_store.manifest import Manifest, Preprocessing, ResizeMode
 from dgserve.tasks.base import InferenceItem, Options, Task, TensorSpec, ToDevice, register_task
@@ -49,6 +50,9 @@ Beyond it the label map is enlarged with nearest-neighbour instead: full-resolut
 float logits of a 12-megapixel photo would take C x 48 MB, and the model saw the image
 at its input size anyway, so no detail is lost that the logits had.
 """
+
+PADDING_LIMIT: Final = 4
+"""A batch's ``label_map`` tensor may hold at most this many times its images' own pixels."""
 
 AUX_WEIGHT: Final = 0.4  # torchvision's segmentation reference weighs the auxiliary head so
 
@@ -156,6 +160,14 @@ class Segmentation(Task):
         maps = [decode_label_map(p) for p in predictions]
         height = max((m.shape[0] for m in maps), default=0)
         width = max((m.shape[1] for m in maps), default=0)
+        padded, real = len(maps) * height * width, sum(m.size for m in maps)
+        if padded > PADDING_LIMIT * real + 2**20:
+            # A tall and a wide image would pad to a square of both their long sides: a
+            # 40000x1000 and a 1000x40000 image to 2 x 40000 x 40000 int32s, 12.8 GB.
+            raise InvalidRequestError(
+                f"the batch's label maps ({', '.join(f'{m.shape[1]}x{m.shape[0]}' for m in maps)}) would pad to "
+                f"{padded:,} values; send images of such different shapes in separate requests"
+            )
         label_map = np.full((len(maps), height, width), -1, dtype=np.int32)
         fractions = np.zeros((len(maps), len(manifest.labels)), dtype=np.float32)
         for row, (m, p) in enumerate(zip(maps, predictions, strict=True)):
