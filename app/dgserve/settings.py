@@ -171,6 +171,18 @@ class Settings(BaseSettings):
         1000, description="Most open client connections; one more gets 503 and is closed. Empty: no cap.",
     )
 
+    # The SIGTERM drain (api/drain.py). The grace runs inside the drain timeout, so the
+    # Kubernetes grace period only has to cover the drain timeout (tests/deploy checks it).
+    shutdown_grace_s: float = Field(
+        5.0, ge=0, description="Seconds after SIGTERM during which new requests still get an answer (503 "
+        "shutting_down, Retry-After) before the listener closes, so a load balancer still sending meanwhile "
+        "sees an HTTP answer rather than a refused connection.",
+    )
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds after SIGTERM (the grace included) that accepted requests, in flight or "
+        "queued, have to finish; then what is left gets 503 shutting_down, and the records are flushed.",
+    )
+
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
     access_log: bool = Field(True, description="uvicorn's per-request access log.")
 

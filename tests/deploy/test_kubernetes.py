@@ -59,7 +59,7 @@ HTTP_PORT, GRPC_PORT = 8000, 8001
 SECRET_NAME, SECRET_KEY = "dgserve-inspection-db", "url"
 DGSERVE_UID = 10001
 
-# Shutdown, after the preStop sleep and SIGTERM (dgserve.api.app's lifespan): uvicorn drains
+# Shutdown, after the preStop sleep and SIGTERM (dgserve.api.app's lifespan): the server drains
 # HTTP requests (drain_seconds()), the gRPC server stops with this grace, then the inspection
 # store flushes what is queued (3 tries, about 15 s with the database down: docs/deploy.md).
 GRPC_STOP_GRACE_S = 5
@@ -384,18 +384,13 @@ def prestop_seconds(c: dict[str, Any]) -> float:
 
 
 def drain_seconds(settings: dict[str, str]) -> float:
-    """How long uvicorn may drain requests after SIGTERM: DGSERVE_DRAIN_TIMEOUT_S once the
-    server has it (a setting in the ConfigMap, else its default), else the fixed timeout."""
-    if "DGSERVE_DRAIN_TIMEOUT_S" in settings:
-        return float(settings["DGSERVE_DRAIN_TIMEOUT_S"])
+    """How long the server drains requests after SIGTERM (dgserve.api.drain): at most
+    DGSERVE_DRAIN_TIMEOUT_S from the ConfigMap, else its default, plus the drain's tail."""
+    from dgserve.api.drain import TAIL_S
     from dgserve.settings import Settings
 
-    field = Settings.model_fields.get("drain_timeout_s")
-    if field is not None and isinstance(field.default, int | float):
-        return float(field.default)
-    from dgserve.api.server import GRACEFUL_SHUTDOWN_S
-
-    return float(GRACEFUL_SHUTDOWN_S)
+    timeout = settings.get("DGSERVE_DRAIN_TIMEOUT_S", Settings.model_fields["drain_timeout_s"].default)
+    return float(timeout) + TAIL_S
 
 
 def check_grace_period(grace: int, c: dict[str, Any], settings: dict[str, str]) -> None:

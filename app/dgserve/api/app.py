@@ -20,6 +20,7 @@ from starlette.types import Scope
 from dgserve import __version__
 from dgserve.api.auth import ApiKeys, authorize, document_security
 from dgserve.api.deps import AppState
+from dgserve.api.drain import DrainGuard
 from dgserve.api.errors import RequestContextMiddleware, endpoint_of, install_error_handlers
 from dgserve.api.routes import analysis, health, inference, inspections, metrics, models
 from dgserve.metrics import Metrics
@@ -55,6 +56,8 @@ def create_app(settings: Settings) -> FastAPI:
                   dependencies=[Depends(authorize)])  # fmt: skip
     app.state.dgserve = state
     install_error_handlers(app)
+    # Inside RequestContextMiddleware, so a drain's 503 has a request id and is counted.
+    app.add_middleware(DrainGuard, drain=state.drain)
     app.add_middleware(RequestContextMiddleware, on_response=partial(_observe_request, metrics_))
     app.include_router(inference.build_router())
     oip_http.install(app, OipFrontend(state.service))

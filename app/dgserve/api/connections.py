@@ -128,6 +128,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().data_received(data)
 
     def shutdown(self) -> None:
+        if self.cycle is None and self._phase == "headers" and not self._lost:
+            # Accepted, its first request not parsed yet (taken from the backlog as the
+            # drain closed the listener, api/drain.py): answer it rather than reset it.
+            # uvicorn waits for it; the header timeout, or uvicorn's own, bounds that.
+            return
         super().shutdown()
         if self._phase in ("lingering", "draining"):
             self._close_now()  # server shutdown does not wait for a client's leftover body

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from dgserve.api.auth import ApiKeys
+from dgserve.api.drain import DrainState
 from dgserve.inspection import InspectionStore
 from dgserve.metrics import Metrics
 from dgserve.serving.served_models import ServedModels
@@ -27,6 +28,7 @@ class AppState:
     service: ServingService
     grpc_port: int | None = None  # the OIP gRPC service's bound port, once started
     api_keys: ApiKeys = field(default_factory=ApiKeys)  # empty: keys are off
+    drain: DrainState = field(default_factory=DrainState)  # set on SIGTERM (api/drain.py)
 
 
 def get_state(request: Request) -> AppState:

@@ -12,7 +12,9 @@ Every error response, whatever raised it, has the body
 * anything else is logged with the request id and answered with a plain 500
   ``internal_error`` -- by ``RequestContextMiddleware``, which sits inside Starlette's
   own error middleware so the traceback is logged once, with the request id, and
-  never re-raised into the server.
+  never re-raised into the server;
+* a request the server cancels (uvicorn does, when its shutdown timeout runs out) is
+  answered ``503 shutting_down``, not with uvicorn's plain-text 500.
 
 The middleware also accepts ``X-Request-ID`` (or makes one), echoes it on every
 response, and reports each answered request (endpoint template, status, seconds).
@@ -20,6 +22,7 @@ response, and reports each answered request (endpoint template, status, seconds)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -34,9 +37,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dgserve.errors import DGServeError
+from dgserve.errors import DGServeError, ShuttingDownError
 
-__all__ = ["RequestContextMiddleware", "endpoint_of", "error_body", "error_response", "install_error_handlers", "request_id_of"]
+__all__ = [
+    "RequestContextMiddleware", "endpoint_of", "error_body", "error_response", "install_error_handlers",
+    "request_id_of", "typed_error_response",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +80,17 @@ def error_body(code: str, message: str, request_id: str) -> bytes:
     return json.dumps(_document(code, message, request_id), separators=(",", ":")).encode()
 
 
+def typed_error_response(scope: Scope, exc: DGServeError) -> JSONResponse:
+    """A ``DGServeError``'s answer: its status, code and headers (also for the drain, ``api/drain.py``)."""
+    scope.setdefault("state", {})["error_code"] = exc.code  # for the rejection metrics
+    return error_response(exc.status_code, exc.code, exc.message, request_id_of(scope), exc.headers)
+
+
 async def _dgserve_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DGServeError)
-    request.scope.setdefault("state", {})["error_code"] = exc.code  # for the rejection metrics
     if exc.status_code >= 500 and exc.status_code != 503:
         log.warning("request %s: %s: %s", request_id_of(request.scope), exc.code, exc.message)
-    return error_response(exc.status_code, exc.code, exc.message, request_id_of(request.scope), exc.headers)
+    return typed_error_response(request.scope, exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -142,6 +153,13 @@ class RequestContextMiddleware:
             if not response_started:
                 response = error_response(500, "internal_error", "internal server error", request_id)
                 await response(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # Only uvicorn's shutdown cancels a request task (api/drain.py's backstop); the
+            # answer goes out before the cancellation goes on.
+            if not response_started:
+                exc = ShuttingDownError("the server shut down before this request finished")
+                await typed_error_response(scope, exc)(scope, receive, send_with_id)
+            raise
         finally:
             if self.on_response is not None:
                 try:

@@ -1,4 +1,4 @@
-"""``run(settings)``: serve the app with uvicorn (what ``dgserve serve`` calls)."""
+"""``run(settings)``: serve the app with uvicorn (what ``dgserve serve`` calls), draining on SIGTERM."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import uvicorn
 
 from dgserve.api.app import create_app
 from dgserve.api.connections import ConnectionLimits, protocol_class
+from dgserve.api.deps import AppState
+from dgserve.api.drain import BACKSTOP_S, DrainingServer
 from dgserve.settings import Settings
 
 __all__ = ["connection_limits", "run"]
-
-# Long enough for in-flight batches of a big model on a CPU to finish.
-GRACEFUL_SHUTDOWN_S = 30
 
 
 def connection_limits(settings: Settings) -> ConnectionLimits:
@@ -30,13 +29,15 @@ def run(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        # Starts after the drain (api/drain.py), which has given requests DGSERVE_DRAIN_TIMEOUT_S.
+        timeout_graceful_shutdown=BACKSTOP_S,
         # Request ids and client addresses come from our own middleware and settings;
         # a proxy's X-Forwarded-* is only honoured when configured via uvicorn itself.
         proxy_headers=False,
@@ -44,4 +45,6 @@ def run(settings: Settings) -> None:
         # a lingering close (api/connections.py).
         http=protocol_class(connection_limits(settings)),
     )
-    uvicorn.Server(config).run()
+    state: AppState = app.state.dgserve
+    DrainingServer(config, state.drain, state.service.stop_work,
+                   grace_s=settings.shutdown_grace_s, timeout_s=settings.drain_timeout_s).run()  # fmt: skip

@@ -183,6 +183,15 @@ class ServedModels:
         ready = sum(s.ready for g in self.groups.values() for s in g.versions.values())
         log.info("models loaded: %d ready; not ready: %s", ready, self.not_ready() or "none")
 
+    async def stop_work(self) -> None:
+        """Fail every request queued or computing, on every model, with ``ShuttingDownError`` now.
+
+        The batchers stop taking work; the workers stay until ``close`` (a batch still in
+        its thread finishes there, and nobody waits for it).
+        """
+        batchers = [s.batcher for g in self.groups.values() for s in g.versions.values() if s.batcher is not None]
+        await asyncio.gather(*(b.stop(timeout=0) for b in batchers))
+
     async def close(self) -> None:
         for group in self.groups.values():
             for served in group.versions.values():

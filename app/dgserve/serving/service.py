@@ -173,6 +173,12 @@ class ServingService:
             self._decode_pool.shutdown(wait=False, cancel_futures=True)
             self._decode_pool = None
 
+    async def stop_work(self) -> None:
+        """The drain's deadline (``api/drain.py``): every request queued or computing fails
+        now with ``ShuttingDownError`` (503), and so does every later ``admit``. Records
+        already put stay queued; ``close`` flushes them."""
+        await self.models.stop_work()
+
     async def loaded(self) -> None:
         """Return once every configured model has loaded or failed (see ``models.not_ready``)."""
         if self._load_task is not None:
