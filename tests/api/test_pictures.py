@@ -59,3 +59,11 @@ async def test_bad_picture_requests_are_clear_4xx(main_client: httpx.AsyncClient
     assert (await main_client.get("/v1/models/nope/connectivity.png")).status_code == 404
     bad_group = await main_client.get("/v1/models/clf/connectivity.png?group_by=colour")
     assert bad_group.status_code == 422 and bad_group.json()["error"]["code"] == "invalid_analysis"
+
+
+async def test_a_glore_summary_draws_each_units_node_shares(main_client: httpx.AsyncClient, image: Encode) -> None:
+    await _classify(main_client, "glore", image(seed=21), "truth:g")
+    svg = await main_client.get("/v1/models/glore/connectivity.svg?group_by=label")
+    assert svg.status_code == 200, svg.text
+    titles = re.findall(rb"<!-- (\S+) \xc2\xb7 (\S+) \((\d+)\) -->", svg.content)
+    assert {unit for unit, _, _ in titles} == {b"layer3.units.0", b"layer3.units.2", b"layer3.units.4"}

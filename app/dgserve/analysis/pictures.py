@@ -64,10 +64,11 @@ def record_picture(record: dict[str, Any], fmt: Format) -> bytes:
 def summary_picture(summary: dict[str, Any], fmt: Format) -> bytes:
     """A connectivity summary (``GET /v1/models/{name}/connectivity``'s body) as a picture."""
     groups = summary.get("groups", [])[:_GROUP_LIMIT]
-    stage_names = [s["stage"] for s in groups[0]["stages"]] if groups else []
+    stage_names = [s["stage"] for s in groups[0].get("stages", [])] if groups else []
+    unit_names = [u["unit"] for u in groups[0].get("glore_units", [])] if groups else []
     distance = summary.get("distance") or {}
     has_distance = len(distance.get("keys", [])) > 1
-    rows = max(1, len(stage_names))
+    rows = max(1, len(stage_names) + len(unit_names))
     columns = max(1, len(groups)) + (1 if has_distance else 0)
     figure = Figure(figsize=(_PANEL * columns, _PANEL * rows), layout="constrained")
     grid = figure.add_gridspec(rows, columns)
@@ -84,6 +85,16 @@ def summary_picture(summary: dict[str, Any], fmt: Format) -> bytes:
             axes.set_yticks([])
     if image is not None:
         figure.colorbar(image, ax=figure.axes, shrink=0.6, label="open frequency")
+    for offset, name in enumerate(unit_names):  # GloRe: each node's share of the locations, per group
+        for column, group in enumerate(groups):
+            unit = next(u for u in group["glore_units"] if u["unit"] == name)
+            axes = figure.add_subplot(grid[len(stage_names) + offset, column])
+            shares = unit["projection_share"]
+            axes.bar(range(len(shares)), shares, color="tab:blue")
+            axes.set_ylim(0.0, 1.0)  # shares: one scale for every group
+            axes.set_title(f"{name} · {group['key']} ({group['count']})", fontsize=8)
+            axes.set_xlabel("graph node", fontsize=7)
+            axes.tick_params(labelsize=6)
     if has_distance:
         axes = figure.add_subplot(grid[:, -1])
         _heatmap(axes, np.asarray(distance["matrix"], dtype=float), f"distance ({distance.get('metric', '')})",
