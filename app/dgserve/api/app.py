@@ -22,7 +22,7 @@ from dgserve.api.auth import ApiKeys, authorize, document_security
 from dgserve.api.deps import AppState
 from dgserve.api.drain import DrainGuard
 from dgserve.api.errors import RequestContextMiddleware, endpoint_of, install_error_handlers
-from dgserve.api.routes import analysis, health, inference, inspections, metrics, models
+from dgserve.api.routes import analysis, health, inference, inspections, inspector, metrics, models
 from dgserve.metrics import Metrics
 from dgserve.oip import http as oip_http
 from dgserve.oip.frontend import OipFrontend
@@ -61,7 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, on_response=partial(_observe_request, metrics_))
     app.include_router(inference.build_router())
     oip_http.install(app, OipFrontend(state.service))
-    for module in (analysis, inspections, models, health, metrics):  # analysis first: /v1/inspections/export
+    for module in (analysis, inspections, models, health, metrics, inspector):  # analysis first: /v1/inspections/export
         app.include_router(module.router)
     _document_settings(app, settings, keys)
     return app

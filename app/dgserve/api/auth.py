@@ -11,7 +11,8 @@ holds nothing that works as a key). A client sends its key as ``Authorization: B
   key may have both (the default for a key given without scopes). Model metadata
   (``GET /v1/models``, ``/v2`` metadata and model readiness) takes any valid key.
 * **Open:** the probes (``/healthz``, ``/readyz``, ``/v2/health/*``, gRPC
-  ``ServerLive``/``ServerReady``), ``/metrics`` and the OpenAPI document and docs. Kubelet
+  ``ServerLive``/``ServerReady``), ``/metrics``, the OpenAPI document and docs, and the
+  web inspector's own page and files (``/inspector``; its API calls carry a key). Kubelet
   probes and Prometheus scrapes carry no key by default; metrics hold counts and
   model names, no records. Keep ``/metrics`` off the public network instead.
 * **Answers:** no key or an unknown one: 401 with ``WWW-Authenticate: Bearer``; a
@@ -50,7 +51,9 @@ SCOPES: Final[tuple[Scope, ...]] = ("infer", "read")
 Need = Literal["open", "any", "infer", "read"]
 MIN_KEY_LENGTH = 16  # shorter is a mistake (a test value, a truncated secret), refused at start
 
-OPEN_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+# The inspector's page and assets hold no records: they must load before the user can give a key.
+OPEN_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready",
+                               "/inspector", "/inspector/{asset}"})
 METADATA_PATHS: Final = frozenset({"/v1/models", "/v1/models/{name}"})
 # gRPC methods by name (the path's last part); any other method (Triton's unimplemented ones) needs a key.
 _GRPC_NEEDS: Final[Mapping[str, Need]] = {
