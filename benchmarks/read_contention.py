@@ -1,0 +1,111 @@
+"""Does reading the inspections starve inference? Issue 13, finding 6, as same-run ratios.
+
+    .venv/bin/python benchmarks/read_contention.py [--clients 8] [--requests 400] [--rounds 3]
+
+One real server with the bundled shapes-dgnet. Each round runs the same classify load
+(``--clients`` keep-alive connections, one 64x64 JPEG each) three times, in turn:
+alone, while one client loops ``GET /v1/inspections?limit=1000`` as NDJSON, and while
+one client loops the Parquet export. It prints each case's throughput and p99 as a
+ratio to the alone run of the same round, then min / median / max over rounds. The
+target: a continuous read costs inference at most 15 % of its throughput, and its p99
+stays within 2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from loadgen import run_load
+from serve_throughput import HOST, build_post, free_port, jpeg, percentile, wait_ready
+
+READS: dict[str, str] = {
+    "listing": "/v1/inspections?limit=1000&format=ndjson",
+    "export": "/v1/inspections/export?format=parquet",
+}
+
+
+def start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "DGSERVE_MODELS": "shapes-dgnet", "DGSERVE_ACCESS_LOG": "false",
+           "DGSERVE_LOG_LEVEL": "warning", "DGSERVE_GRPC_PORT": "off"}  # fmt: skip
+    command = [sys.executable, "-c", "from dgserve.cli import main; main()", "serve", "--host", HOST,
+               "--port", str(port), "--data-dir", str(data_dir)]  # fmt: skip
+    return subprocess.Popen(command, env=env)
+
+
+def reader(base: str, path: str, stop: threading.Event, counts: list[int]) -> None:
+    """Loop one read, streaming the body to nowhere, until ``stop``."""
+    with httpx.Client(base_url=base, timeout=120) as client:
+        while not stop.is_set():
+            with client.stream("GET", path) as response:
+                for _ in response.iter_bytes():
+                    pass
+            counts[0] += 1
+
+
+def classify(port: int, requests: int, clients: int) -> tuple[float, float]:
+    """(requests/s, p99 s) of ``requests`` classify calls over ``clients`` connections."""
+    wire = [build_post(HOST, port, "/v1/models/shapes-dgnet/classify", jpeg(64, i % 32), "image/jpeg")
+            for i in range(requests)]  # fmt: skip
+    result = asyncio.run(run_load(HOST, port, wire, clients))
+    if result.errors:
+        raise RuntimeError(f"{len(result.errors)} errors, e.g. {result.errors[0]}")
+    return result.requests / result.seconds, percentile(result.latencies_s, 99)
+
+
+def with_reader(base: str, path: str, run: Callable[[], tuple[float, float]]) -> tuple[float, float, int]:
+    stop, counts = threading.Event(), [0]
+    thread = threading.Thread(target=reader, args=(base, path, stop, counts), daemon=True)
+    thread.start()
+    try:
+        return (*run(), counts[0])
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        base = f"http://{HOST}:{port}"
+        server = start(Path(tmp), port)
+        try:
+            wait_ready(base, server)
+            classify(port, 2000, args.clients)  # warm-up, and 2000 records for the reads to read
+            run = lambda: classify(port, args.requests, args.clients)  # noqa: E731
+            ratios: dict[str, list[tuple[float, float]]] = {name: [] for name in READS}
+            for round_ in range(1, args.rounds + 1):
+                alone = run()
+                print(f"round {round_}: alone {alone[0]:.1f} req/s, p99 {alone[1] * 1000:.0f} ms", flush=True)
+                for name, path in READS.items():
+                    rate, p99, reads = with_reader(base, path, run)
+                    ratios[name].append((rate / alone[0], p99 / alone[1]))
+                    print(f"  with the {name} looping ({reads} reads): {rate:.1f} req/s ({rate / alone[0]:.2f}x), "
+                          f"p99 {p99 * 1000:.0f} ms ({p99 / alone[1]:.2f}x)", flush=True)  # fmt: skip
+            for name, values in ratios.items():
+                rates, tails = [r for r, _ in values], [t for _, t in values]
+                print(f"{name}: throughput ratio min {min(rates):.2f} median {statistics.median(rates):.2f} "
+                      f"max {max(rates):.2f}; p99 ratio min {min(tails):.2f} median {statistics.median(tails):.2f} "
+                      f"max {max(tails):.2f}  (target: >= 0.85 and <= 2.0)")  # fmt: skip
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
