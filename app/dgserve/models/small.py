@@ -19,7 +19,7 @@ from torchvision.models.resnet import BasicBlock
 from dgserve.models.detection import norm_for, resnet_fpn_backbone
 from dgserve.models.dgnet.backbones import StageOptions, dgnet_from_torchvision
 from dgserve.models.dgnet.routing import RoutingKind
-from dgserve.models.dgnet.stage import DEFAULT_TAU
+from dgserve.models.dgnet.stage import DEFAULT_TAU, ExecutionKind
 from dgserve.models.dgnet.wiring import WiringKind
 from dgserve.models.glore.resnet import GloReResNet
 from dgserve.models.registry import register_model
@@ -39,9 +39,10 @@ def dgnet_resnet18_slim(
     routing: RoutingKind = "dynamic",
     wiring: WiringKind = "complete",
     wiring_seed: int = 0,
+    execution: ExecutionKind = "auto",
 ) -> nn.Module:
     """DG-Net on ResNet-18's layout at stage widths w-2w-4w-8w (default w=32)."""
-    options = StageOptions(tau_init, routing, wiring, wiring_seed)
+    options = StageOptions(tau_init, routing, wiring, wiring_seed, execution)
     return dgnet_from_torchvision(slim_resnet18(width, num_classes, norm_layer), options=options)
 
 

@@ -2,10 +2,11 @@
 
 from dgserve.models.dgnet.backbones import StageOptions, dg_stages, dgnet_from_torchvision, pin_chain
 from dgserve.models.dgnet.routing import Router, StaticRouter, threshold_edges
-from dgserve.models.dgnet.stage import DGStage, edge_l1
+from dgserve.models.dgnet.stage import EXECUTION_KINDS, DGStage, edge_l1, set_execution
 from dgserve.models.dgnet.wiring import StageWiring, stage_wiring
 
 __all__ = [
+    "EXECUTION_KINDS",
     "DGStage",
     "Router",
     "StageOptions",
@@ -15,6 +16,7 @@ __all__ = [
     "dgnet_from_torchvision",
     "edge_l1",
     "pin_chain",
+    "set_execution",
     "stage_wiring",
     "threshold_edges",
 ]

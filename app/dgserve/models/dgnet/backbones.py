@@ -8,7 +8,8 @@ only routers and thresholds. Importing ImageNet weights is therefore a plain
 
 Every builder also takes the paper's baselines as options: ``routing="static"``
 (Table 6's α rows) and ``wiring="er" | "ba" | "ws"`` with ``wiring_seed`` (Table 4's
-random DAGs). They land in the manifest's arch_kwargs like any builder keyword, so
+random DAGs), and ``execution="auto" | "skip" | "masked"`` (how skipped blocks run;
+see ``stage.py``). They land in the manifest's arch_kwargs like any builder keyword, so
 a stored model rebuilds the same graph.
 """
 
@@ -27,7 +28,7 @@ from torchvision.models.resnet import ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from dgserve.models.dgnet.routing import ROUTING_KINDS, RoutingKind
-from dgserve.models.dgnet.stage import DEFAULT_TAU, DGStage
+from dgserve.models.dgnet.stage import DEFAULT_TAU, DGStage, ExecutionKind, check_execution
 from dgserve.models.dgnet.wiring import WIRING_KINDS, WiringKind, stage_wiring
 from dgserve.models.registry import register_model
 
@@ -54,6 +55,7 @@ class StageOptions:
     routing: RoutingKind = "dynamic"
     wiring: WiringKind = "complete"
     wiring_seed: int = 0
+    execution: ExecutionKind = "auto"
 
     def __post_init__(self) -> None:
         # Checked here, at build time, so a bad manifest fails as it loads, not at first request.
@@ -63,12 +65,18 @@ class StageOptions:
             raise ValueError(f"wiring must be one of {', '.join(WIRING_KINDS)}, got {self.wiring!r}")
         if not isinstance(self.wiring_seed, int) or isinstance(self.wiring_seed, bool):
             raise ValueError(f"wiring_seed must be an integer, got {self.wiring_seed!r}")
+        check_execution(self.execution)
 
     def stage(self, name: str, blocks: list[tuple[str, nn.Module]]) -> DGStage:
         # Each stage draws its own graph: the seed string names the stage too.
         wiring = stage_wiring(self.wiring, len(blocks), f"{self.wiring_seed}/{name}")
         return DGStage(
-            blocks, block_channels(blocks[-1][1]), tau_init=self.tau_init, routing=self.routing, wiring=wiring
+            blocks,
+            block_channels(blocks[-1][1]),
+            tau_init=self.tau_init,
+            routing=self.routing,
+            wiring=wiring,
+            execution=self.execution,
         )
 
 
@@ -162,9 +170,10 @@ def _register(arch: str, description: str) -> None:
         routing: RoutingKind = "dynamic",
         wiring: WiringKind = "complete",
         wiring_seed: int = 0,
+        execution: ExecutionKind = "auto",
         **kwargs: Any,
     ) -> nn.Module:
-        options = StageOptions(tau_init, routing, wiring, wiring_seed)
+        options = StageOptions(tau_init, routing, wiring, wiring_seed, execution)
         return dgnet_from_torchvision(build_plain(arch, num_classes=num_classes, **kwargs), options=options)
 
     builder.__name__ = arch

@@ -92,9 +92,10 @@ def make_router(routing: str, in_channels: int, num_edges: int) -> Router | Stat
 
 def threshold_edges(alpha: Tensor, tau: Tensor, temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
     """Close edges with ``alpha < tau`` (exactly zero) with a straight-through gradient."""
-    hard = (alpha >= tau).to(alpha.dtype)
     if not torch.is_grad_enabled() or not (alpha.requires_grad or tau.requires_grad):
-        return alpha * hard
+        # The same values as alpha * hard (α ≥ 0), in two ops instead of three.
+        return alpha.masked_fill(alpha < tau, 0.0)
+    hard = (alpha >= tau).to(alpha.dtype)
     soft = torch.sigmoid((alpha - tau) / temperature)
     # hard + (soft - soft.detach()) is exactly `hard` in the forward pass (the bracket
     # is exactly 0.0), so closed edges stay exactly 0 while training.

@@ -27,7 +27,8 @@ paper's DG-Net) or one learned weight per edge for every image (``"static"``).
 Per image, a block runs only if at least one of its input edges is open; it is then
 computed on the sub-batch of images for which it runs, so a batch gives the same
 result as each image alone. A block that did not run sends nothing: its output
-edges are closed for that image.
+edges are closed for that image. (That is the ``skip`` execution; ``masked`` computes
+every block on the whole batch and closes the same edges, see ``ExecutionKind``.)
 
 After each forward the stage keeps, detached, the B×(N+2)×(N+2) matrix of gated edge
 weights (``adjacency[b, target, source]``, the paper's buffer) and which nodes ran.
@@ -36,16 +37,25 @@ weights (``adjacency[b, target, source]``, the paper's buffer) and which nodes r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgserve.connectivity import StageConnectivity, StageGraph
-from dgserve.models.dgnet.routing import DEFAULT_TEMPERATURE, Router, StaticRouter, make_router, threshold_edges
+from dgserve.models.dgnet.routing import DEFAULT_TEMPERATURE, make_router, threshold_edges
 from dgserve.models.dgnet.wiring import StageWiring, complete_wiring
 
 DEFAULT_TAU = 0.1
+
+# How a stage runs the blocks an image skips. "skip": each block runs on the images
+# that reach it (one host read per block; the cheapest on a CPU). "masked": every block
+# runs on the whole batch and closed edges multiply by 0 (no host reads; for GPUs,
+# where a sync costs more than a skipped block saves). "auto": masked on CUDA, skip
+# elsewhere. Outputs and records are the same in every mode.
+ExecutionKind = Literal["auto", "skip", "masked"]
+EXECUTION_KINDS: tuple[str, ...] = get_args(ExecutionKind)
 
 
 class DGStage(nn.Module):
@@ -58,6 +68,7 @@ class DGStage(nn.Module):
         *,
         routing: str = "dynamic",
         wiring: StageWiring | None = None,
+        execution: ExecutionKind = "auto",
     ) -> None:
         super().__init__()
         if not blocks:
@@ -73,6 +84,26 @@ class DGStage(nn.Module):
             raise ValueError(f"a wiring for {self.wiring.num_blocks} blocks given to a stage of {n}")
         self.routing = routing
         self.routers = nn.ModuleList(make_router(routing, channels, len(t)) for t in self.wiring.successors)
+        self.execution = check_execution(execution)
+        self._edge_counts = [len(t) for t in self.wiring.successors]
+        # Per routed edge, in the order of the stage's concatenated gates: its source
+        # block (to gate static edges with their τ at once) and its flat index in the
+        # (N+2)×(N+2) record (to write the record in one scatter).
+        size = n + 2
+        self.register_buffer(
+            "_edge_source",
+            torch.tensor([k for k, t in enumerate(self.wiring.successors) for _ in t], dtype=torch.long),
+            persistent=False,
+        )
+        self.register_buffer(
+            "_record_index",
+            torch.tensor([t * size + s for s, t in self.wiring.edges], dtype=torch.long),
+            persistent=False,
+        )
+        template = torch.zeros(size * size)
+        template[size] = 1.0  # input → block 1: fixed open
+        self.register_buffer("_record_template", template, persistent=False)
+        self.register_buffer("_input_node", torch.arange(size) == 0, persistent=False)
         # Where each block's and the output node's inputs come from: (source block, router column).
         self._inputs = [self.wiring.predecessors(j + 1) for j in range(n + 1)]
         # A random graph is rebuilt from the manifest's seed on load; storing its edges
@@ -112,64 +143,159 @@ class DGStage(nn.Module):
         return [getattr(self, name) for name in self.block_names]
 
     def forward(self, x: Tensor) -> Tensor:
+        masked = self.execution == "masked" or (self.execution == "auto" and x.device.type == "cuda")
+        result, gated = self._forward_masked(x) if masked else self._forward_skip(x)
+        self._record(gated, x.shape[0], x.device)
+        return result
+
+    # --- routing ------------------------------------------------------------------
+
+    def _gate(self, k: int, out: Tensor) -> Tensor:
+        """Block k+1's gated output edges for the images in ``out`` (dynamic; static while training).
+
+        The same arithmetic as ``Router.forward`` followed by ``threshold_edges``,
+        without two module calls per node. Routers cannot share one matmul: router k
+        reads block k's output, and block k+1's input needs router k's gates first.
+        """
+        router = self.routers[k]
+        if torch.is_grad_enabled():
+            # Training goes through the module, so forward hooks on routers (the dead-end
+            # guard in training/regularizers.py) still see α.
+            return threshold_edges(router(out), self.tau[k], self.temperature)
+        fc = router.fc
+        pooled = out.mean(dim=tuple(range(2, out.dim())))
+        alpha = torch.sigmoid(F.linear(pooled, fc.weight, fc.bias))
+        return threshold_edges(alpha, self.tau[k], self.temperature)
+
+    def static_gates(self) -> list[Tensor]:
+        """Every block's gated output edges under static routing, in one sigmoid and one threshold.
+
+        Static α does not depend on the image, so the whole stage is gated at once: one
+        vector of edges, each compared with its source block's τ. Used without autograd;
+        training calls each router (its hooks must fire).
+        """
+        logits = torch.cat([router.logit for router in self.routers])
+        gates = threshold_edges(torch.sigmoid(logits), self.tau[self._edge_source], self.temperature)
+        return list(gates.split(self._edge_counts))
+
+    # --- skip mode: each block runs on the images that reach it -------------------
+
+    def _forward_skip(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         batch = x.shape[0]
+        prune = not torch.is_grad_enabled()
+        static = self.static_gates() if self.routing == "static" and not torch.is_grad_enabled() else None
+        # A host copy of which edges are open, read once per block (static: once per
+        # stage): every later decision (who runs, which sources to add) reads it, not
+        # the device tensors, so a stage syncs at most once per block.
+        static_open = [g.gt(0).tolist() for g in static] if static is not None else None
         outputs: list[Tensor | None] = []  # outputs[k] is block k+1's output (None where no image ran it)
         gated: list[Tensor] = []  # gated[k]: B × weights of block k+1's edges, in wiring.successors[k] order
-        executed: list[Tensor] = []
-        prune = not torch.is_grad_enabled()
-        for k, (block, router) in enumerate(zip(self.blocks(), self.routers, strict=True)):
+        opened: list[list[list[bool]]] = []  # opened[k][b][col]: host copy of gated[k] > 0
+        for k, block in enumerate(self.blocks()):
+            num_out = self._edge_counts[k]
             if k == 0:
-                inp, runs = x, torch.ones(batch, dtype=torch.bool, device=x.device)
+                inp: Tensor | None = x
+                runs = [True] * batch
             else:
-                weights, sources = self._gather(k, gated, outputs)
-                runs = torch.stack([w > 0 for w in weights], dim=1).any(dim=1)
-                inp = _weighted_sum(weights, sources, prune)
-            executed.append(runs)
-            out, edges = self._run_node(block, router, self.tau[k], inp, runs)
+                runs = [any(opened[s][b][c] for s, c in self._inputs[k]) for b in range(batch)]
+                inp = self._weighted_sum(k, gated, outputs, opened, prune)
+            n_run = sum(runs)
+            if inp is None or n_run == 0:
+                outputs.append(None)
+                gated.append(x.new_zeros((batch, num_out), dtype=self.tau.dtype))
+                opened.append([[False] * num_out for _ in range(batch)])
+                continue
+            if n_run == batch:
+                out = block(inp)
+                edges = static[k].expand(batch, -1) if static is not None else self._gate(k, out)
+            else:
+                # Run the block on the images that reach it, and only on those.
+                idx = torch.tensor([b for b, r in enumerate(runs) if r], device=x.device)
+                sub_out = block(inp.index_select(0, idx))
+                sub_edges = static[k].expand(n_run, -1) if static is not None else self._gate(k, sub_out)
+                out = sub_out.new_zeros((batch, *sub_out.shape[1:])).index_copy(0, idx, sub_out)
+                edges = sub_edges.new_zeros((batch, num_out)).index_copy(0, idx, sub_edges)
             outputs.append(out)
             gated.append(edges)
-        result = _weighted_sum(*self._gather(self.num_blocks, gated, outputs), prune)
+            if static_open is not None:
+                opened.append([static_open[k] if r else [False] * num_out for r in runs])
+            else:
+                opened.append(edges.gt(0).tolist())
+        result = self._weighted_sum(self.num_blocks, gated, outputs, opened, prune)
         if result is None:  # every edge into the output node closed for every image
             first = outputs[0]
             assert first is not None  # block 1 always runs: its input edge is fixed open
             result = torch.zeros_like(first)
-        self._record(gated, executed, batch, x.device)
-        return result
+        return result, gated
 
-    def _gather(
-        self, node: int, gated: list[Tensor], outputs: list[Tensor | None]
-    ) -> tuple[list[Tensor], list[Tensor | None]]:
-        """The weights and source outputs of the edges into block ``node`` + 1 (``num_blocks``: the output node)."""
-        edges = self._inputs[node]
-        return [gated[k][:, col] for k, col in edges], [outputs[k] for k, _ in edges]
+    def _weighted_sum(
+        self,
+        node: int,
+        gated: list[Tensor],
+        outputs: list[Tensor | None],
+        opened: list[list[list[bool]]],
+        prune: bool,
+    ) -> Tensor | None:
+        """Σ_i w_i · x_i over the computed sources of block ``node`` + 1 (``num_blocks``: the output node).
 
-    def _run_node(
-        self, block: nn.Module, router: Router | StaticRouter, tau: Tensor, inp: Tensor | None, runs: Tensor
-    ) -> tuple[Tensor | None, Tensor]:
-        batch = runs.shape[0]
-        num_out = router.num_edges
-        if inp is None or not bool(runs.any()):
-            return None, runs.new_zeros((batch, num_out), dtype=self.tau.dtype)
-        if bool(runs.all()):
-            out = block(inp)
-            return out, threshold_edges(router(out), tau, self.temperature)
-        # Run the block on the images that reach it, and only on those.
-        idx = runs.nonzero().squeeze(1)
-        sub_out = block(inp.index_select(0, idx))
-        sub_edges = threshold_edges(router(sub_out), tau, self.temperature)
-        out = sub_out.new_zeros((batch, *sub_out.shape[1:])).index_copy(0, idx, sub_out)
-        edges = sub_edges.new_zeros((batch, num_out)).index_copy(0, idx, sub_edges)
-        return out, edges
+        With ``prune`` (no gradient needed) a source whose edge is closed for every image
+        of the batch is left out: it would add exactly zero.
+        """
+        total: Tensor | None = None
+        for s, col in self._inputs[node]:
+            out = outputs[s]
+            if out is None or (prune and not any(row[col] for row in opened[s])):
+                continue
+            total = _accumulate(total, gated[s][:, col], out)
+        return total
 
-    def _record(self, gated: list[Tensor], executed: list[Tensor], batch: int, device: torch.device) -> None:
-        n = self.num_blocks
-        adj = torch.zeros(batch, n + 2, n + 2, device=device)
-        adj[:, 1, 0] = 1.0
-        for k, (g, targets) in enumerate(zip(gated, self.wiring.successors, strict=True)):
-            adj[:, list(targets), k + 1] = g.detach().float()
-        ran = torch.ones(batch, n + 2, dtype=torch.bool, device=device)
-        ran[:, 1 : n + 1] = torch.stack(executed, dim=1)
-        ran[:, n + 1] = (adj[:, n + 1, 1:] > 0).any(dim=1)
+    # --- masked mode: every block on the whole batch, closed edges multiply by 0 ---
+
+    def _forward_masked(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The skip mode's outputs and records without data-dependent control flow.
+
+        Each block runs on every image; an image for which the block would be skipped
+        gets its output edges zeroed, so that block's output reaches nothing. No value
+        is read back to the host, which on a GPU costs more than the skipped blocks save.
+        """
+        batch = x.shape[0]
+        static = self.static_gates() if self.routing == "static" and not torch.is_grad_enabled() else None
+        outputs: list[Tensor] = []
+        gated: list[Tensor] = []
+        for k, block in enumerate(self.blocks()):
+            runs: Tensor | None = None
+            if k == 0:
+                out = block(x)
+            else:
+                sources = self._inputs[k]
+                total = _masked_sum(sources, gated, outputs)
+                if total is None:  # a random wiring may leave a block without inputs
+                    total = torch.zeros_like(outputs[0])
+                    runs = torch.zeros(batch, dtype=torch.bool, device=x.device)
+                else:
+                    runs = torch.stack([gated[s][:, c] for s, c in sources], dim=1).gt(0).any(dim=1)
+                out = block(total)
+            edges = static[k].expand(batch, -1) if static is not None else self._gate(k, out)
+            if runs is not None:
+                edges = torch.where(runs.unsqueeze(1), edges, edges.new_zeros(()))
+            outputs.append(out)
+            gated.append(edges)
+        result = _masked_sum(self._inputs[self.num_blocks], gated, outputs)
+        return (result if result is not None else torch.zeros_like(outputs[0])), gated
+
+    # --- records ----------------------------------------------------------------
+
+    def _record(self, gated: list[Tensor], batch: int, device: torch.device) -> None:
+        size = self.num_blocks + 2
+        # The fixed input → block 1 edge comes from the template; every routed edge of
+        # the stage goes in with one scatter (their flat target·size+source indices).
+        adj = self._record_template.float().repeat(batch, 1)
+        adj.index_copy_(1, self._record_index, torch.cat(gated, dim=1).detach().float())
+        adj = adj.view(batch, size, size)
+        # A node ran iff one of its input edges is open (a block that did not run has
+        # its own output edges closed), so the flags follow from the matrix; the input
+        # node always "runs".
+        ran = adj.gt(0).any(dim=2) | self._input_node
         self.last_adjacency = adj
         self.last_executed = ran
         self._gated_edges = gated if torch.is_grad_enabled() else []
@@ -257,19 +383,42 @@ class DGStage(nn.Module):
         )
 
 
-def _weighted_sum(weights: list[Tensor], outputs: list[Tensor | None], prune: bool) -> Tensor | None:
-    """Σ_i w_i · x_i over computed sources, per image.
+def check_execution(execution: str) -> ExecutionKind:
+    if execution not in EXECUTION_KINDS:
+        raise ValueError(f"execution must be one of {', '.join(EXECUTION_KINDS)}, got {execution!r}")
+    return execution  # type: ignore[return-value]
 
-    With ``prune`` (no gradient needed) a source whose edge is closed for every image
-    of the batch is left out: it would add exactly zero.
-    """
+
+def set_execution(model: nn.Module, execution: ExecutionKind) -> None:
+    """Choose how every DG-Net stage of ``model`` runs skipped blocks (see ``ExecutionKind``)."""
+    check_execution(execution)
+    for m in model.modules():
+        if isinstance(m, DGStage):
+            m.execution = execution
+
+
+def _masked_sum(sources: list[tuple[int, int]], gated: list[Tensor], outputs: list[Tensor]) -> Tensor | None:
+    """Σ_i w_i · x_i over every source, open or not (a closed edge's weight is exactly 0)."""
     total: Tensor | None = None
-    for w, out in zip(weights, outputs, strict=True):
-        if out is None or (prune and not bool((w > 0).any())):
-            continue
-        term = w.to(out.dtype).view(-1, *([1] * (out.dim() - 1))) * out
-        total = term if total is None else total + term
+    for s, col in sources:
+        total = _accumulate(total, gated[s][:, col], outputs[s])
     return total
+
+
+def _accumulate(total: Tensor | None, weight: Tensor, out: Tensor) -> Tensor:
+    """``total + weight · out``, per image, fused into one pass over the features.
+
+    The weighted sums are DG-Net's main element-wise cost on a large feature map:
+    ``addcmul`` reads each tensor once, where a multiply then an add read and write a
+    temporary too. Without autograd the sum is updated in place (``total`` is always
+    a tensor made here).
+    """
+    w = weight.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
+    if total is None:
+        return w * out
+    if torch.is_grad_enabled():
+        return torch.addcmul(total, w, out)
+    return total.addcmul_(w, out)
 
 
 def edge_l1(model: nn.Module) -> Tensor:
