@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import math
@@ -59,6 +60,7 @@ from dgserve.imaging import IMAGENET_MEAN as MEAN
 from dgserve.imaging import IMAGENET_STD as STD
 from dgserve.imaging import preprocess
 from dgserve.serving.decode import decode_image
+from dgserve.serving.worker import autocast_dtype
 from dgserve.settings import default_model_store
 from dgserve.model_store import LoadedModel, ModelStore
 
@@ -84,6 +86,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-connectivity", action="store_true", help="ask the server for ?connectivity=false")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device for raw and for the server (default: cuda when there is one)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="forward precision (torch.autocast) of raw and of the server (DGSERVE_PRECISION)")
     p.add_argument("--protocols", default="v1", help="comma-separated: v1 (POST /v1/.../classify), v2 (OIP infer)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
     return p.parse_args()
@@ -138,10 +142,13 @@ class RawModel:
         ).to(self.device)
         # The server's worker runs the model in a thread of its own; so does this.
         self._executor = ThreadPoolExecutor(max_workers=1)
+        self._autocast = autocast_dtype(args.precision, self.device)  # what the server's worker applies
         self._executor.submit(self._run, args.raw_warmup).result()
 
     def _run(self, batches: int) -> float:
-        with torch.inference_mode():
+        precision = (torch.autocast(self.device.type, dtype=self._autocast) if self._autocast is not None
+                     else contextlib.nullcontext())
+        with torch.inference_mode(), precision:
             started = time.perf_counter()
             for _ in range(batches):
                 self.loaded.model(self.batch)
@@ -167,7 +174,7 @@ def start_server(root: Path, data_dir: Path, port: int, args: argparse.Namespace
                 "max_queue_size": max(256, 4 * args.clients * args.images_per_request)}
     env = {**os.environ, "DGSERVE_MODELS": args.model, "DGSERVE_DEVICES": args.device,
            "DGSERVE_BATCHING": json.dumps({args.model: batching}), "DGSERVE_ACCESS_LOG": "false",
-           "DGSERVE_LOG_LEVEL": "warning", "DGSERVE_GRPC_PORT": "off"}
+           "DGSERVE_LOG_LEVEL": "warning", "DGSERVE_GRPC_PORT": "off", "DGSERVE_PRECISION": args.precision}
     command = [sys.executable, "-c", "from dgserve.cli import main; main()", "serve", "--host", HOST,
                "--port", str(port), "--store", str(root), "--data-dir", str(data_dir)]
     return subprocess.Popen(command, env=env)
@@ -303,7 +310,7 @@ def main() -> None:
         root = prepare_store(args, tmp)
         print(f"model {args.model!r}, B={args.batch_size}, {args.image_size}px, {args.clients} connections, "
               f"{args.requests} requests x {args.images_per_request} image(s) per round, {args.rounds} rounds, "
-              f"{os.cpu_count()} CPU cores, device {args.device}"
+              f"{os.cpu_count()} CPU cores, device {args.device}, precision {args.precision}"
               + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else ""))
         raw_model = RawModel(root, args)
         port = free_port()

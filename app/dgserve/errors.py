@@ -197,6 +197,12 @@ class ManifestError(StoreError):
         self.field = field
 
 
+class UnsupportedPrecisionError(StoreError):
+    """A forward precision the worker's device cannot compute in (fp16 off CUDA)."""
+
+    code = "unsupported_precision"
+
+
 class WeightsError(StoreError):
     """Weights that are missing, corrupt, fail their checksum or do not fit the model."""
 

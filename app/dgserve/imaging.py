@@ -19,7 +19,8 @@ from torchvision.transforms.v2 import functional as F
 from dgserve.model_store.manifest import Interpolation, Preprocessing
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "interpolation_mode", "letterbox_geometry", "preprocess", "resize", "to_rgb",
+    "IMAGENET_MEAN", "IMAGENET_STD", "interpolation_mode", "letterbox_geometry", "preprocess", "preprocess_pixels",
+    "resize", "to_rgb",
 ]
 
 # The statistics torchvision's ImageNet weights were trained with, for pixels in [0, 1].
@@ -67,9 +68,13 @@ def preprocess(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
     ``stretch``: straight to ``input_size``. ``letterbox``: fit inside ``input_size``
     keeping the aspect ratio, centred, padded with the mean (zero once normalised).
     """
+    return preprocess_pixels(F.pil_to_tensor(to_rgb(img)), pre)
+
+
+def preprocess_pixels(pixels: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """:func:`preprocess` of uint8 ``(3, H, W)`` RGB pixels, on whatever device they are (a GPU-decoded JPEG)."""
     height, width = pre.input_size
     interpolation = _INTERPOLATION[pre.interpolation]
-    pixels = F.pil_to_tensor(to_rgb(img))
     src_h, src_w = pixels.shape[-2:]
 
     pad: list[int] | None = None

@@ -68,6 +68,17 @@ class Settings(BaseSettings):
     instances_per_device: PositiveInt = Field(
         1, description="Workers (model replicas) per model per device, each with its own thread."
     )
+    model_workers: Literal["thread", "process"] = Field(
+        "thread",
+        description='Where each replica computes: "thread" (a thread of the server process) or "process" '
+        "(a child process of its own, off the server's GIL: faster for small or Python-heavy models, "
+        "and the model keeps computing while the server is busy refusing an overload).",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] | None = Field(
+        None,
+        description="Forward precision of every model (torch.autocast), replacing each manifest's precision: "
+        "fp32, bf16 (CPU or CUDA) or fp16 (CUDA only; a CPU worker refuses to load). Outputs stay float32.",
+    )
     torch_threads: PositiveInt | None = Field(
         None,
         description="torch intra-op threads for CPU workers; default: CPU cores / CPU instances per model.",

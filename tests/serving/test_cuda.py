@@ -141,3 +141,27 @@ def test_app_serves_on_the_gpu(tmp_path: Path) -> None:
                 assert [v["devices"] for v in described["versions"]] == [["cuda:0"]]
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["shapes-dgnet", "shapes-glore"])
+def test_reduced_precision_on_the_gpu_agrees_with_fp32(name: str, precision: str) -> None:
+    store = ModelStore(STORE)
+    loaded = store.load(name, device=GPU)
+    full = ModelWorker(loaded, GPU, name="fp32")
+    half = ModelWorker(loaded, GPU, name=precision, precision=precision)  # type: ignore[arg-type]
+    try:
+        assert half.manifest.precision == precision
+        batch = _items(name, 16)
+        a_results, b_results = full.infer_batch(batch), half.infer_batch(batch)
+    finally:
+        full.close()
+        half.close()
+    agree = sum(a.predictions[0]["index"] == b.predictions[0]["index"] for a, b in zip(a_results, b_results))
+    assert agree >= 15, f"top-1 agreement {agree}/16 under {precision}"
+    for a, b in zip(a_results, b_results, strict=True):
+        scores = {p["index"]: p["score"] for p in b.predictions}
+        for p in a.predictions:
+            if p["index"] in scores:
+                assert p["score"] == pytest.approx(scores[p["index"]], abs=0.05)
+        assert all(type(p["score"]) is float for p in b.predictions)

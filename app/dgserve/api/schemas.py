@@ -161,6 +161,9 @@ class ModelVersionInfo(BaseModel):
     labels: list[str] | None = None
     preprocessing: dict[str, Any] | None = None
     thresholds: dict[str, Any] | None = None
+    precision: Literal["fp32", "bf16", "fp16"] | None = Field(
+        None, description="the forward's autocast precision (the manifest's, or DGSERVE_PRECISION's)"
+    )
     batching: BatchingInfo | None = Field(None, description="effective values (manifest + overrides)")
     devices: list[str] = Field(default_factory=list, description="one entry per worker")
     queue_depth: int | None = None

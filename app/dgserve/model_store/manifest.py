@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 
 StorageDtype = Literal["float32", "float16"]
+# The dtype the forward computes in (torch.autocast); weights and outputs stay float32.
+# fp16 needs CUDA: the worker refuses it at load on any other device.
+Precision = Literal["fp32", "bf16", "fp16"]
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 # center_crop: shorter side to size / crop_fraction, then a centred crop (classification).
 # stretch:     straight to input_size, aspect ratio not kept.
@@ -121,6 +124,11 @@ class Manifest(_Strict):
     thresholds: Thresholds = Field(default_factory=Thresholds)
     batching: Batching = Field(default_factory=Batching)
     weights: WeightsInfo
+    # Left out when fp32, so manifests written before the field read and write as before.
+    precision: Precision = Field(
+        "fp32", exclude_if=lambda v: v == "fp32",
+        description="forward dtype under torch.autocast: fp32, bf16 (CPU or CUDA) or fp16 (CUDA only)",
+    )
     description: str = ""
     created_at: AwareDatetime
 

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
+import torch
 from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from dgserve.errors import (
     ImageTooLargeError,
@@ -32,7 +35,10 @@ from dgserve.errors import (
 from dgserve.imaging import to_rgb
 from dgserve.serving.threads import pin_torch_threads
 
-__all__ = ["ALLOWED_CONTENT_TYPES", "check_content_type", "decode_image", "new_decode_pool"]
+__all__ = [
+    "ALLOWED_CONTENT_TYPES", "check_content_type", "decode_image", "decode_jpeg_pixels", "decode_jpegs_pixels",
+    "new_decode_pool",
+]
 
 log = logging.getLogger(__name__)
 
@@ -196,3 +202,79 @@ def _apply_exif_orientation(img: Image.Image, part: str | None) -> None:
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+# --- JPEG through torchvision (nvJPEG on a GPU) -------------------------------------
+#
+# The same checks as decode_image (allowed format, pixel limit read from the header
+# before any pixel is decoded), then torchvision's decode_jpeg, which on a CUDA device
+# is nvJPEG and can take a whole batch at once. Only plain upright RGB or greyscale
+# JPEGs take this path; anything else (another format, CMYK, an EXIF rotation) gives
+# None and the caller decodes it with decode_image, so the two paths cannot disagree
+# on what an unusual file means.
+
+_EXIF_ORIENTATION: Final[int] = 0x0112
+
+
+def decode_jpeg_pixels(
+    data: bytes, *, max_pixels: int, device: torch.device | str = "cpu", part: str | None = None
+) -> torch.Tensor | None:
+    """An upload's uint8 ``(3, H, W)`` RGB pixels on ``device``, or None when it must go through PIL.
+
+    Raises what :func:`decode_image` raises for oversized, empty or undecodable uploads.
+    """
+    [pixels] = decode_jpegs_pixels([data], max_pixels=max_pixels, device=device, parts=[part])
+    return pixels
+
+
+def decode_jpegs_pixels(
+    uploads: list[bytes],
+    *,
+    max_pixels: int,
+    device: torch.device | str = "cpu",
+    parts: list[str | None] | None = None,
+) -> list[torch.Tensor | None]:
+    """:func:`decode_jpeg_pixels` of several uploads, the eligible ones decoded in one batched call."""
+    names = parts if parts is not None else [None] * len(uploads)
+    eligible = [i for i, (data, part) in enumerate(zip(uploads, names, strict=True))
+                if _plain_jpeg(data, max_pixels, part)]
+    out: list[torch.Tensor | None] = [None] * len(uploads)
+    if not eligible:
+        return out
+    encoded = [torch.frombuffer(bytearray(uploads[i]), dtype=torch.uint8) for i in eligible]
+    try:
+        decoded = _decode_jpegs(encoded, device)
+    except RuntimeError as exc:
+        # PIL read the headers, but some entropy-coded data is corrupt or truncated:
+        # one at a time, to name the part that is.
+        for i, data in zip(eligible, encoded, strict=True):
+            try:
+                _decode_jpegs([data], device)
+            except RuntimeError as one:
+                raise InvalidImageError(f"could not decode image data ({_describe(one)})", names[i]) from one
+        raise InvalidImageError(f"could not decode image data ({_describe(exc)})", names[eligible[0]]) from exc
+    for i, pixels in zip(eligible, decoded, strict=True):
+        out[i] = pixels
+    return out
+
+
+def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its image codecs for TorchCodec, which dgserve
+        # does not depend on; decode_jpeg is still there and still nvJPEG on a GPU.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchVision are deprecated")
+        return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+
+
+def _plain_jpeg(data: bytes, max_pixels: int, part: str | None) -> bool:
+    if not data:
+        raise InvalidImageError("empty upload", part)
+    img = _open_checked(data, max_pixels=max_pixels, part=part)  # the pixel limit, before any decoding
+    if img.format not in ("JPEG", "MPO") or img.mode not in ("RGB", "L"):
+        return False
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:
+        return False  # PIL's path decides what an unreadable EXIF block means
+    return orientation == 1
+

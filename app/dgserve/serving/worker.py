@@ -32,14 +32,31 @@ from PIL import Image
 from torch import Tensor
 
 from dgserve.connectivity import ImageConnectivity
+from dgserve.errors import UnsupportedPrecisionError
 from dgserve.model_store import LoadedModel, Manifest
+from dgserve.model_store.manifest import Precision
 from dgserve.models.connectivity import collect_connectivity, connectivity_sources
 from dgserve.serving.threads import pin_torch_threads
 from dgserve.tasks import ImageInfo, InferenceItem, get_task
 
-__all__ = ["ImageResult", "ModelWorker"]
+__all__ = ["ImageResult", "ModelWorker", "autocast_dtype"]
 
 log = logging.getLogger(__name__)
+
+_AUTOCAST_DTYPES: dict[Precision, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """The dtype ``precision`` autocasts to on ``device`` (None for fp32), or ``UnsupportedPrecisionError``.
+
+    fp16 is refused off CUDA: CPU autocast has no fp16 kernels worth having, and a
+    model quietly running slower and less exact than asked is worse than a load error.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type != "cuda":
+        raise UnsupportedPrecisionError(f"precision fp16 needs a CUDA device, not {device}; use bf16 or fp32")
+    return _AUTOCAST_DTYPES[precision]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +79,17 @@ class ModelWorker:
         *,
         name: str,
         threads: int | None = None,
+        precision: Precision | None = None,
     ) -> None:
         self.loaded = loaded
-        self.manifest: Manifest = loaded.manifest
+        # ``precision`` (DGSERVE_PRECISION) replaces the manifest's; the manifest kept
+        # here says what actually runs, so GET /v1/models shows the effective value.
+        effective = precision or loaded.manifest.precision
+        self._autocast = autocast_dtype(effective, device)  # refuses fp16 off CUDA before any thread starts
+        self.manifest: Manifest = (
+            loaded.manifest if effective == loaded.manifest.precision
+            else loaded.manifest.model_copy(update={"precision": effective})
+        )
         self.device = device
         self.name = name
         self.task = get_task(loaded.manifest.task)
@@ -106,7 +131,9 @@ class ModelWorker:
 
     def infer_batch(self, items: Sequence[InferenceItem]) -> list[ImageResult]:
         with torch.inference_mode(), self._device_context():
-            predictions = self.task.predict(self.loaded.model, items, self.manifest, self._to_device)
+            with self._precision_context():
+                predictions = self.task.predict(self.loaded.model, items, self.manifest, self._to_device)
+            # Outside autocast: the records are read back (and digested) as float32.
             records = collect_connectivity(self.loaded.model, len(items), self._sources)
         results = []
         for preds, record in zip(predictions, records, strict=True):
@@ -121,6 +148,11 @@ class ModelWorker:
         stack.enter_context(torch.cuda.device(self.device))
         stack.enter_context(torch.cuda.stream(self._stream))
         return stack
+
+    def _precision_context(self) -> contextlib.AbstractContextManager[object]:
+        if self._autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._autocast)
 
     def _to_device(self, tensor: Tensor) -> Tensor:
         if not self._cuda:

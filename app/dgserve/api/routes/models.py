@@ -79,6 +79,7 @@ def _version_info(served: ServedModel) -> ModelVersionInfo:
             labels=manifest.labels,
             preprocessing=manifest.preprocessing.model_dump(),
             thresholds=manifest.thresholds.model_dump(),
+            precision=manifest.precision,
         )
     if served.batching is not None:
         info["batching"] = BatchingInfo(**served.batching.model_dump())
