@@ -148,6 +148,28 @@ class Settings(BaseSettings):
         "goes out, with no id for a dropped record) or make the request wait for room (nothing lost).",
     )
 
+    # Off by default: an upload may be private, and a thumbnail keeps a recognisable copy of it.
+    inspection_thumbnails: bool = Field(
+        False,
+        description="Keep a small JPEG thumbnail of each uploaded image (as the model saw it) with its inspection "
+        "record, and draw GloRe projection maps over it in GET /v1/inspections/{id}/connectivity.png|svg. Off: none "
+        "is stored, and none already stored is used.",
+    )
+    inspection_thumbnail_px: int = Field(
+        128, ge=16, le=512, description="The longest side of a stored thumbnail, in pixels.",
+    )
+
+    # Heavy reads (inspection/readers.py): listings, exports, summaries and pictures run in
+    # child processes at a low priority, so that on a small machine they take only the CPU
+    # inference leaves.
+    read_workers: int = Field(
+        2, ge=0, le=16, description="Processes that run the heavy inspection reads (listings, the export, summaries, "
+        "pictures), started at the first read; also how many run at once. 0 runs them in the server's threads.",
+    )
+    read_nice: int = Field(
+        19, ge=0, le=19, description="The niceness of those processes (0-19): 19 gives inference the CPU first.",
+    )
+
     inspection_durability: Literal["sync", "async"] = Field(
         "sync",
         description="sync: an answer waits (up to inspection_commit_timeout_s) until its inspection records are "

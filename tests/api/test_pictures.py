@@ -5,10 +5,15 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
+
+from dgserve.analysis import pictures
+
+from .conftest import running, settings_for, state_of
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
 
@@ -67,3 +72,33 @@ async def test_a_glore_summary_draws_each_units_node_shares(main_client: httpx.A
     assert svg.status_code == 200, svg.text
     titles = re.findall(rb"<!-- (\S+) \xc2\xb7 (\S+) \((\d+)\) -->", svg.content)
     assert {unit for unit, _, _ in titles} == {b"layer3.units.0", b"layer3.units.2", b"layer3.units.4"}
+
+
+async def test_thumbnails_are_kept_only_when_opted_in_and_projections_drawn_over_them(
+    store_root: Path, tmp_path: Path, image: Encode
+) -> None:
+    data_dir = tmp_path / "data"
+    on = settings_for(store_root, data_dir, models=["glore"], inspection_thumbnails=True, inspection_thumbnail_px=48)
+    async with running(on) as (app, client):
+        record_id = await _classify(client, "glore", image(seed=5, size=(96, 64)), "truth:t")
+        stored = await state_of(app).service.inspections.get(record_id)
+        assert stored.thumbnail is not None
+        with Image.open(io.BytesIO(stored.thumbnail)) as thumb:
+            assert thumb.format == "JPEG" and max(thumb.size) <= 48
+        answer = await client.get(f"/v1/inspections/{record_id}")
+        assert answer.status_code == 200 and "thumbnail" not in answer.json()
+        png = await client.get(f"/v1/inspections/{record_id}/connectivity.png")
+        assert png.status_code == 200
+        # The route's picture is the one drawn over the thumbnail, not the map alone.
+        record = stored.to_dict()
+        assert png.content == pictures.record_picture({**record, "thumbnail": stored.thumbnail}, "png")
+        assert png.content != pictures.record_picture(record, "png")
+        svg = await client.get(f"/v1/inspections/{record_id}/connectivity.svg")
+        assert b"projection over the input" in svg.content
+    # The same store with the setting off: the stored thumbnail is not used, none is made.
+    async with running(settings_for(store_root, data_dir, models=["glore"])) as (app, client):
+        svg = await client.get(f"/v1/inspections/{record_id}/connectivity.svg")
+        assert svg.status_code == 200 and b"projection over the input" not in svg.content
+        assert b"projection" in svg.content
+        later = await _classify(client, "glore", image(seed=6), "truth:t")
+        assert (await state_of(app).service.inspections.get(later)).thumbnail is None

@@ -1,6 +1,6 @@
 """A store written before analysis existed gains it when it opens: its records get their
-label, score and numbers, and summaries count them (SQLite schema 1 -> 3, PostgreSQL
-migration 1 -> 2)."""
+label, score and numbers, summaries count them, and exports read them from the narrow
+table (SQLite schema 1 -> 4, PostgreSQL migration 1 -> 3)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,11 @@ async def check(store: InspectionStore) -> None:
         stage = summary["groups"][0]["stages"][0]
         assert stage["adjacency_open_frequency"] == [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
         assert stage["adjacency_patterns"]["distinct"] == 1
+        # The narrow table an export reads is filled too, with the numbers just backfilled.
+        pages = store.analysis_pages(Filters(model="m"), page_size=1, include_connectivity=False)
+        rows = [row for page in pages for row in page]
+        assert [(r.id, r.created_at_us, r.label) for r in rows] == [(i, t, "cat") for i, t in OLD]
+        assert all(r.features is not None and r.layout is not None for r in rows)
 
 
 def old_rows() -> list[tuple[str, int, str, bytes]]:

@@ -53,7 +53,7 @@ async def test_the_file_is_in_wal_mode_with_the_documented_format(tmp_path: Path
         row = conn.execute("SELECT * FROM inspections WHERE id = ?", (rec.id,)).fetchone()
         indexes = {r[1] for r in conn.execute("PRAGMA index_list(inspections)")}
     assert mode == "wal"
-    assert version == 3
+    assert version == 4
     # Byte for byte what earlier releases wrote, so files written by either read in both;
     # schema 3's analysis columns come after (tags, label, score, layout, features).
     assert row[7:10] == ("{}", "", None) and row[10] is not None
@@ -152,4 +152,4 @@ async def test_a_schema_1_file_opens_and_its_inline_graphs_still_read(
         assert (await store.get(new.id)).connectivity == new.connectivity
     with closing(sqlite3.connect(path)) as conn:
         (version,) = conn.execute("PRAGMA user_version").fetchone()
-    assert version == 3
+    assert version == 4

@@ -19,6 +19,7 @@ page whatever the number of records.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,12 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dgserve.analysis.layout import Layout
 from dgserve.connectivity import kind_of
 from dgserve.errors import InvalidAnalysisError
-from dgserve.inspection.backend import AnalysisRow
+from dgserve.inspection.backend import AnalysisPage, AnalysisRow
 from dgserve.inspection.tags import from_canonical
 
 __all__ = ["MEDIA_TYPE", "Plan", "parquet_chunks", "plan"]
@@ -106,51 +108,84 @@ def plan(layouts: Mapping[str, Layout]) -> Plan:
     return Plan(schema, ordered, dict(layouts))
 
 
+_FIELDS = tuple(f.name for f in dataclasses.fields(AnalysisRow))
+
+
+def _columns(rows: Sequence[AnalysisRow]) -> Sequence[Sequence[Any]]:
+    """``rows`` column by column (``AnalysisRow``'s fields): a backend's ``AnalysisPage``
+    already is; any other sequence of rows is transposed here."""
+    if isinstance(rows, AnalysisPage):
+        return rows.columns
+    return [[getattr(r, name) for r in rows] for name in _FIELDS]
+
+
 @functools.lru_cache(maxsize=4096)
 def _tag_items(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     tags = from_canonical(text)
     return tuple(tags), tuple(tags.values())
 
 
-def _tags(rows: Sequence[AnalysisRow]) -> pa.Array:
-    # Tag sets repeat (a few per experiment), so each distinct text is parsed once.
+def _tags(texts: Sequence[str]) -> pa.Array:
+    # Tag sets repeat (a few per experiment): each distinct text is parsed once, and the
+    # rows take their map from the distinct ones by index, in Arrow.
+    encoded = pa.array(texts, pa.string()).dictionary_encode()
     keys: list[str] = []
     values: list[str] = []
     offsets = [0]
-    for row in rows:
-        k, v = _tag_items(row.tags)
+    for text in encoded.dictionary.to_pylist():
+        k, v = _tag_items(text)
         keys.extend(k)
         values.extend(v)
         offsets.append(len(keys))
-    return pa.MapArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(keys, pa.string()), pa.array(values, pa.string()))
+    distinct = pa.MapArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(keys, pa.string()),
+                                       pa.array(values, pa.string()))  # fmt: skip
+    return distinct.take(encoded.indices)
 
 
 class _Numbers:
-    """A page's features, decoded once per layout: ``digest -> (row indexes, raw matrix)``."""
+    """A page's features, decoded once per layout: ``digest -> (row indexes or None for
+    every row, raw matrix)``. One ``frombuffer`` over the layout's concatenated blobs:
+    no Python object per row."""
 
-    def __init__(self, rows: Sequence[AnalysisRow], layouts: Mapping[str, Layout]) -> None:
-        by_layout: dict[str, list[int]] = {}
-        for i, row in enumerate(rows):
-            if row.layout is not None and row.features is not None:
-                by_layout.setdefault(row.layout, []).append(i)
-        self.size = len(rows)
+    def __init__(self, layouts_column: Sequence[str | None], features: Sequence[bytes | None],
+                 layouts: Mapping[str, Layout]) -> None:  # fmt: skip
+        self.size = len(layouts_column)
         self.layouts = layouts
-        self.decoded = {d: (np.array(ix), layouts[d].decode([rows[i].features for i in ix]))  # type: ignore[misc]
-                        for d, ix in by_layout.items() if d in layouts}  # fmt: skip
+        self.decoded: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}
+        if not self.size:
+            return
+        encoded = pa.array(layouts_column, pa.string()).dictionary_encode()
+        digests = encoded.dictionary.to_pylist()
+        if len(digests) == 1 and encoded.null_count == 0:  # the usual page: one model version
+            if digests[0] in layouts:
+                self.decoded[digests[0]] = (None, layouts[digests[0]].decode(features))  # type: ignore[arg-type]
+            return
+        codes = encoded.indices.fill_null(-1).to_numpy()
+        for code, digest in enumerate(digests):
+            if digest in layouts:
+                rows = np.flatnonzero(codes == code)
+                self.decoded[digest] = (rows, layouts[digest].decode([features[i] for i in rows]))  # type: ignore[misc]
 
 
 def _slot_array(column: _Column, numbers: _Numbers) -> pa.Array:
-    values = np.zeros((numbers.size, column.size), np.float32)
-    present = np.zeros(numbers.size, bool)
-    for digest, index in column.slots.items():
-        if digest in numbers.decoded:
-            rows, raw = numbers.decoded[digest]
-            values[rows] = numbers.layouts[digest].raw(raw, index)
-            present[rows] = True
+    whole = [(d, i) for d, i in column.slots.items() if d in numbers.decoded and numbers.decoded[d][0] is None]
+    if whole:  # every row of the page has this layout: its slot is the column
+        digest, index = whole[0]
+        values = numbers.layouts[digest].raw(numbers.decoded[digest][1], index)
+        missing = None
+    else:
+        values = np.zeros((numbers.size, column.size), np.float32)
+        present = np.zeros(numbers.size, bool)
+        for digest, index in column.slots.items():
+            if digest in numbers.decoded:
+                rows, raw = numbers.decoded[digest]
+                values[rows] = numbers.layouts[digest].raw(raw, index)
+                present[rows] = True
+        missing = None if present.all() else pa.array(~present)
     if column.statistic == "mean":
-        return pa.array(values[:, 0], pa.float32(), mask=~present)
-    flat = pa.array((values != 0).reshape(-1)) if column.statistic == "frequency" else pa.array(values.reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, column.size, mask=pa.array(~present))
+        return pa.array(np.ascontiguousarray(values[:, 0]), pa.float32(), mask=None if missing is None else ~present)
+    flat = values != 0 if column.statistic == "frequency" else values
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), column.size, mask=missing)
 
 
 def _json_array(column: _Column, connectivity: Sequence[dict[str, Any] | None]) -> pa.Array:
@@ -169,22 +204,23 @@ def _json_array(column: _Column, connectivity: Sequence[dict[str, Any] | None]) 
 
 
 def _batch(plan_: Plan, rows: Sequence[AnalysisRow]) -> pa.RecordBatch:
-    created = np.array([r.created_at_us for r in rows], np.int64)
+    ids, models, versions, tasks, created, labels, scores, tags, layouts, features, texts = _columns(rows)
+    label = pa.array(labels, pa.string())
     arrays: list[pa.Array] = [
-        pa.array([r.id for r in rows], pa.string()),
-        pa.array([r.model for r in rows], pa.string()),
-        pa.array([r.version for r in rows], pa.int32()),
-        pa.array([r.task for r in rows], pa.string()),
+        pa.array(ids, pa.string()),
+        pa.array(models, pa.string()),
+        pa.array(versions, pa.int32()),
+        pa.array(tasks, pa.string()),
         pa.array(created, pa.int64()).view(pa.timestamp("us", tz="UTC")),
-        pa.array([r.label or None for r in rows], pa.string()),
-        pa.array([r.score for r in rows], pa.float64()),
-        _tags(rows),
+        pc.if_else(pc.equal(label, ""), pa.scalar(None, pa.string()), label),  # no label is null
+        pa.array(scores, pa.float64()),
+        _tags(tags),
     ]
     connectivity = None
     if plan_.needs_connectivity:
         # Shared graphs are not put back: no exported column is a shared field.
-        connectivity = [json.loads(r.connectivity) if r.connectivity else None for r in rows]
-    numbers = _Numbers(rows, plan_.layouts)
+        connectivity = [json.loads(text) if text else None for text in texts]
+    numbers = _Numbers(layouts, features, plan_.layouts)
     for column in plan_.columns:
         if column.statistic == "json":
             assert connectivity is not None

@@ -6,7 +6,9 @@ it keeps no global state, so pictures can be drawn in worker threads side by sid
 * ``record_picture``: per DG-Net stage, its DAG in topological order (open edges drawn
   with width and colour by weight, closed edges faint, skipped nodes grey) beside its
   adjacency heatmap; per GloRe unit, its projection map (the graph node each location
-  projects to most).
+  projects to most), laid over the record's thumbnail where one was kept
+  (``DGSERVE_INSPECTION_THUMBNAILS``): the thumbnail is what the model saw, so the map,
+  which covers the model's input, is stretched to it exactly, letterbox padding included.
 * ``summary_picture``: per stage, each group's open-frequency heatmap on one shared
   colour scale (0 to 1), and the groups' distance matrix.
 """
@@ -22,6 +24,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from PIL import Image
 
 __all__ = ["FORMATS", "Format", "record_picture", "summary_picture"]
 
@@ -30,12 +33,18 @@ FORMATS: Final[dict[str, str]] = {"png": "image/png", "svg": "image/svg+xml"}
 
 _PANEL: Final = 3.2  # inches per panel
 _EDGE_COLOURS: Final = "viridis"
+_OVERLAY_ALPHA: Final = 0.5  # the projection map over a thumbnail: both stay readable
 _GROUP_LIMIT: Final = 12  # groups drawn in a summary picture; the rest are named as left out
 
 
 def record_picture(record: dict[str, Any], fmt: Format) -> bytes:
-    """One stored record's connectivity (``InspectionRecord.to_dict()``) as a picture."""
+    """One stored record's connectivity (``InspectionRecord.to_dict()``) as a picture.
+
+    ``record["thumbnail"]``, if there (JPEG bytes; the route adds it only with thumbnails
+    on), is drawn under each GloRe unit's projection map.
+    """
     connectivity = record.get("connectivity", {})
+    thumbnail = _thumbnail(record.get("thumbnail"))
     stages, units = connectivity.get("stages", []), connectivity.get("glore_units", [])
     rows = max(1, len(stages) + (1 if units else 0))
     columns = max(2, len(units))
@@ -48,9 +57,16 @@ def record_picture(record: dict[str, Any], fmt: Format) -> bytes:
     for column, unit in enumerate(units):
         axes = figure.add_subplot(grid[len(stages), column])
         projection = np.asarray(unit["projection"])
+        overlay: dict[str, Any] = {}
+        if thumbnail is not None and projection.ndim == 2:
+            height, width = thumbnail.shape[:2]
+            axes.imshow(thumbnail, interpolation="bilinear")
+            # The map stretched over the whole thumbnail: both cover the model's input.
+            overlay = {"alpha": _OVERLAY_ALPHA, "extent": (-0.5, width - 0.5, height - 0.5, -0.5)}
         image = axes.imshow(projection, cmap="tab20", vmin=0, vmax=max(unit["num_nodes"] - 1, 1),
-                            interpolation="nearest")  # fmt: skip
-        axes.set_title(f"{unit['unit']}: projection\n(node per location, of {unit['num_nodes']})", fontsize=8)
+                            interpolation="nearest", **overlay)  # fmt: skip
+        over = " over the input" if overlay else ""
+        axes.set_title(f"{unit['unit']}: projection{over}\n(node per location, of {unit['num_nodes']})", fontsize=8)
         axes.set_xticks([])
         axes.set_yticks([])
         figure.colorbar(image, ax=axes, shrink=0.8)
@@ -148,6 +164,18 @@ def _heatmap(axes: Axes, matrix: np.ndarray, title: str, labels: Sequence[str]) 
     else:
         axes.set_xticks([])
     axes.figure.colorbar(image, ax=axes, shrink=0.8)
+
+
+def _thumbnail(data: Any) -> np.ndarray | None:
+    """A stored thumbnail as RGB pixels; ``None`` if there is none or it does not decode
+    (a picture without the input beats no picture)."""
+    if not isinstance(data, bytes | bytearray) or not data:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def _encode(figure: Figure, fmt: Format) -> bytes:

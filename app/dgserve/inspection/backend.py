@@ -20,12 +20,13 @@ from __future__ import annotations
 import abc
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, overload
 
 from dgserve.analysis.layout import Layout
 from dgserve.analysis.summary import Selection
 from dgserve.inspection.tags import from_canonical
 
-__all__ = ["AnalysisRow", "Filters", "InspectionBackend", "Key", "PageQuery", "StoredRecord"]
+__all__ = ["AnalysisPage", "AnalysisRow", "Filters", "InspectionBackend", "Key", "PageQuery", "StoredRecord"]
 
 # A record's place in every listing: (created_at in microseconds since the epoch, id).
 Key = tuple[int, str]
@@ -58,6 +59,8 @@ class StoredRecord:
     score: float | None = None
     layout: str | None = None
     features: bytes | None = None
+    # The opt-in thumbnail (JPEG bytes), kept apart from the row; ``get`` reads it back.
+    thumbnail: bytes | None = None
 
     @property
     def key(self) -> Key:
@@ -134,6 +137,38 @@ class AnalysisRow:
         return (self.created_at_us, self.id)
 
 
+class AnalysisPage(Sequence[AnalysisRow]):
+    """A page of ``AnalysisRow``s kept column by column, as the driver's rows transposed once.
+
+    An export builds its Arrow arrays from ``columns`` without a Python object per row;
+    indexing still gives ``AnalysisRow``s (a page's last key pages on).
+    ``columns`` follows ``AnalysisRow``'s fields: ``connectivity`` is all ``None`` unless read.
+    """
+
+    __slots__ = ("_size", "columns")
+
+    def __init__(self, columns: Sequence[Sequence[Any]], size: int) -> None:
+        if len(columns) != 11 or any(len(c) != size for c in columns):
+            raise ValueError(f"an analysis page is 11 columns of {size} values")
+        self.columns: tuple[Sequence[Any], ...] = tuple(columns)
+        self._size = size
+
+    def __len__(self) -> int:
+        return self._size
+
+    @overload
+    def __getitem__(self, index: int) -> AnalysisRow: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[AnalysisRow]: ...
+
+    def __getitem__(self, index: int | slice) -> AnalysisRow | list[AnalysisRow]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._size))]
+        c = self.columns
+        return AnalysisRow(*(column[index] for column in c))
+
+
 class InspectionBackend(abc.ABC):
     """Durable storage of ``StoredRecord`` rows and shared graphs; see the module docstring."""
 
@@ -193,8 +228,9 @@ class InspectionBackend(abc.ABC):
     # of every record. ``sqlrows.py`` and ``rollups.py`` hold the SQL both backends share.
 
     @abc.abstractmethod
-    def read_analysis_page(self, query: PageQuery) -> list[AnalysisRow]:
-        """Like ``read_page``, as ``AnalysisRow``s (connectivity only if ``query`` asks)."""
+    def read_analysis_page(self, query: PageQuery) -> Sequence[AnalysisRow]:
+        """Like ``read_page``, as ``AnalysisRow``s (connectivity only if ``query`` asks);
+        an ``AnalysisPage`` where the backend can, so exports read it by column."""
 
     @abc.abstractmethod
     def select(self, filters: Filters) -> Selection:

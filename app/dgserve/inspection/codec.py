@@ -63,6 +63,7 @@ def encode(record: InspectionRecord, cache: GraphTextCache) -> tuple[StoredRecor
         score=score,
         layout=None if numbers is None else numbers[0].text,
         features=None if numbers is None else numbers[1],
+        thumbnail=record.thumbnail,
     )
     return row, graphs
 
@@ -85,4 +86,5 @@ def decode(row: StoredRecord, graph: Callable[[str], Any], include_connectivity:
         prediction=json.loads(row.prediction),
         connectivity=connectivity,
         tags=from_canonical(row.tags),
+        thumbnail=row.thumbnail,
     )

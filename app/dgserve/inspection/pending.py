@@ -117,7 +117,7 @@ class Pending:
 
     @property
     def nbytes(self) -> int:
-        return len(self.row.prediction) + len(self.row.connectivity or "")
+        return len(self.row.prediction) + len(self.row.connectivity or "") + len(self.row.thumbnail or b"")
 
 
 class PendingQueue:

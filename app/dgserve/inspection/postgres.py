@@ -37,6 +37,9 @@ specific to PostgreSQL, and why:
   tag index and hourly rollups (``rollups.py``), in the records' transaction. Replicas
   update the same rollup rows: each is locked (``FOR UPDATE``) in key order, so
   concurrent batches add up instead of overwriting, and never deadlock on each other.
+  Migration 3 adds ``analysis_rows``, the narrow table a model's export reads in its
+  key order (model, created_at_us, id), written with the records (``sqlrows.py``), and
+  ``thumbnails``, the opt-in JPEGs (``DGSERVE_INSPECTION_THUMBNAILS``), read only by ``get``.
 * **count** is one statement, so one snapshot. **Retention** runs on every replica;
   its deletes are idempotent, so replicas that race only find less to delete.
 * **Passwords** never leave the URL: ``location`` is rebuilt from its parts without the
@@ -57,19 +60,27 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 from dgserve.analysis.summary import Selection
 from dgserve.errors import NotReadyError
 from dgserve.inspection import rollups
-from dgserve.inspection.backend import AnalysisRow, Filters, InspectionBackend, PageQuery, StoredRecord
+from dgserve.inspection.backend import AnalysisPage, Filters, InspectionBackend, PageQuery, StoredRecord
 from dgserve.inspection.sqlrows import (
-    COLUMNS,
+    ANALYSIS_INSERT_COLUMNS,
+    ANALYSIS_TABLE,
+    FILL_ANALYSIS,
+    GET_COLUMNS,
     INSERT_COLUMNS,
+    INSERT_THUMBNAIL_COLUMNS,
+    THUMBNAILS_TABLE,
+    analysis_page,
     analysis_page_query,
-    analysis_row,
+    analysis_params,
     backfill,
     compress,
     decompress,
     delete_expired,
+    forget_replaced,
     from_row,
     page_query,
     record_params,
+    thumbnail_params,
 )
 
 __all__ = ["SCHEMA_VERSION", "PostgreSQLBackend"]
@@ -125,9 +136,27 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (model, version, bucket_us, label, tags, layout)
     );
     """,
+    f"""
+    CREATE TABLE {ANALYSIS_TABLE} (
+        model         text COLLATE "C" NOT NULL,
+        created_at_us bigint  NOT NULL,
+        id            text COLLATE "C" NOT NULL,
+        version       integer NOT NULL,
+        task          text    NOT NULL,
+        label         text COLLATE "C" NOT NULL,
+        score         double precision,
+        tags          text    NOT NULL,
+        layout        text,
+        features      bytea,
+        PRIMARY KEY (model, created_at_us, id)
+    );
+    CREATE TABLE {THUMBNAILS_TABLE} (id text COLLATE "C" NOT NULL PRIMARY KEY, image bytea NOT NULL);
+    ALTER TABLE {THUMBNAILS_TABLE} ALTER COLUMN image SET STORAGE EXTERNAL;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 _ANALYSIS_VERSION = 2  # the migration that added analysis
+_EXPORT_VERSION = 3  # the migration that added the narrow table exports read
 _COMPONENT = "inspections"
 # Any fixed 64-bit key will do, as long as nothing else in the database uses it.
 _MIGRATION_LOCK = 0x6467_7365_7276_6531  # "dgserve1"
@@ -135,6 +164,12 @@ _MIGRATION_LOCK = 0x6467_7365_7276_6531  # "dgserve1"
 _UPSERT = (
     f"INSERT INTO inspections ({INSERT_COLUMNS}) VALUES ({', '.join(['%s'] * 12)}) ON CONFLICT (id) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in INSERT_COLUMNS.split(", ") if c != "id")
+)
+_INSERT_THUMBNAIL = f"INSERT INTO {THUMBNAILS_TABLE} ({INSERT_THUMBNAIL_COLUMNS}) VALUES (%s, %s)"
+_UPSERT_ANALYSIS = (
+    f"INSERT INTO {ANALYSIS_TABLE} ({ANALYSIS_INSERT_COLUMNS}) VALUES ({', '.join(['%s'] * 10)}) "
+    "ON CONFLICT (model, created_at_us, id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in ANALYSIS_INSERT_COLUMNS.split(", ")[3:])
 )
 
 # Defaults for what the URL does not set: a black-holed host must not hang start-up or a
@@ -218,6 +253,8 @@ class PostgreSQLBackend(rollups.Reads, InspectionBackend):
             conn.execute(migration)  # several statements: allowed without parameters
         if 0 < version < _ANALYSIS_VERSION:  # records from before analysis: count them too
             backfill(_db(conn))
+        if 0 < version < _EXPORT_VERSION:  # after the backfill, so old records come with their numbers
+            conn.execute(FILL_ANALYSIS)
         conn.execute(
             "INSERT INTO dgserve_schema (component, version) VALUES (%s, %s) "
             "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
@@ -261,7 +298,11 @@ class PostgreSQLBackend(rollups.Reads, InspectionBackend):
             if bodies:
                 cur.executemany("INSERT INTO graphs (digest, body) VALUES (%s, %s) ON CONFLICT DO NOTHING", bodies)
             rollups.write(_db(conn), records)  # reads the rows it replaces, so first
+            forget_replaced(lambda sql, params: conn.execute(sql, params), "%s", [r.id for r in records])
             cur.executemany(_UPSERT, rows)
+            cur.executemany(_UPSERT_ANALYSIS, [analysis_params(r) for r in rows])
+            if thumbnails := thumbnail_params(records):
+                cur.executemany(_INSERT_THUMBNAIL, thumbnails)
 
     def delete_expired(self, *, older_than_us: int | None, keep_newest: int | None) -> int:
         with self._transaction() as conn:
@@ -272,7 +313,7 @@ class PostgreSQLBackend(rollups.Reads, InspectionBackend):
     # --- reading ----------------------------------------------------------------------
 
     def get(self, inspection_id: str) -> StoredRecord | None:
-        sql = f"SELECT {COLUMNS}, connectivity FROM inspections WHERE id = %s"
+        sql = f"SELECT {GET_COLUMNS} FROM inspections WHERE id = %s"
         with self._transaction() as conn:
             row = conn.execute(sql, (inspection_id,), binary=True).fetchone()
         return None if row is None else from_row(row)
@@ -283,11 +324,11 @@ class PostgreSQLBackend(rollups.Reads, InspectionBackend):
             rows = conn.execute(sql, params, binary=True).fetchall()
         return [from_row(row) for row in rows]
 
-    def read_analysis_page(self, query: PageQuery) -> list[AnalysisRow]:
+    def read_analysis_page(self, query: PageQuery) -> AnalysisPage:
         sql, params = analysis_page_query(query, "%s")
         with self._transaction() as conn:
             rows = conn.execute(sql, params, binary=True).fetchall()
-        return [analysis_row(row) for row in rows]
+        return analysis_page(rows)
 
     def select(self, filters: Filters) -> Selection:
         with self._transaction() as conn:

@@ -95,6 +95,9 @@ class InspectionRecord:
     connectivity_json: str | None = field(default=None, compare=False, repr=False)
     # The request's tags (``dgserve.inspection.tags``): what analysis filters and groups by.
     tags: dict[str, str] = field(default_factory=dict)
+    # A JPEG of the image as the model saw it, only with DGSERVE_INSPECTION_THUMBNAILS on
+    # (``serving/thumbnails.py``). Never part of ``to_dict``: no JSON answer carries it.
+    thumbnail: bytes | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -114,6 +117,7 @@ class InspectionRecord:
         created_at: datetime | None = None,
         connectivity_json: str | None = None,
         tags: dict[str, str] | None = None,
+        thumbnail: bytes | None = None,
     ) -> InspectionRecord:
         """A record with a fresh id, created now unless ``created_at`` is given."""
         return cls(
@@ -126,6 +130,7 @@ class InspectionRecord:
             connectivity=connectivity,
             connectivity_json=connectivity_json,
             tags=tags or {},
+            thumbnail=thumbnail,
         )
 
     def to_dict(self) -> dict[str, Any]:

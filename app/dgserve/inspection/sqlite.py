@@ -28,6 +28,12 @@ worker threads; what is specific to SQLite, and why:
   hourly rollups that summaries read (``rollups.py``), all written in the records'
   transaction. Older files gain the columns, and their records their numbers, as they
   open (``sqlrows.backfill``).
+* **Exports** (schema 4) read ``analysis_rows``, a narrow copy of each record's analysis
+  columns keyed by (model, created_at_us, id) and ``WITHOUT ROWID``, so one model's
+  records are read in key order from contiguous pages, about 400 bytes a record instead
+  of the whole row. Written and deleted in the records' transactions; older files fill
+  it as they open. Schema 4 also adds ``thumbnails`` (id, JPEG), written only with
+  ``DGSERVE_INSPECTION_THUMBNAILS`` on, read only by ``get``.
 * **Retention** deletes rows; freed pages are reused by later writes, and the file
   does not shrink.
 
@@ -47,25 +53,33 @@ from typing import Any
 
 from dgserve.analysis.summary import Selection
 from dgserve.inspection import rollups
-from dgserve.inspection.backend import AnalysisRow, Filters, InspectionBackend, PageQuery, StoredRecord
+from dgserve.inspection.backend import AnalysisPage, Filters, InspectionBackend, PageQuery, StoredRecord
 from dgserve.inspection.sqlrows import (
-    COLUMNS,
+    ANALYSIS_INSERT_COLUMNS,
+    ANALYSIS_TABLE,
+    FILL_ANALYSIS,
+    GET_COLUMNS,
     INSERT_COLUMNS,
+    INSERT_THUMBNAIL_COLUMNS,
+    THUMBNAILS_TABLE,
+    analysis_page,
     analysis_page_query,
-    analysis_row,
+    analysis_params,
     backfill,
     compress,
     decompress,
     delete_expired,
+    forget_replaced,
     from_row,
     page_query,
     record_params,
+    thumbnail_params,
 )
 from dgserve.inspection.writebehind import InspectionStore
 
 __all__ = ["SQLiteBackend", "SQLiteInspectionStore"]
 
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inspections (
     id            TEXT    NOT NULL PRIMARY KEY,
@@ -115,7 +129,20 @@ CREATE TABLE rollups (
     PRIMARY KEY (model, version, bucket_us, label, tags, layout)
 )
 """
+# Schema 4: the narrow table exports read (``sqlrows.ANALYSIS_TABLE``), clustered by its
+# key, and the opt-in thumbnails.
+_SCHEMA_4_THUMBNAILS = f"CREATE TABLE {THUMBNAILS_TABLE} (id TEXT NOT NULL PRIMARY KEY, image BLOB NOT NULL)"
+_SCHEMA_4 = f"""
+CREATE TABLE {ANALYSIS_TABLE} (
+    model TEXT NOT NULL, created_at_us INTEGER NOT NULL, id TEXT NOT NULL,
+    version INTEGER NOT NULL, task TEXT NOT NULL, label TEXT NOT NULL, score REAL, tags TEXT NOT NULL,
+    layout TEXT, features BLOB,
+    PRIMARY KEY (model, created_at_us, id)
+) WITHOUT ROWID
+"""
 _INSERT = f"INSERT OR REPLACE INTO inspections ({INSERT_COLUMNS}) VALUES ({', '.join('?' * 12)})"
+_INSERT_THUMBNAIL = f"INSERT INTO {THUMBNAILS_TABLE} ({INSERT_THUMBNAIL_COLUMNS}) VALUES (?, ?)"
+_INSERT_ANALYSIS = f"INSERT OR REPLACE INTO {ANALYSIS_TABLE} ({ANALYSIS_INSERT_COLUMNS}) VALUES ({', '.join('?' * 10)})"
 
 # Another process (a backup, the sqlite3 shell) may hold the file briefly.
 _BUSY_TIMEOUT_MS = 5_000
@@ -237,6 +264,10 @@ class SQLiteBackend(rollups.Reads, InspectionBackend):
                             conn.execute(statement)
                     if version:  # records from before analysis: count them too
                         backfill(_db(conn))
+                if version < 4:  # after the backfill, so old records come with their numbers
+                    conn.execute(_SCHEMA_4)
+                    conn.execute(_SCHEMA_4_THUMBNAILS)
+                    conn.execute(FILL_ANALYSIS)
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             readers = _ReaderPool(f"{self.path.resolve().as_uri()}?mode=ro")
         except BaseException:
@@ -283,7 +314,10 @@ class SQLiteBackend(rollups.Reads, InspectionBackend):
             with _write_transaction(conn):
                 conn.executemany("INSERT OR IGNORE INTO graphs (digest, body) VALUES (?, ?)", bodies)
                 rollups.write(_db(conn), records)  # reads the rows it replaces, so first
+                forget_replaced(conn.execute, "?", [r.id for r in records])
                 conn.executemany(_INSERT, rows)
+                conn.executemany(_INSERT_ANALYSIS, [analysis_params(r) for r in rows])
+                conn.executemany(_INSERT_THUMBNAIL, thumbnail_params(records))
 
     def delete_expired(self, *, older_than_us: int | None, keep_newest: int | None) -> int:
         with self._conn_lock:
@@ -298,7 +332,7 @@ class SQLiteBackend(rollups.Reads, InspectionBackend):
     def get(self, inspection_id: str) -> StoredRecord | None:
         with self._reader() as conn:
             row = conn.execute(
-                f"SELECT {COLUMNS}, connectivity FROM inspections WHERE id = ?", (inspection_id,)
+                f"SELECT {GET_COLUMNS} FROM inspections WHERE id = ?", (inspection_id,)
             ).fetchone()
         return None if row is None else from_row(row)
 
@@ -308,11 +342,11 @@ class SQLiteBackend(rollups.Reads, InspectionBackend):
             rows = conn.execute(sql, params).fetchall()
         return [from_row(row) for row in rows]
 
-    def read_analysis_page(self, query: PageQuery) -> list[AnalysisRow]:
+    def read_analysis_page(self, query: PageQuery) -> AnalysisPage:
         sql, params = analysis_page_query(query, "?")
         with self._reader() as conn:
             rows = conn.execute(sql, params).fetchall()
-        return [analysis_row(row) for row in rows]
+        return analysis_page(rows)
 
     def select(self, filters: Filters) -> Selection:
         with self._reader() as conn:

@@ -299,6 +299,7 @@ class ServingService:
                 connectivity=result.connectivity,
                 connectivity_json=result.connectivity_json,
                 tags=tags,
+                thumbnail=item.image.thumbnail,  # None unless DGSERVE_INSPECTION_THUMBNAILS
             )
             # A full store queue (storage down or behind) makes this wait (back-pressure,
             # nothing lost) or drops the record, counted and logged, so that the answer

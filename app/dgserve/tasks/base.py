@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from dgserve.imaging import IMAGENET_MEAN, IMAGENET_STD
 from dgserve.model_store.manifest import Manifest, Preprocessing, ResizeMode
 from dgserve.serving.decode import ALLOWED_CONTENT_TYPES, decode_image
+from dgserve.serving.thumbnails import model_view_thumbnail
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +55,8 @@ class ImageInfo:
     part: str | None  # the multipart part it came from, for messages and records
     width: int
     height: int
+    # JPEG of what the model saw, only with DGSERVE_INSPECTION_THUMBNAILS on; never in to_dict.
+    thumbnail: bytes | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"part": self.part, "width": self.width, "height": self.height}
@@ -155,7 +158,10 @@ class Task(abc.ABC):
         """
         img = decode_image(data, max_pixels=settings.max_image_pixels, part=part)
         tensor, context = self.prepare(img, pre)
-        return tensor, ImageInfo(part, img.width, img.height), context
+        thumbnail = None
+        if settings.inspection_thumbnails:  # opt-in: an upload may be private
+            thumbnail = model_view_thumbnail(img, pre, settings.inspection_thumbnail_px)
+        return tensor, ImageInfo(part, img.width, img.height, thumbnail), context
 
     def input_shape(self, pre: Preprocessing) -> tuple[int, ...]:
         """The shape of one preprocessed input, as tensor protocols send it to ``prepare_tensor``."""

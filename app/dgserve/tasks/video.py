@@ -100,7 +100,7 @@ class VideoClassification(Classification):
         limits = VideoLimits(settings.max_video_seconds, settings.max_video_frames, settings.max_video_frame_pixels)
         video = decode_video(data, limits, cover=cover_size(pre), part=part)
         tensor = clips_tensor(video.frames, clip_indices(len(video.frames), _sampling(pre)), pre)
-        return tensor, VideoInfo(part, video.width, video.height, len(video.frames), video.seconds), None
+        return tensor, VideoInfo(part, video.width, video.height, frames=len(video.frames), seconds=video.seconds), None
 
     def prepare(self, img: Image.Image, pre: Preprocessing) -> tuple[Tensor, Any]:
         """A still image as a one-frame video (the worker's warm-up sends one)."""
