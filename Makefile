@@ -36,3 +36,9 @@ kube-test: install
 .PHONY: ray-test
 ray-test: install
 	DGSERVE_RAY_E2E=1 $(BIN)/python -m pytest tests/ray -s
+
+# A real server under mixed load for 10 minutes (DURATION=seconds to change it); fails on
+# RSS growth over 5 %, any 5xx, or a lost request. Not part of `make test`; see docs/performance.md.
+.PHONY: soak
+soak: install
+	scripts/soak.sh --duration $(or $(DURATION),600)

@@ -1,11 +1,14 @@
 """Does reading the inspections starve inference? Issue 13, finding 6, as same-run ratios.
 
     .venv/bin/python benchmarks/read_contention.py [--clients 8] [--requests 400] [--rounds 3]
+                                                   [--read-workers N]
 
 One real server with the bundled shapes-dgnet. Each round runs the same classify load
-(``--clients`` keep-alive connections, one 64x64 JPEG each) three times, in turn:
-alone, while one client loops ``GET /v1/inspections?limit=1000`` as NDJSON, and while
-one client loops the Parquet export. It prints each case's throughput and p99 as a
+(``--clients`` keep-alive connections, one 64x64 JPEG each) four times, in turn:
+alone, while one client loops ``GET /v1/inspections?limit=1000`` as NDJSON, while one
+client loops the Parquet export, and while one loops the connectivity summary grouped
+by label. ``--read-workers`` sets ``DGSERVE_READ_WORKERS`` (0: the reads run in the
+server's threads, as before the reader processes). It prints each case's throughput and p99 as a
 ratio to the alone run of the same round, then min / median / max over rounds. The
 target: a continuous read costs inference at most 15 % of its throughput, and its p99
 stays within 2x.
@@ -32,12 +35,15 @@ from serve_throughput import HOST, build_post, free_port, jpeg, percentile, wait
 READS: dict[str, str] = {
     "listing": "/v1/inspections?limit=1000&format=ndjson",
     "export": "/v1/inspections/export?format=parquet",
+    "summary": "/v1/models/shapes-dgnet/connectivity?group_by=label",
 }
 
 
-def start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def start(data_dir: Path, port: int, read_workers: int | None) -> subprocess.Popen[bytes]:
     env = {**os.environ, "DGSERVE_MODELS": "shapes-dgnet", "DGSERVE_ACCESS_LOG": "false",
            "DGSERVE_LOG_LEVEL": "warning", "DGSERVE_GRPC_PORT": "off"}  # fmt: skip
+    if read_workers is not None:
+        env["DGSERVE_READ_WORKERS"] = str(read_workers)
     command = [sys.executable, "-c", "from dgserve.cli import main; main()", "serve", "--host", HOST,
                "--port", str(port), "--data-dir", str(data_dir)]  # fmt: skip
     return subprocess.Popen(command, env=env)
@@ -50,6 +56,8 @@ def reader(base: str, path: str, stop: threading.Event, counts: list[int]) -> No
             with client.stream("GET", path) as response:
                 for _ in response.iter_bytes():
                     pass
+                if response.status_code != 200:
+                    raise RuntimeError(f"GET {path}: {response.status_code}")
             counts[0] += 1
 
 
@@ -79,11 +87,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--read-workers", type=int, default=None, help="DGSERVE_READ_WORKERS (default: the server's)")
     args = parser.parse_args()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         base = f"http://{HOST}:{port}"
-        server = start(Path(tmp), port)
+        server = start(Path(tmp), port, args.read_workers)
         try:
             wait_ready(base, server)
             classify(port, 2000, args.clients)  # warm-up, and 2000 records for the reads to read
@@ -102,6 +112,7 @@ def main() -> None:
                 print(f"{name}: throughput ratio min {min(rates):.2f} median {statistics.median(rates):.2f} "
                       f"max {max(rates):.2f}; p99 ratio min {min(tails):.2f} median {statistics.median(tails):.2f} "
                       f"max {max(tails):.2f}  (target: >= 0.85 and <= 2.0)")  # fmt: skip
+            print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
         finally:
             server.terminate()
             server.wait(timeout=60)

@@ -173,6 +173,19 @@ class ShuttingDownError(RetryableError):
     code = "shutting_down"
 
 
+class ReadWorkerError(RetryableError):
+    """A reader process (``inspection/readers.py``) died or could not start; the next read
+    starts another."""
+
+    code = "read_worker_failed"
+
+
+class WorkerCrashedError(RetryableError):
+    """A model worker process died with this request's batch (it is started again)."""
+
+    code = "worker_crashed"
+
+
 class DeadlineExceededError(DGServeError):
     status_code = 504
     code = "deadline_exceeded"

@@ -23,6 +23,7 @@ from dgserve.api.deps import AppState
 from dgserve.api.drain import DrainGuard
 from dgserve.api.errors import RequestContextMiddleware, endpoint_of, install_error_handlers
 from dgserve.api.routes import analysis, health, inference, inspections, inspector, metrics, models
+from dgserve.inspection.readers import ReaderPool
 from dgserve.metrics import Metrics
 from dgserve.oip import http as oip_http
 from dgserve.oip.frontend import OipFrontend
@@ -51,6 +52,9 @@ def create_app(settings: Settings) -> FastAPI:
     metrics_ = Metrics()
     keys = ApiKeys.from_settings(settings)  # a malformed key or file fails here, at start
     state = AppState(settings=settings, metrics=metrics_, service=ServingService(settings, metrics_), api_keys=keys)
+    if settings.read_workers:  # its processes start at the first heavy read
+        state.readers = ReaderPool(settings.inspection_location, workers=settings.read_workers,
+                                   niceness=settings.read_nice)  # fmt: skip
     # authorize runs before every API route (the probes, /metrics and docs pass freely).
     app = FastAPI(title="dgserve", version=__version__, description=DESCRIPTION, lifespan=_lifespan,
                   dependencies=[Depends(authorize)])  # fmt: skip
@@ -97,6 +101,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if grpc_server is not None:
             # New calls are refused at once; calls in flight get a moment to finish.
             await grpc_server.stop(grace=5.0)
+        if state.readers is not None:
+            await state.readers.close()
         await state.service.close()
 
 

@@ -13,12 +13,15 @@ from fastapi import Request
 from dgserve.api.auth import ApiKeys
 from dgserve.api.drain import DrainState
 from dgserve.inspection import InspectionStore
+from dgserve.inspection.readers import ReaderPool
 from dgserve.metrics import Metrics
 from dgserve.serving.served_models import ServedModels
 from dgserve.serving.service import ServingService
 from dgserve.settings import Settings
 
-__all__ = ["AppState", "get_inspections", "get_metrics", "get_models", "get_service", "get_settings", "get_state"]
+__all__ = [
+    "AppState", "get_inspections", "get_metrics", "get_models", "get_readers", "get_service", "get_settings", "get_state",
+]  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -29,6 +32,7 @@ class AppState:
     grpc_port: int | None = None  # the OIP gRPC service's bound port, once started
     api_keys: ApiKeys = field(default_factory=ApiKeys)  # empty: keys are off
     drain: DrainState = field(default_factory=DrainState)  # set on SIGTERM (api/drain.py)
+    readers: ReaderPool | None = None  # heavy reads' processes (DGSERVE_READ_WORKERS); None: in threads
 
 
 def get_state(request: Request) -> AppState:
@@ -55,3 +59,8 @@ def get_models(request: Request) -> ServedModels:
 def get_inspections(request: Request) -> InspectionStore:
     """The open inspection store (503 ``not_ready`` before it opens)."""
     return get_state(request).service.inspections
+
+
+def get_readers(request: Request) -> ReaderPool | None:
+    """The heavy reads' process pool; ``None`` runs them in the server's threads."""
+    return get_state(request).readers

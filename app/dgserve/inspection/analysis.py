@@ -22,7 +22,7 @@ from dgserve.errors import InvalidAnalysisError, QueueFullError
 from dgserve.inspection.backend import AnalysisRow, Filters, InspectionBackend, PageQuery
 from dgserve.inspection.pending import PendingQueue
 
-__all__ = ["HEAVY_READS", "HEAVY_WAIT_S", "AnalysisReads"]
+__all__ = ["HEAVY_READS", "HEAVY_WAIT_S", "AnalysisReads", "analysis_pages"]
 
 # Summaries and exports at once, and how long another waits for its turn before a 503.
 HEAVY_READS = 2
@@ -40,16 +40,20 @@ class AnalysisReads:
     _check_readable: Callable[[], None]  # raises unless the store is open
 
     @contextlib.asynccontextmanager
-    async def heavy_read(self) -> AsyncIterator[None]:
-        """A turn for one summary or export: ``HEAVY_READS`` at once; 503 after ``HEAVY_WAIT_S``."""
+    async def heavy_read(self) -> AsyncIterator[bool]:
+        """A turn for one summary or export: ``HEAVY_READS`` at once; 503 after ``HEAVY_WAIT_S``.
+
+        Yields whether every record queued before it is committed, so that a read of the
+        backend alone (a reader process's) sees them; ``False`` while storage lags or is down.
+        """
         self._check_readable()
         try:
             await asyncio.wait_for(self._heavy.acquire(), HEAVY_WAIT_S)
         except TimeoutError:
             raise QueueFullError("every analysis slot is busy; try again shortly", retry_after_s=5.0) from None
         try:
-            await self._queue.commit(_ANALYSIS_COMMIT_S)  # so records answered just now are counted
-            yield
+            # So records answered just now are counted.
+            yield await self._queue.commit(_ANALYSIS_COMMIT_S)
         finally:
             self._heavy.release()
 
@@ -91,12 +95,19 @@ class AnalysisReads:
 
         Blocking: iterate it in a worker thread, inside ``heavy_read``.
         """
-        query = PageQuery(**{f.name: getattr(filters, f.name) for f in dataclasses.fields(Filters)},
-                          limit=page_size, include_connectivity=include_connectivity)  # fmt: skip
-        while True:
-            rows = self.backend.read_analysis_page(query)
-            if rows:
-                yield rows
-            if len(rows) < page_size:
-                return
-            query = dataclasses.replace(query, after=rows[-1].key)
+        return analysis_pages(self.backend, filters, page_size=page_size, include_connectivity=include_connectivity)
+
+
+def analysis_pages(
+    backend: InspectionBackend, filters: Filters, *, page_size: int, include_connectivity: bool
+) -> Iterator[builtins.list[AnalysisRow]]:
+    """``AnalysisReads.analysis_pages`` over any open backend (a reader process has its own)."""
+    query = PageQuery(**{f.name: getattr(filters, f.name) for f in dataclasses.fields(Filters)},
+                      limit=page_size, include_connectivity=include_connectivity)  # fmt: skip
+    while True:
+        rows = backend.read_analysis_page(query)
+        if rows:
+            yield rows
+        if len(rows) < page_size:
+            return
+        query = dataclasses.replace(query, after=rows[-1].key)
