@@ -32,6 +32,7 @@ from dgserve.metrics import Metrics
 from dgserve.model_store import Batching, LoadedModel, Manifest, ModelStore
 from dgserve.models.connectivity import describe_graph
 from dgserve.serving.batcher import DynamicBatcher
+from dgserve.serving.process_worker import ProcessModelWorker
 from dgserve.serving.worker import ImageResult, ModelWorker
 from dgserve.settings import Settings
 from dgserve.tasks import InferenceItem, Task, get_task
@@ -57,7 +58,7 @@ class ServedModel:
     error_code: str | None = None
     batching: Batching | None = None
     devices: list[str] = field(default_factory=list)
-    workers: list[ModelWorker] = field(default_factory=list)
+    workers: list[ModelWorker | ProcessModelWorker] = field(default_factory=list)
     batcher: DynamicBatcher[InferenceItem, ImageResult] | None = None
     load_seconds: float | None = None
     graph: dict[str, Any] | None = None
@@ -218,11 +219,8 @@ class ServedModels:
             served.batching = self._batching(served)
             for device in self.devices:
                 for _ in range(self.settings.instances_per_device):
-                    loaded = await asyncio.to_thread(self._replica, served, device)
-                    name = f"{served.name}-v{served.version}-{device}-{len(served.workers)}"
-                    served.workers.append(ModelWorker(loaded, device, name=name, threads=self._worker_threads(device)))
-            served.manifest = served.workers[0].manifest
-            served.graph = describe_graph(served.workers[0].loaded.model)
+                    served.workers.append(await self._worker(served, device))
+            served.manifest, served.graph = self._describe(served.workers[0])
             if self.settings.warmup:
                 for worker in served.workers:
                     await worker.warm_up()
@@ -264,9 +262,32 @@ class ServedModels:
         served.fail(code, message)
         self.metrics.set_ready(served.name, served.version, False)
 
+    async def _worker(self, served: ServedModel, device: torch.device) -> ModelWorker | ProcessModelWorker:
+        """One more replica of ``served`` on ``device``, in a thread or a process (``DGSERVE_MODEL_WORKERS``)."""
+        name = f"{served.name}-v{served.version}-{device}-{len(served.workers)}"
+        threads = self._worker_threads(device)
+        if self.settings.model_workers == "process":
+            worker = ProcessModelWorker(self.store.root, served.name, served.version, device, name=name,
+                                        threads=threads, precision=self.settings.precision)  # fmt: skip
+            try:
+                await worker.start()
+            except BaseException:
+                worker.close()  # a child still starting (a cancelled load) is stopped once it has
+                raise
+            return worker
+        loaded = await asyncio.to_thread(self._replica, served, device)
+        return ModelWorker(loaded, device, name=name, threads=threads, precision=self.settings.precision)
+
+    @staticmethod
+    def _describe(worker: ModelWorker | ProcessModelWorker) -> tuple[Manifest, dict[str, Any]]:
+        if isinstance(worker, ProcessModelWorker):
+            assert worker.manifest is not None and worker.graph is not None  # started
+            return worker.manifest, worker.graph
+        return worker.manifest, describe_graph(worker.loaded.model)
+
     def _replica(self, served: ServedModel, device: torch.device) -> LoadedModel:
         # Further replicas copy the first one: weights are read and verified once.
-        if served.workers:
+        if served.workers and isinstance(served.workers[0], ModelWorker):
             first = served.workers[0].loaded
             return LoadedModel(first.manifest, copy.deepcopy(first.model).to(device).eval(), first.path)
         return self.store.load(served.name, served.version, device)
