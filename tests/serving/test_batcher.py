@@ -241,6 +241,34 @@ async def test_check_admission_refuses_as_submit_would_and_counts_once() -> None
 
 
 @pytest.mark.asyncio
+async def test_a_reserved_place_counts_as_queued_until_submitted_or_released() -> None:
+    gate = asyncio.Event()
+    h = Recorder(gate)
+    obs = Observer()
+    async with make([h], max_batch_size=1, max_queue_size=2, observer=obs) as b:
+        first = asyncio.ensure_future(b.submit(0))
+        await asyncio.wait_for(h.entered.wait(), WAIT)  # computing: the queue is empty
+        held = [b.reserve(), b.reserve()]  # two admitted requests, still decoding
+        assert b.queue_depth == 0 and b.full
+        with pytest.raises(QueueFullError):
+            b.reserve()  # a third is refused before it decodes anything
+        with pytest.raises(QueueFullError):
+            await b.submit(9)  # and so is an item that held no place
+        # A held place is the item's, even though the queue counts as full.
+        second = asyncio.ensure_future(b.submit(1, reservation=held[0]))
+        await wait_until(lambda: b.queue_depth == 1)
+        assert b.full and not held[0].take()  # taken once
+        with held[1]:  # a request failing before submit gives its place back
+            pass
+        assert not b.full
+        third = asyncio.ensure_future(b.submit(2, reservation=held[1]))  # released: queues as any item
+        await wait_until(lambda: b.queue_depth == 2)
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(first, second, third), WAIT) == [0, 2, 4]
+    assert obs.rejections == ["queue_full", "queue_full"] and not b.full
+
+
+@pytest.mark.asyncio
 async def test_retry_after_grows_with_queue_depth() -> None:
     gate = asyncio.Event()
     h, hb = Recorder(gate), Recorder(gate)

@@ -57,7 +57,7 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
 
 
 async def test_infer_returns_immutable_results_with_ids_readable_at_once(service: ServingService) -> None:
-    served = service.admit("shapes-dgnet", None, CLASSIFY)
+    served, _ = service.admit("shapes-dgnet", None, CLASSIFY)
     uploads = [Upload("a.png", png(0), "image/png"), Upload("b.png", png(1), "image/png")]
     items = await service.prepare(served, uploads, ClassificationOptions(top_k=2))
     answers = await service.infer(served, items, service.deadline(None))
@@ -80,7 +80,7 @@ async def test_store_time_is_not_compute_time(service: ServingService) -> None:
         return await original(record)
 
     store.put = slow_put  # type: ignore[method-assign]
-    served = service.admit("shapes-dgnet", None, CLASSIFY)
+    served, _ = service.admit("shapes-dgnet", None, CLASSIFY)
     [item] = await service.prepare(served, [Upload(None, png(2), "image/png")], ClassificationOptions())
     [answer] = await service.infer(served, [item], service.deadline(None))
     metrics, labels = service.metrics, {"model": "shapes-dgnet", "version": "1"}
@@ -91,7 +91,7 @@ async def test_store_time_is_not_compute_time(service: ServingService) -> None:
 
 
 async def test_an_answer_waits_until_its_records_are_durable(service: ServingService) -> None:
-    served = service.admit("shapes-dgnet", None, CLASSIFY)
+    served, _ = service.admit("shapes-dgnet", None, CLASSIFY)
     [item] = await service.prepare(served, [Upload(None, png(4), "image/png")], ClassificationOptions())
     [answer] = await service.infer(served, [item], service.deadline(None))
     assert answer.committed and answer.id is not None
@@ -108,7 +108,7 @@ async def test_with_storage_failing_answers_go_out_at_once_marked_uncommitted(se
         raise OSError("disk full")
 
     store._queue._write = refuse  # the backend starts refusing writes
-    served = service.admit("shapes-dgnet", None, CLASSIFY)
+    served, _ = service.admit("shapes-dgnet", None, CLASSIFY)
     items = await service.prepare(served, [Upload(None, png(5), "image/png")], ClassificationOptions())
     [first] = await service.infer(served, items, service.deadline(None))  # waits for the write that fails
     assert not first.committed and first.id is not None and failures
@@ -126,7 +126,7 @@ async def test_admission_says_why_not(service: ServingService) -> None:
 
 
 async def test_the_first_bad_upload_in_order_fails_the_request(service: ServingService) -> None:
-    served = service.admit("shapes-dgnet", None, CLASSIFY)
+    served, _ = service.admit("shapes-dgnet", None, CLASSIFY)
     uploads = [Upload("ok.png", png(0), "image/png"), Upload("bad.png", b"not an image", "image/png"),
                Upload("worse.png", b"", "image/png")]  # fmt: skip
     with pytest.raises(InvalidImageError, match="part 'bad.png'"):
@@ -135,7 +135,7 @@ async def test_the_first_bad_upload_in_order_fails_the_request(service: ServingS
 
 async def test_detection_boxes_come_back_in_the_uploaded_pixels(service: ServingService) -> None:
     detect = get_task("detection")
-    served = service.admit("shapes-detector", None, detect)
+    served, _ = service.admit("shapes-detector", None, detect)
     big = Image.new("RGB", (1000, 600), (40, 90, 160))
     buf = io.BytesIO()
     big.save(buf, "PNG")

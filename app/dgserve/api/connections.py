@@ -39,12 +39,15 @@ from __future__ import annotations
 
 import asyncio
 import http
+import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from dgserve.api.admission import Refusal
 from dgserve.api.errors import error_body
 
 __all__ = ["LINGER_IDLE_S", "LINGER_MAX_BYTES", "LINGER_S", "ConnectionLimits", "protocol_class"]
@@ -56,6 +59,22 @@ LINGER_IDLE_S = 5.0
 LINGER_MAX_BYTES = 256 * 2**20
 # A refused connection's request is a few hundred bytes: wait that long for it at most.
 _REFUSED_LINGER_S = 1.0
+# After a 503 for a full queue, how long a connection's next request stays unread (the
+# admission gate's refusals, api/admission.py).
+REFUSAL_PAUSE_S = 0.02
+
+
+class _Answered:
+    """Stands in for the cycle of a request answered at its headers (no ASGI cycle ran):
+    uvicorn reads ``response_complete`` and, when the connection is lost, sets
+    ``disconnected`` and ``message_event``, which nobody waits on here."""
+
+    response_complete = True
+
+    def __init__(self) -> None:
+        self.disconnected = False
+        self.keep_alive = True
+        self.message_event = asyncio.Event()
 
 _Phase = Literal["headers", "body", "idle", "draining", "lingering"]
 
@@ -68,9 +87,14 @@ class ConnectionLimits:
     max_connections: int | None
 
 
-def protocol_class(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
-    """uvicorn's ``http=``: the guarded protocol with these limits."""
-    return type("DGServeHttpProtocol", (GuardedHttpProtocol,), {"limits": limits})
+# ``(method, url, headers, app, scope state) -> ASGI app``: the app to run the request with
+# (``api/admission.py``).
+Gate = Callable[[bytes, bytes, Sequence[tuple[bytes, bytes]], Any, dict[str, Any]], Any]
+
+
+def protocol_class(limits: ConnectionLimits, gate: Gate | None = None) -> type[HttpToolsProtocol]:
+    """uvicorn's ``http=``: the guarded protocol with these limits, and the admission gate."""
+    return type("DGServeHttpProtocol", (GuardedHttpProtocol,), {"limits": limits, "gate": gate})
 
 
 class _Transport:
@@ -97,6 +121,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the guards of this module; see its docstring."""
 
     limits: ConnectionLimits
+    gate: Gate | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._phase: _Phase = "headers"
@@ -146,7 +171,22 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._arm(self.limits.header_timeout_s)
 
     def on_headers_complete(self) -> None:
-        super().on_headers_complete()
+        if self.gate is None:
+            super().on_headers_complete()
+        else:
+            # uvicorn runs this request's cycle with the app the gate chose (a refusal, or
+            # the app holding a queue place): the same keep-alive, pipelining and
+            # unread-body handling as any request.
+            app = self.app
+            chosen = self.gate(self.parser.get_method(), self.url, self.headers, app, self.scope["state"])
+            if isinstance(chosen, Refusal) and (self.cycle is None or self.cycle.response_complete):
+                self._refuse(chosen)  # nothing ahead of it on this connection: answer now
+                return
+            self.app = chosen
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
         if not self._message_done:
             self._phase = "body"
             self._arm(self.limits.body_timeout_s)
@@ -188,6 +228,33 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             # keeps it alive by trickling bytes that never make a request.
             self._phase = "headers"
             self._arm(self.limits.header_timeout_s)
+
+    # --- refusing at the headers ---------------------------------------------------------
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Write the gate's 503 now, with no ASGI cycle, then pause reading for a moment."""
+        keep_alive = self.parser.get_http_version() == "1.1" and self.parser.should_keep_alive()
+        self.cycle = _Answered()  # type: ignore[assignment]  # uvicorn's on_body and on_message_complete skip an answered cycle
+        self._guarded.real.write(refusal.response(keep_alive))
+        refusal.observe(time.perf_counter() - refusal.started)
+        if not keep_alive:
+            self._guarded.close()  # lingers while the body comes in (close_requested)
+            return
+        if not self._message_done:
+            self._phase = "draining"  # the body is read and thrown away, bounded like a linger
+            self._linger_end = self.loop.time() + LINGER_S
+            self._deadline = min(self._deadline, self._linger_end)
+            self._schedule()
+        # A client that retries at once would otherwise send its next request straight
+        # back into the event loop; under overload that loop is what the accepted
+        # requests need. The pause is short next to the 503's Retry-After.
+        real = self._guarded.real
+        real.pause_reading()
+        self.loop.call_later(REFUSAL_PAUSE_S, self._resume_after_refusal)
+
+    def _resume_after_refusal(self) -> None:
+        if not self._lost and not self._guarded.is_closing() and not self.flow.read_paused:
+            self._guarded.real.resume_reading()
 
     # --- closing ------------------------------------------------------------------------
 

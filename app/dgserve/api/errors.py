@@ -47,6 +47,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+# Where a request's ``scope["state"]`` keeps the queue place the admission gate took for it
+# (``api/admission.py``), for the route's ``admit`` to use.
+HELD = "dgserve.reservation"
 # A client's id is echoed back and logged: keep it short and free of control characters.
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 

@@ -6,6 +6,7 @@ import logging
 
 import uvicorn
 
+from dgserve.api.admission import Admission
 from dgserve.api.app import create_app
 from dgserve.api.connections import ConnectionLimits, protocol_class
 from dgserve.api.deps import AppState
@@ -30,6 +31,8 @@ def run(settings: Settings) -> None:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     app = create_app(settings)
+    state: AppState = app.state.dgserve
+    admission = Admission(state.service, state.api_keys, state.drain, state.metrics)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -43,8 +46,9 @@ def run(settings: Settings) -> None:
         proxy_headers=False,
         # uvicorn's httptools protocol with header/body read timeouts, a connection cap and
         # a lingering close (api/connections.py).
-        http=protocol_class(connection_limits(settings)),
+        # It also asks the admission gate (api/admission.py) to take an inference
+        # request's queue place, or refuse it, before the app sees it.
+        http=protocol_class(connection_limits(settings), admission.app_for),
     )
-    state: AppState = app.state.dgserve
     DrainingServer(config, state.drain, state.service.stop_work,
                    grace_s=settings.shutdown_grace_s, timeout_s=settings.drain_timeout_s).run()  # fmt: skip

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -334,6 +334,7 @@ class _BatchMetrics:
         self._batch_size = metrics.batch_size.labels(model, version)
         self._ok = metrics.batches.labels(model, version, "ok")
         self._error = metrics.batches.labels(model, version, "error")
+        self._rejections: dict[str, Any] = {}
 
     def batch_formed(self, size: int, queue_wait_s: Sequence[float]) -> None:
         self._batch_size.observe(size)
@@ -345,7 +346,11 @@ class _BatchMetrics:
         (self._ok if ok else self._error).inc()
 
     def rejected(self, reason: RejectReason) -> None:
-        self._metrics.rejections.labels(self._model, self._version, reason).inc()
+        # Under overload this runs for most requests: one labels() per reason, not per call.
+        counter = self._rejections.get(reason)
+        if counter is None:
+            counter = self._rejections[reason] = self._metrics.rejections.labels(self._model, self._version, reason)
+        counter.inc()
 
 
 def _safe(read: Callable[[], float]) -> Callable[[], float]:

@@ -39,6 +39,7 @@ from dgserve.connectivity import kinds
 from dgserve.errors import VersionNotFoundError
 from dgserve.inspection.tags import parse_list
 from dgserve.oip.tensors import DTYPES, ProtocolError, Tensor
+from dgserve.serving.reservation import Reservation
 from dgserve.serving.served_models import ServedModel
 from dgserve.serving.service import ImagePrediction, ServingService, Upload
 from dgserve.tasks import Options, Task, TensorSpec, get_task
@@ -142,15 +143,20 @@ class OipFrontend:
 
     # --- inference ----------------------------------------------------------------------
 
-    def admit(self, name: str, version: str | None) -> tuple[ServedModel, Task]:
-        """The ready model (404 / 503 as on /v1) and its task, before a body is read."""
+    def admit(
+        self, name: str, version: str | None, held: Reservation | None = None
+    ) -> tuple[ServedModel, Task, Reservation]:
+        """The ready model (404 / 503 as on /v1), its task, and the queue place held for the
+        request (``with`` it; pass it to ``infer``), before a body is read."""
         known = self.lookup(name, version)
         # Any task: the protocol has one infer for all, and the model's manifest names its task.
-        served = self.service.admit(known.name, known.version, None)
+        served, reservation = self.service.admit(known.name, known.version, None, held)
         assert served.manifest is not None  # ready models have one
-        return served, get_task(served.manifest.task)
+        return served, get_task(served.manifest.task), reservation
 
-    async def infer(self, served: ServedModel, task: Task, request: InferRequest) -> InferResponse:
+    async def infer(
+        self, served: ServedModel, task: Task, request: InferRequest, reservation: Reservation | None = None
+    ) -> InferResponse:
         options = _options(task, request.parameters)
         timeout_us = request.parameters.get("timeout")
         if timeout_us is not None and (not isinstance(timeout_us, int | float) or timeout_us <= 0):
@@ -158,7 +164,7 @@ class OipFrontend:
         deadline = self.service.deadline(None if timeout_us is None else timeout_us / 1000.0)
         tags = _tags(request.parameters.get("tags"))
         items = await self._items(served, request.inputs, options)
-        answers = await self.service.infer(served, items, deadline, request.id, tags)
+        answers = await self.service.infer(served, items, deadline, request.id, tags, reservation)
         outputs = self._outputs(served, task, request, answers)
         # Whether every inspection record was durable before this answer went out.
         committed = all(a.committed for a in answers if a.id is not None)

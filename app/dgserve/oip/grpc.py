@@ -87,14 +87,15 @@ class _Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
         try:
-            served, task = self.frontend.admit(request.model_name, request.model_version or None)
-            parsed = InferRequest(
-                inputs=_inputs(request, self.frontend.service.settings.max_body_bytes),
-                id=request.id or None,
-                parameters=_parameters(request.parameters),
-                outputs=[RequestedOutput(o.name) for o in request.outputs] or None,
-            )
-            response = await self.frontend.infer(served, task, parsed)
+            served, task, reservation = self.frontend.admit(request.model_name, request.model_version or None)
+            with reservation:
+                parsed = InferRequest(
+                    inputs=_inputs(request, self.frontend.service.settings.max_body_bytes),
+                    id=request.id or None,
+                    parameters=_parameters(request.parameters),
+                    outputs=[RequestedOutput(o.name) for o in request.outputs] or None,
+                )
+                response = await self.frontend.infer(served, task, parsed, reservation)
         except DGServeError as exc:
             await context.abort(_STATUS.get(exc.status_code, grpc.StatusCode.INTERNAL), exc.message)
             raise  # abort raises; this line is never reached

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from dgserve.api.body import read_body
+from dgserve.api.errors import HELD
 from dgserve.errors import DGServeError
 from dgserve.oip.frontend import InferRequest, InferResponse, OipFrontend, RequestedOutput
 from dgserve.oip.tensors import ProtocolError, from_json_data, from_raw
@@ -134,10 +135,11 @@ def build_router() -> APIRouter:
         async def infer(request: Request, frontend: Frontend, name: str, version: str | None = None) -> Response:
             known = frontend.lookup(name, version)  # 404 before anything else
             request.scope["state"]["model"] = (known.name, known.version)  # metric labels from here on
-            served, task = frontend.admit(name, version)
-            body = await read_body(request, frontend.service.settings.max_body_bytes)
-            parsed = parse_request(body, request.headers.get(HEADER_LENGTH))
-            response = await frontend.infer(served, task, parsed)
+            served, task, reservation = frontend.admit(name, version, request.scope["state"].get(HELD))
+            with reservation:  # the queue place held while the body is read and parsed
+                body = await read_body(request, frontend.service.settings.max_body_bytes)
+                parsed = parse_request(body, request.headers.get(HEADER_LENGTH))
+                response = await frontend.infer(served, task, parsed, reservation)
             content, headers = render_response(response, bool(parsed.parameters.get("binary_data_output", False)))
             media = "application/octet-stream" if HEADER_LENGTH in headers else "application/json"
             return Response(content, media_type=media, headers=headers)

@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Generic, Literal, Protocol, TypeVar
 
 from dgserve.errors import DeadlineExceededError, NotReadyError, QueueFullError, ShuttingDownError
+from dgserve.serving.reservation import Reservation
 
 __all__ = ["BatchObserver", "DynamicBatcher", "Handler", "RejectReason"]
 
@@ -110,6 +111,7 @@ class DynamicBatcher(Generic[T, R]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._in_flight = 0
+        self._reserved = 0  # places held by admitted requests still decoding (Reservation)
         self._avg_batch_s: float | None = None
 
     # --- public API -----------------------------------------------------------
@@ -118,6 +120,11 @@ class DynamicBatcher(Generic[T, R]):
     def queue_depth(self) -> int:
         """Requests waiting for a worker."""
         return len(self._queue)
+
+    @property
+    def full(self) -> bool:
+        """Whether a request arriving now would be refused for want of room (no side effects)."""
+        return len(self._queue) + self._reserved >= self.max_queue_size
 
     @property
     def in_flight(self) -> int:
@@ -144,18 +151,26 @@ class DynamicBatcher(Generic[T, R]):
         Callers with costly work before ``submit`` (decoding a body) ask first, so an
         overloaded model refuses cheaply; ``QueueFullError`` carries the drain estimate.
         """
-        if self._closed:
-            self._notify_rejected("shutting_down")
-            raise ShuttingDownError(f"{self.name} is shutting down")
-        if self._loop is None:
-            raise NotReadyError(f"{self.name} has not been started")
-        if len(self._queue) >= self.max_queue_size:
+        self._check_open()
+        if self.full:
             self._notify_rejected("queue_full")
             raise QueueFullError(
                 f"{self.name}: queue full ({self.max_queue_size} waiting)", retry_after_s=self._retry_after_s()
             )
 
-    async def submit(self, item: T, *, deadline: float | None = None) -> R:
+    def _check_open(self) -> None:
+        if self._closed:
+            self._notify_rejected("shutting_down")
+            raise ShuttingDownError(f"{self.name} is shutting down")
+        if self._loop is None:
+            raise NotReadyError(f"{self.name} has not been started")
+
+    def reserve(self) -> Reservation:
+        """``check_admission``, then hold a place for the caller's item until it is submitted."""
+        self.check_admission()
+        return Reservation(self)
+
+    async def submit(self, item: T, *, deadline: float | None = None, reservation: Reservation | None = None) -> R:
         """Queue ``item`` and wait for its result.
 
         ``deadline`` is an absolute ``loop.time()``. Raises ``QueueFullError`` (queue
@@ -163,7 +178,10 @@ class DynamicBatcher(Generic[T, R]):
         ``ShuttingDownError``, ``NotReadyError`` (before ``start()``), or whatever the
         handler raised for this item's batch.
         """
-        self.check_admission()
+        if reservation is not None and reservation.take():
+            self._check_open()  # its place was held: only a stop refuses it now
+        else:
+            self.check_admission()
         loop = self._loop
         assert loop is not None  # check_admission raised otherwise
         now = loop.time()

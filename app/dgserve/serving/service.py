@@ -38,6 +38,7 @@ from dgserve.inspection import InspectionRecord, InspectionStore, open_inspectio
 from dgserve.metrics import Metrics
 from dgserve.model_store import Manifest, ModelStore
 from dgserve.serving.batcher import DynamicBatcher
+from dgserve.serving.reservation import Reservation
 from dgserve.serving.decode import new_decode_pool
 from dgserve.serving.served_models import ServedModel, ServedModels
 from dgserve.serving.worker import ImageResult
@@ -209,18 +210,24 @@ class ServingService:
         timeout = timeout_ms or self.settings.default_timeout_ms
         return asyncio.get_running_loop().time() + timeout / 1000.0
 
-    def admit(self, name: str, version: int | None, task: Task | None) -> ServedModel:
-        """A ready model version doing ``task`` (any, for ``None``) whose queue has room; else its 404/422/503.
+    def admit(
+        self, name: str, version: int | None, task: Task | None, held: Reservation | None = None
+    ) -> tuple[ServedModel, Reservation]:
+        """A ready model version doing ``task`` (any, for ``None``) whose queue has room, and
+        the place held there for the request (pass it to ``infer``; ``with`` it, so that a
+        request failing before ``infer`` gives it back); else its 404/422/503.
 
         Also 503 while the inspection store is not open: every answer carries the id of
-        its record, so none is computed before there is a store to keep it.
+        its record, so none is computed before there is a store to keep it. ``held``: the
+        place the admission gate already took for this request (``api/admission.py``).
         """
         served = self.models.require(name, version, task)
         if self._inspections is None:
             raise self._store_not_ready()
         assert served.batcher is not None  # require() returns ready models only
-        served.batcher.check_admission()
-        return served
+        if held is not None and held.batcher is served.batcher:
+            return served, held
+        return served, served.batcher.reserve()
 
     async def prepare(self, served: ServedModel, uploads: Sequence[Upload], options: Options) -> list[InferenceItem]:
         """Decode and preprocess ``uploads`` in the decode pool; the first bad one, in order, fails."""
@@ -261,6 +268,7 @@ class ServingService:
         deadline: float,
         request_id: str | None = None,
         tags: Mapping[str, str] | None = None,
+        reservation: Reservation | None = None,
     ) -> list[ImagePrediction]:
         """Every item's result, in order, each recorded in the inspection store under its id.
 
@@ -268,7 +276,7 @@ class ServingService:
         ``tags`` (validated by the front-end, ``dgserve.inspection.tags``) go with every image's record.
         """
         assert served.batcher is not None
-        results = await _submit_all(served.batcher, items, deadline)
+        results = await _submit_all(served.batcher, items, deadline, reservation)
         ids, committed = await self._record(served, items, results, request_id, dict(tags or {}))
         return [ImagePrediction(i, item.image, r, committed and i is not None)
                 for i, item, r in zip(ids, items, results, strict=True)]  # fmt: skip
@@ -325,11 +333,17 @@ def _prepare(upload: Upload, manifest: Manifest, settings: Settings, options: Op
 
 
 async def _submit_all(
-    batcher: DynamicBatcher[InferenceItem, ImageResult], items: Sequence[InferenceItem], deadline: float
+    batcher: DynamicBatcher[InferenceItem, ImageResult],
+    items: Sequence[InferenceItem],
+    deadline: float,
+    reservation: Reservation | None,
 ) -> list[ImageResult]:
+    # The place held at admission goes to the first image; a multipart request's others
+    # queue as any request does.
     if len(items) == 1:
-        return [await batcher.submit(items[0], deadline=deadline)]
-    tasks = [asyncio.ensure_future(batcher.submit(item, deadline=deadline)) for item in items]
+        return [await batcher.submit(items[0], deadline=deadline, reservation=reservation)]
+    tasks = [asyncio.ensure_future(batcher.submit(item, deadline=deadline, reservation=reservation if i == 0 else None))
+             for i, item in enumerate(items)]  # fmt: skip
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:

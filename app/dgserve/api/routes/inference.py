@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field, create_model
 from starlette.requests import ClientDisconnect
 
 from dgserve.api.deps import get_service
+from dgserve.api.errors import HELD
 from dgserve.api.schemas import ErrorResponse, inference_response
 from dgserve.connectivity import strip_matrices
 from dgserve.api.body import read_uploads
@@ -142,13 +143,15 @@ async def _infer(
     tags = parse_pairs(params.tag)  # 422 before anything is read
     known = service.models.lookup(name, params.version)  # 404 for names the store does not have
     request.scope["state"]["model"] = (known.name, known.version)  # metric labels from here on
-    served = service.admit(name, params.version, task)
-    try:
-        uploads = await read_uploads(request, service.settings, task.content_types)
-    except ClientDisconnect:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    items = await service.prepare(served, uploads, options)
-    predictions = await _until_disconnect(request, service.infer(served, items, deadline, tags=tags))
+    served, reservation = service.admit(name, params.version, task, request.scope["state"].get(HELD))
+    with reservation:  # the queue place held while the body is read and decoded
+        try:
+            uploads = await read_uploads(request, service.settings, task.content_types)
+        except ClientDisconnect:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        items = await service.prepare(served, uploads, options)
+        work = service.infer(served, items, deadline, tags=tags, reservation=reservation)
+        predictions = await _until_disconnect(request, work)
     if predictions is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     body = _render(served.name, served.version, task.name, predictions, params.connectivity)
