@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import torch
-from PIL import Image
-from skimage import data
+from PIL import Image, ImageDraw
 
 from dgserve.errors import DGServeError, ShuttingDownError, WorkerCrashedError
 from dgserve.model_store import ModelStore
@@ -41,10 +40,15 @@ BUNDLED = STORE.names()
 
 
 def photo_items(model: str, n: int = 2) -> list[InferenceItem]:
-    """``n`` crops of a real photo, prepared as the model's task prepares uploads."""
+    """``n`` crops of one scene, prepared as the model's task prepares uploads."""
     manifest = STORE.resolve(model).manifest
     task = get_task(manifest.task)
-    photo = Image.fromarray(data.chelsea())
+    # A noisy scene with a few shapes: the two workers must agree on it, whatever it shows.
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 420, 3), dtype=np.uint8)
+    photo = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(photo)
+    draw.ellipse((60, 60, 200, 200), fill=(220, 40, 40))
+    draw.rectangle((230, 90, 330, 190), fill=(40, 40, 220))
     items = []
     for k in range(n):
         crop = photo.crop((40 * k, 0, 40 * k + 300, 300))

@@ -234,21 +234,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _refuse(self, refusal: Refusal) -> None:
         """Write the gate's 503 now, with no ASGI cycle, then pause reading for a moment."""
         keep_alive = self.parser.get_http_version() == "1.1" and self.parser.should_keep_alive()
-        self.cycle = _Answered()  # type: ignore[assignment]  # uvicorn's on_body and on_message_complete skip an answered cycle
-        self._guarded.real.write(refusal.response(keep_alive))
+        self.cycle = _Answered()  # type: ignore[assignment]  # uvicorn's on_body and on_message_complete skip it
+        real = self._guarded.real
+        real.write(refusal.response(keep_alive))
         refusal.observe(time.perf_counter() - refusal.started)
         if not keep_alive:
             self._guarded.close()  # lingers while the body comes in (close_requested)
             return
-        if not self._message_done:
-            self._phase = "draining"  # the body is read and thrown away, bounded like a linger
-            self._linger_end = self.loop.time() + LINGER_S
-            self._deadline = min(self._deadline, self._linger_end)
-            self._schedule()
+        # As after any answer: uvicorn's keep-alive timer, and this class's draining of a
+        # body the app never read.
+        self.on_response_complete()
         # A client that retries at once would otherwise send its next request straight
         # back into the event loop; under overload that loop is what the accepted
         # requests need. The pause is short next to the 503's Retry-After.
-        real = self._guarded.real
         real.pause_reading()
         self.loop.call_later(REFUSAL_PAUSE_S, self._resume_after_refusal)
 

@@ -108,6 +108,9 @@ def _child_env() -> dict[str, str]:
     return {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
 
 
+# pickle is safe on this pipe, and only here: its two ends are a socketpair this process
+# made, one kept, the other passed to the child it started (pass_fds), so nothing but the
+# server and its own child can write to it. Nothing read from a client or a file is unpickled.
 def _dumps(obj: Any) -> bytes:
     return pickle.dumps(obj, protocol=5)
 
