@@ -145,10 +145,10 @@ class Admission:
 
 
 class Refusal:
-    """A 503 decided as the headers were parsed: written straight to the socket by the
-    protocol (``api/connections.py``), or, behind a pipelined request still being
-    answered, run as an ASGI app in its turn. Its ``observe(seconds)`` counts it in the
-    request metrics (the batcher's observer has counted the rejection itself)."""
+    """A 503 decided as the headers were parsed, written straight to the socket by the
+    protocol (``api/connections.py``); it is an ASGI app too, for a server that runs it
+    as one. Its ``observe(seconds)`` counts it in the request metrics (the batcher's
+    observer has counted the rejection itself)."""
 
     def __init__(
         self, headers: list[tuple[bytes, bytes]], body: bytes, observe: Callable[[float], None]

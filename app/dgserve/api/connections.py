@@ -171,7 +171,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._arm(self.limits.header_timeout_s)
 
     def on_headers_complete(self) -> None:
-        if self.gate is None:
+        if self.gate is None or not (self.cycle is None or self.cycle.response_complete):
+            # No gate for a pipelined request (one behind another still being answered):
+            # uvicorn may never run its app if the connection goes, and a place held for
+            # it would never come back. The app's own admission checks it in its turn.
             super().on_headers_complete()
         else:
             # uvicorn runs this request's cycle with the app the gate chose (a refusal, or
@@ -179,7 +182,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             # unread-body handling as any request.
             app = self.app
             chosen = self.gate(self.parser.get_method(), self.url, self.headers, app, self.scope["state"])
-            if isinstance(chosen, Refusal) and (self.cycle is None or self.cycle.response_complete):
+            if isinstance(chosen, Refusal):
                 self._refuse(chosen)  # nothing ahead of it on this connection: answer now
                 return
             self.app = chosen
