@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -13,26 +16,20 @@ from dgserve.models.dgnet import DGStage, dg_stages, set_execution, threshold_ed
 from dgserve.models.registry import create_model, list_models
 from dgserve.settings import default_model_store
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dgnet_inputs import randomise_routers as shared_randomise_routers  # noqa: E402
+from dgnet_inputs import varied_images as shared_varied_images  # noqa: E402
+
 DGNET_MODELS = list_models(family="dgnet", task="classification")
 
 
 def randomise_routers(model: nn.Module, scale: float = 8.0, tau: float = 0.55, seed: int = 1) -> None:
-    """Routers whose weights swing around τ from image to image, so paths (and skipped blocks) differ."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, stage in dg_stages(model):
-            for router in stage.routers:
-                fan_in = router.fc.in_features
-                router.fc.weight.copy_(torch.randn(router.fc.weight.shape, generator=gen) * scale / fan_in**0.5)
-                router.fc.bias.copy_(torch.randn(router.fc.bias.shape, generator=gen))
-            stage.tau.fill_(tau)
+    """Wider swings than test_dgnet's, so that whole blocks get skipped for some images."""
+    shared_randomise_routers(model, scale=scale, tau=tau, seed=seed)
 
 
 def varied_images(n: int, size: int = 48, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    contrast = torch.linspace(0.2, 3.0, n).view(n, 1, 1, 1)
-    brightness = torch.linspace(-2.0, 2.0, n).view(n, 1, 1, 1)
-    return torch.randn(n, 3, size, size, generator=gen) * contrast + brightness
+    return shared_varied_images(n, size=size, seed=seed)
 
 
 Run = tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]
