@@ -10,7 +10,10 @@ them; no HTTP). Then it times, over ``--rounds`` rounds each, with min/median/ma
 * summaries: the whole window; a filtered one (``split:val``, one label, a window of
   two days that starts and ends mid-hour); grouped by ``tag:truth`` and by label;
 * exports: all records as Parquet (records/s, and memory: RSS before, the peak while
-  exporting, and pyarrow's peak allocation), and the filtered selection.
+  exporting, and pyarrow's peak allocation), and the filtered selection;
+* the same whole export as a client gets it: ``GET /v1/inspections/export?format=parquet``
+  from a real ``dgserve serve`` on the filled store (its reader process, the pipe, HTTP),
+  ``--http-rounds`` times, with the server's peak RSS. ``--http-rounds 0`` skips it.
 
 Usage (a benchmark: run it niced; the fill takes minutes)::
 
@@ -23,7 +26,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +38,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pyarrow as pa
 import torch
 
@@ -44,6 +52,7 @@ from dgserve.inspection.record import to_us
 from dgserve.inspection.shared import GraphTextCache
 from dgserve.model_store import ModelStore
 from dgserve.models.connectivity import collect_connectivity
+from serve_throughput import HOST, free_port, wait_ready  # this folder: run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "shapes-dgnet"
@@ -60,6 +69,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--export-rounds", type=int, default=2)
     p.add_argument("--url", default=None, help="an inspection store URL (default: a fresh SQLite file)")
     p.add_argument("--batch", type=int, default=2000, help="records per write transaction")
+    p.add_argument("--http-rounds", type=int, default=2, help="whole exports through a real server (0: none)")
     return p.parse_args()
 
 
@@ -151,6 +161,67 @@ def export_all(store: InspectionStore, filters: Filters) -> tuple[int, int, floa
     return count, size, peak_rss, pool.max_memory() / 2**20
 
 
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and its children (the server and its reader processes)."""
+    pids, total = [pid], 0.0
+    while pids:
+        p = pids.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            # A child started from any of the process's threads is listed under that thread.
+            children = [c for t in Path(f"/proc/{p}/task").iterdir() for c in (t / "children").read_text().split()]
+        except OSError:
+            continue
+        total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+        pids.extend(int(c) for c in children)
+    return total
+
+
+def http_exports(url: str, records: int, rounds: int, workdir: Path) -> None:
+    """Time the whole export through ``dgserve serve`` on the filled store, as a client reads it."""
+    import pyarrow.parquet as pq
+
+    port = free_port()
+    # The records are dated from T0, long past the default retention: keep them all.
+    env = {**os.environ, "DGSERVE_MODELS": MODEL, "DGSERVE_INSPECTION_URL": url, "DGSERVE_ACCESS_LOG": "false",
+           "DGSERVE_LOG_LEVEL": "warning", "DGSERVE_GRPC_PORT": "off",
+           "DGSERVE_INSPECTION_MAX_AGE_S": str(20 * 365 * 86400),
+           "DGSERVE_INSPECTION_MAX_RECORDS": str(max(records, 1_000_000))}  # fmt: skip
+    command = [sys.executable, "-c", "from dgserve.cli import main; main()", "serve", "--host", HOST,
+               "--port", str(port), "--store", str(ROOT / "model_store"), "--data-dir", str(workdir)]  # fmt: skip
+    server = subprocess.Popen(command, env=env, start_new_session=True)
+    out = workdir / "export.parquet"
+    try:
+        base = f"http://{HOST}:{port}"
+        wait_ready(base, server, timeout=300)
+        with httpx.Client(base_url=base, timeout=600) as client:
+            rates = []
+            for _ in range(rounds):
+                before, peak, next_sample = tree_rss_mb(server.pid), 0.0, 0.0
+                began = time.perf_counter()
+                params = {"format": "parquet", "model": MODEL}
+                with client.stream("GET", "/v1/inspections/export", params=params) as r, out.open("wb") as f:
+                    if r.status_code != 200:
+                        raise RuntimeError(f"export: {r.status_code} {r.read()[:200]!r}")
+                    for chunk in r.iter_raw():
+                        f.write(chunk)
+                        if time.perf_counter() >= next_sample:  # sampled: /proc reads are not free
+                            peak, next_sample = max(peak, tree_rss_mb(server.pid)), time.perf_counter() + 0.2
+                seconds = time.perf_counter() - began
+                count = pq.ParquetFile(out).metadata.num_rows
+                if count != records:
+                    raise RuntimeError(f"the export over HTTP has {count:,} records, not {records:,}")
+                rates.append(count / seconds)
+                print(f"export over HTTP: {count:,} records, {out.stat().st_size / 2**20:.1f} MiB Parquet in "
+                      f"{seconds:.2f} s ({count / seconds:,.0f} records/s); server and readers RSS {before:.0f} MB "
+                      f"before, {peak:.0f} MB peak", flush=True)  # fmt: skip
+            print(f"export over HTTP records/s: min {min(rates):,.0f}  median {statistics.median(rates):,.0f}  "
+                  f"max {max(rates):,.0f}")  # fmt: skip
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
 async def main() -> None:
     args = parse_args()
     tmp = tempfile.TemporaryDirectory(prefix="dgserve-analysis-")
@@ -197,6 +268,10 @@ async def main() -> None:
                   f"max {max(rates):,.0f}")  # fmt: skip
     finally:
         await store.close()
+    try:
+        if args.http_rounds > 0:
+            http_exports(url, args.records, args.http_rounds, Path(tmp.name))
+    finally:
         tmp.cleanup()
 
 
