@@ -122,8 +122,8 @@ def rows(args: argparse.Namespace, bases: list[tuple[InspectionRecord, str]]) ->
         yield batch
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def rss_mb(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
@@ -167,12 +167,11 @@ def tree_rss_mb(pid: int) -> float:
     while pids:
         p = pids.pop()
         try:
-            status = Path(f"/proc/{p}/status").read_text()
             # A child started from any of the process's threads is listed under that thread.
             children = [c for t in Path(f"/proc/{p}/task").iterdir() for c in (t / "children").read_text().split()]
-        except OSError:
+            total += rss_mb(p)
+        except OSError:  # gone meanwhile
             continue
-        total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
         pids.extend(int(c) for c in children)
     return total
 

@@ -37,10 +37,10 @@ def main() -> None:
     headers = {"Content-Type": "image/png"}
     if args.api_key:
         headers["Authorization"] = f"Bearer {args.api_key}"
-    right = total = 0
+    total, right = args.per_class * len(CLASSES), 0
     with httpx.Client(base_url=args.url, timeout=60) as client:
         # render_classification cycles through the classes, so every prefix is balanced.
-        for index in range(args.per_class * len(CLASSES)):
+        for index in range(total):
             image, label = render_classification(SEED, index, args.size)
             buf = io.BytesIO()
             image.save(buf, "PNG")
@@ -48,7 +48,6 @@ def main() -> None:
             r = client.post(f"/v1/models/{args.model}/classify", content=buf.getvalue(), headers=headers, params=tags)
             r.raise_for_status()
             right += r.json()["results"][0]["predictions"][0]["label"] == CLASSES[label]
-            total += 1
     print(f"{total} images sent to {args.model}; top-1 accuracy {right / total:.3f}")
 
 
