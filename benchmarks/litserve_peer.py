@@ -245,6 +245,22 @@ def wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float = 600) 
     raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
 
 
+def signal_tree(pid: int, sig: int) -> None:
+    """``sig`` to the process group of ``pid`` and of each descendant: dgserve's server
+    processes (DGSERVE_SERVER_PROCESSES) each have a group of their own."""
+    groups = set()
+    for p in tree_pids(pid):
+        try:
+            groups.add(os.getpgid(p))
+        except ProcessLookupError:
+            pass
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            pass
+
+
 def stop(server: subprocess.Popen[bytes]) -> None:
     if server.poll() is None:
         os.killpg(server.pid, signal.SIGTERM)
@@ -271,14 +287,43 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def measure(port: int, requests: list[Any], clients: int) -> dict[str, float]:
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and every live descendant (Linux ``/proc``)."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            children = [int(c) for t in Path(f"/proc/{current}/task").iterdir()
+                        for c in (t / "children").read_text().split()]  # fmt: skip
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        pids.append(current)
+        todo.extend(children)
+    return pids
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid``'s live process tree."""
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measure(port: int, requests: list[Any], clients: int, server: int) -> dict[str, float]:
     from loadgen import run_load
 
+    cpu = tree_cpu_s(server)
     load = asyncio.run(run_load(HOST, port, requests, clients))
+    cpu = tree_cpu_s(server) - cpu
     if load.errors:
         raise RuntimeError(f"port {port}: {len(load.errors)} requests failed, e.g. {load.errors[0]}")
     return {"images_per_s": load.images / load.seconds, "p50_ms": percentile(load.latencies_s, 50) * 1e3,
-            "p99_ms": percentile(load.latencies_s, 99) * 1e3}
+            "p99_ms": percentile(load.latencies_s, 99) * 1e3, "cpu_ms_per_image": cpu / load.images * 1e3}
 
 
 def main() -> None:
@@ -343,12 +388,12 @@ def main() -> None:
                 # here), and neither server may tax the other's figures.
                 others = [p for n, p in processes.items() if n != name]
                 for other in others:
-                    os.killpg(other.pid, signal.SIGSTOP)
+                    signal_tree(other.pid, signal.SIGSTOP)
                 try:
-                    return measure(port, requests, clients)
+                    return measure(port, requests, clients, processes[name].pid)
                 finally:
                     for other in others:
-                        os.killpg(other.pid, signal.SIGCONT)
+                        signal_tree(other.pid, signal.SIGCONT)
 
             for per_server in workloads.values():  # warm-up, not measured
                 for name, (port, requests) in per_server.items():
@@ -361,8 +406,9 @@ def main() -> None:
                     order = list(per_server) if r % 2 == 0 else list(reversed(per_server))
                     result[u] = {s: alone(s, *per_server[s], args.clients) for s in order}
                     dg, lit = result[u]["dgserve"], result[u]["litserve"]
-                    print(f"round {r + 1} {u}: dgserve {dg['images_per_s']:.0f} img/s p99 {dg['p99_ms']:.0f} ms | "
-                          f"LitServe {lit['images_per_s']:.0f} img/s p99 {lit['p99_ms']:.0f} ms | "
+                    print(f"round {r + 1} {u}: dgserve {dg['images_per_s']:.0f} img/s p99 {dg['p99_ms']:.0f} ms "
+                          f"CPU {dg['cpu_ms_per_image']:.2f} ms/img | LitServe {lit['images_per_s']:.0f} img/s "
+                          f"p99 {lit['p99_ms']:.0f} ms CPU {lit['cpu_ms_per_image']:.2f} ms/img | "
                           f"throughput x{dg['images_per_s'] / lit['images_per_s']:.2f}, "
                           f"p99 x{dg['p99_ms'] / lit['p99_ms']:.2f}", flush=True)
                 rounds.append(result)

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         "all", description="Load every stored version of each model, or only the highest."
     )
 
+    server_processes: PositiveInt = Field(
+        1,
+        description="HTTP server processes sharing the port, each a whole server with its own batchers and "
+        "model replicas (its own GIL), sharing the inspection store; /metrics merges them. A supervisor "
+        "restarts one that dies and passes SIGTERM on, so each drains.",
+    )
     devices: str = Field("auto", description='"auto" (every GPU, else CPU), "cpu", or e.g. "cuda:0,cuda:1".')
     instances_per_device: PositiveInt = Field(
         1, description="Workers (model replicas) per model per device, each with its own thread."
@@ -81,7 +87,7 @@ class Settings(BaseSettings):
     )
     torch_threads: PositiveInt | None = Field(
         None,
-        description="torch intra-op threads for CPU workers; default: CPU cores / CPU instances per model.",
+        description="torch intra-op threads for CPU workers; default: CPU cores / (CPU instances per model × server processes).",
     )
 
     max_batch_size: PositiveInt | None = Field(None, description="Global override of every manifest's max_batch_size.")

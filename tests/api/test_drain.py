@@ -109,11 +109,13 @@ def _client(base: str, post: Post, outcomes: list[Outcome], once: bool = False) 
 
 
 @pytest.mark.timeout(180)
-def test_sigterm_loses_no_accepted_request(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_loses_no_accepted_request(tmp_path: Path, processes: int) -> None:
+    """With 2 processes (``DGSERVE_SERVER_PROCESSES``), the supervisor passes SIGTERM on and each drains."""
     pngs = [_png(render_classification(seed, seed % 4, 64)[0]) for seed in range(8)]
     scenes = [_png(render_detection_scene(seed, seed, 128, 5).image) for seed in range(BURST_IMAGES)]
     outcomes: list[Outcome] = []  # list.append is atomic: the threads share it
-    server = ServerProcess(tmp_path / "data", ENV).start()
+    server = ServerProcess(tmp_path / "data", {**ENV, "DGSERVE_SERVER_PROCESSES": str(processes)}).start()
     try:
         posts = [_classify(pngs[i % len(pngs)]) for i in range(CLASSIFY_CLIENTS)]
         posts += [_detect(scenes[i : i + DETECT_IMAGES]) for i in range(DETECT_CLIENTS)]

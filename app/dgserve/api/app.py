@@ -25,6 +25,7 @@ from dgserve.api.errors import RequestContextMiddleware, endpoint_of, install_er
 from dgserve.api.routes import analysis, health, inference, inspections, inspector, metrics, models
 from dgserve.inspection.readers import ReaderPool
 from dgserve.metrics import Metrics
+from dgserve.metrics.siblings import Siblings
 from dgserve.oip import http as oip_http
 from dgserve.oip.frontend import OipFrontend
 from dgserve.serving.service import ServingService
@@ -48,10 +49,12 @@ be fetched again from `/v1/inspections/{id}`.
 """
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, siblings: Siblings | None = None) -> FastAPI:
+    """The app; ``siblings`` when it is one of several server processes (``api/processes.py``)."""
     metrics_ = Metrics()
     keys = ApiKeys.from_settings(settings)  # a malformed key or file fails here, at start
-    state = AppState(settings=settings, metrics=metrics_, service=ServingService(settings, metrics_), api_keys=keys)
+    state = AppState(settings=settings, metrics=metrics_, service=ServingService(settings, metrics_), api_keys=keys,
+                     siblings=siblings)  # fmt: skip
     if settings.read_workers:  # its processes start at the first heavy read
         state.readers = ReaderPool(settings.inspection_location, workers=settings.read_workers,
                                    niceness=settings.read_nice)  # fmt: skip
@@ -93,8 +96,13 @@ def _document_settings(app: FastAPI, settings: Settings, keys: ApiKeys) -> None:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.dgserve
     grpc_server = None
+    metrics_server = None
     try:
+        if state.siblings is not None:  # the siblings' scrapes read this process's metrics here
+            metrics_server = await state.siblings.serve(lambda: state.metrics.render()[0])
         await state.service.start()
+        if state.siblings is not None and not state.siblings.listen_early:
+            await state.service.loaded()  # uvicorn starts listening when this returns
         grpc_server = await _start_grpc(state)
         yield
     finally:
@@ -104,6 +112,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state.readers is not None:
             await state.readers.close()
         await state.service.close()
+        if metrics_server is not None:
+            metrics_server.close()
 
 
 async def _start_grpc(state: AppState) -> Any:

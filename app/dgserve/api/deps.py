@@ -15,6 +15,7 @@ from dgserve.api.drain import DrainState
 from dgserve.inspection import InspectionStore
 from dgserve.inspection.readers import ReaderPool
 from dgserve.metrics import Metrics
+from dgserve.metrics.siblings import Siblings
 from dgserve.serving.served_models import ServedModels
 from dgserve.serving.service import ServingService
 from dgserve.settings import Settings
@@ -33,6 +34,7 @@ class AppState:
     api_keys: ApiKeys = field(default_factory=ApiKeys)  # empty: keys are off
     drain: DrainState = field(default_factory=DrainState)  # set on SIGTERM (api/drain.py)
     readers: ReaderPool | None = None  # heavy reads' processes (DGSERVE_READ_WORKERS); None: in threads
+    siblings: Siblings | None = None  # the other server processes on this port (api/processes.py); None: alone
 
 
 def get_state(request: Request) -> AppState:

@@ -1,8 +1,13 @@
-"""``run(settings)``: serve the app with uvicorn (what ``dgserve serve`` calls), draining on SIGTERM."""
+"""``run(settings)``: serve the app with uvicorn (what ``dgserve serve`` calls), draining on SIGTERM.
+
+With ``DGSERVE_SERVER_PROCESSES`` above 1, ``run`` hands over to the supervisor
+(``api/processes.py``), whose children each call ``serve`` on the shared socket."""
 
 from __future__ import annotations
 
 import logging
+import socket
+import sys
 
 import uvicorn
 
@@ -11,9 +16,10 @@ from dgserve.api.app import create_app
 from dgserve.api.connections import ConnectionLimits, protocol_class
 from dgserve.api.deps import AppState
 from dgserve.api.drain import BACKSTOP_S, DrainingServer
+from dgserve.metrics.siblings import Siblings
 from dgserve.settings import Settings
 
-__all__ = ["connection_limits", "run"]
+__all__ = ["configure_logging", "connection_limits", "run", "serve"]
 
 
 def connection_limits(settings: Settings) -> ConnectionLimits:
@@ -25,12 +31,25 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
     )
 
 
-def run(settings: Settings) -> None:
-    """Build the app from ``settings`` and serve it until interrupted."""
+def configure_logging(settings: Settings) -> None:
     logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level.upper(), format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings)
+
+
+def run(settings: Settings) -> None:
+    """Serve ``settings``' models until interrupted: in this process, or in several."""
+    configure_logging(settings)
+    if settings.server_processes > 1:
+        from dgserve.api.processes import serve_processes
+
+        sys.exit(serve_processes(settings))
+    serve(settings)
+
+
+def serve(settings: Settings, sockets: list[socket.socket] | None = None, siblings: Siblings | None = None) -> None:
+    """Build the app and serve it in this process: on ``sockets`` if given, else on host:port."""
+    app = create_app(settings, siblings)
     state: AppState = app.state.dgserve
     admission = Admission(state.service, state.api_keys, state.drain, state.metrics)
     config = uvicorn.Config(
@@ -51,4 +70,4 @@ def run(settings: Settings) -> None:
         http=protocol_class(connection_limits(settings), admission.app_for),
     )
     DrainingServer(config, state.drain, state.service.stop_work,
-                   grace_s=settings.shutdown_grace_s, timeout_s=settings.drain_timeout_s).run()  # fmt: skip
+                   grace_s=settings.shutdown_grace_s, timeout_s=settings.drain_timeout_s).run(sockets)  # fmt: skip

@@ -207,10 +207,12 @@ class ServedModels:
         """torch intra-op threads for one worker on ``device`` (None: leave torch's default)."""
         if device.type != "cpu":
             return None
-        # Split the cores among the replicas that may compute at once on the CPU, so
-        # they do not oversubscribe it.
-        cpu_replicas = self.settings.instances_per_device * sum(d.type == "cpu" for d in self.devices)
-        return self.settings.torch_threads or max(1, (os.cpu_count() or 1) // cpu_replicas)
+        # Split the cores among the replicas that may compute at once on the CPU, in
+        # every server process, so they do not oversubscribe it.
+        settings = self.settings
+        cpu_replicas = settings.instances_per_device * sum(d.type == "cpu" for d in self.devices)
+        cpu_replicas *= settings.server_processes
+        return settings.torch_threads or max(1, (os.cpu_count() or 1) // cpu_replicas)
 
     async def _load(self, served: ServedModel) -> None:
         served.state = "loading"

@@ -1,0 +1,144 @@
+"""``DGSERVE_SERVER_PROCESSES=2``: two real server processes on one port (``api/processes.py``).
+
+They share the port, the inspection store and ``/metrics``; the supervisor replaces a
+child that dies, passes SIGTERM on, takes its children with it when it is killed, and
+gives up on a configuration that cannot start. The SIGTERM drain under load runs with
+two processes in ``test_drain.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from processes import pid_running  # noqa: E402
+from server_process import ServerProcess  # noqa: E402
+
+from dgserve.data.scenes import render_classification  # noqa: E402
+
+CLIENTS, PER_CLIENT = 16, 6
+TWO = {"DGSERVE_SERVER_PROCESSES": "2", "DGSERVE_SHUTDOWN_GRACE_S": "0.5", "DGSERVE_DRAIN_TIMEOUT_S": "5"}
+CLASSIFY = "/v1/models/shapes-dgnet/classify"
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    render_classification(3, 3, 64)[0].save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _children(supervisor: int) -> list[int]:
+    """The server processes (multiprocessing's resource tracker is a child too, and not one)."""
+    pids = [int(c) for t in Path(f"/proc/{supervisor}/task").iterdir() for c in (t / "children").read_text().split()]
+    return sorted(p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes())
+
+
+def _requests_served(exposition: str) -> float:
+    return sum(
+        s.value for f in text_string_to_metric_families(exposition) for s in f.samples
+        if s.name == "dgserve_requests_total" and s.labels.get("endpoint") == "/v1/models/{name}/classify"
+    )  # fmt: skip
+
+
+def _own_metrics(sock_path: Path) -> str:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(sock_path))
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def _classify_many(base: str, png: bytes) -> list[str]:
+    def client(_: int) -> list[str]:
+        with httpx.Client(base_url=base, timeout=60) as http:  # one keep-alive connection per client
+            answers = [http.post(CLASSIFY, content=png, headers={"Content-Type": "image/png"}) for _ in range(PER_CLIENT)]
+        assert [a.status_code for a in answers] == [200] * PER_CLIENT
+        return [a.json()["results"][0]["id"] for a in answers]
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        return [i for ids in pool.map(client, range(CLIENTS)) for i in ids]
+
+
+def _wait_for(condition: object, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(240)
+def test_two_processes_share_the_port_the_store_and_the_metrics(tmp_path: Path) -> None:
+    with ServerProcess(tmp_path / "data", TWO) as server:
+        ids = _classify_many(server.base, _png())
+        found = re.search(r"metrics sockets are in ([^\s)]+)", server.log_text())
+        assert found is not None, server.log_text()
+        own = [_requests_served(_own_metrics(Path(found[1]) / f"metrics-{i}.sock")) for i in range(2)]
+        merged = httpx.get(f"{server.base}/metrics", timeout=10).text
+        with httpx.Client(base_url=server.base, timeout=30) as http:
+            unreadable = [i for i in ids if http.get(f"/v1/inspections/{i}").status_code != 200]
+    print(f"requests served by each process: {own}; merged {_requests_served(merged)}")
+    assert len(ids) == len(set(ids)) == CLIENTS * PER_CLIENT
+    assert all(n > 0 for n in own), "the kernel spreads the connections over both processes"
+    assert sum(own) == _requests_served(merged) == CLIENTS * PER_CLIENT
+    assert "dgserve_server_processes 2.0" in merged
+    assert unreadable == [], "an id answered by either process reads back through the shared store"
+
+
+@pytest.mark.timeout(240)
+def test_a_dead_process_is_replaced_and_sigterm_stops_every_one(tmp_path: Path) -> None:
+    png = _png()
+    server = ServerProcess(tmp_path / "data", TWO).start()
+    try:
+        assert server.proc is not None
+        first = _children(server.proc.pid)
+        assert len(first) == 2
+        os.kill(first[0], signal.SIGKILL)
+        _wait_for(lambda: len(set(_children(server.proc.pid)) - set(first)) == 1, "replacement process")
+        # The survivor serves while the replacement loads, and both once it listens.
+        _wait_for(lambda: "dgserve_server_processes 2.0" in httpx.get(f"{server.base}/metrics", timeout=10).text,
+                  "replacement's metrics")  # fmt: skip
+        assert len(_classify_many(server.base, png)) == CLIENTS * PER_CLIENT
+        second = _children(server.proc.pid)
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(timeout=30)
+    finally:
+        server.kill()
+    assert code == 0, server.log_text()
+    assert "died with exit status -9; starting another" in server.log_text()
+    assert not any(pid_running(p) for p in second)
+
+
+@pytest.mark.timeout(240)
+def test_killing_the_supervisor_takes_its_server_processes_with_it(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "data", TWO).start()
+    assert server.proc is not None
+    children = _children(server.proc.pid)
+    server.kill()  # kill -9: no handler runs in the supervisor
+    # Each child gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and drains: grace 0.5 s, nothing in flight.
+    _wait_for(lambda: not any(pid_running(p) for p in children), "children gone", timeout_s=30)
+
+
+@pytest.mark.timeout(240)
+def test_a_configuration_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "data", {**TWO, "DGSERVE_API_KEYS": "short"}).start(wait_ready=False)
+    assert server.proc is not None
+    try:
+        code = server.proc.wait(timeout=200)
+    finally:
+        server.kill()
+    assert code == 1
+    assert "died 3 times within 10 s of starting" in server.log_text()
