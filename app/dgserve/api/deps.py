@@ -2,6 +2,9 @@
 
 ``AppState`` is everything one app owns. Threads, files and models are started in the
 app's lifespan (``ServingService.start``), never when a module is imported.
+
+The getters are ``async def`` though they never wait: FastAPI runs a plain ``def``
+dependency in its thread pool, a hand-off to another thread and back on every request.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dgserve.serving.service import ServingService
 from dgserve.settings import Settings
 
 __all__ = [
-    "AppState", "get_inspections", "get_metrics", "get_models", "get_readers", "get_service", "get_settings", "get_state",
+    "AppState", "get_inspections", "get_models", "get_readers", "get_service", "get_settings", "get_state",
 ]  # fmt: skip
 
 
@@ -37,32 +40,32 @@ class AppState:
     siblings: Siblings | None = None  # the other server processes on this port (api/processes.py); None: alone
 
 
-def get_state(request: Request) -> AppState:
+def _state(request: Request) -> AppState:
     state: AppState = request.app.state.dgserve
     return state
 
 
-def get_settings(request: Request) -> Settings:
-    return get_state(request).settings
+async def get_state(request: Request) -> AppState:
+    return _state(request)
 
 
-def get_metrics(request: Request) -> Metrics:
-    return get_state(request).metrics
+async def get_settings(request: Request) -> Settings:
+    return _state(request).settings
 
 
-def get_service(request: Request) -> ServingService:
-    return get_state(request).service
+async def get_service(request: Request) -> ServingService:
+    return _state(request).service
 
 
-def get_models(request: Request) -> ServedModels:
-    return get_state(request).service.models
+async def get_models(request: Request) -> ServedModels:
+    return _state(request).service.models
 
 
-def get_inspections(request: Request) -> InspectionStore:
+async def get_inspections(request: Request) -> InspectionStore:
     """The open inspection store (503 ``not_ready`` before it opens)."""
-    return get_state(request).service.inspections
+    return _state(request).service.inspections
 
 
-def get_readers(request: Request) -> ReaderPool | None:
+async def get_readers(request: Request) -> ReaderPool | None:
     """The heavy reads' process pool; ``None`` runs them in the server's threads."""
-    return get_state(request).readers
+    return _state(request).readers

@@ -53,7 +53,7 @@ class OipRoute(APIRoute):
         return guarded
 
 
-def get_frontend(request: Request) -> OipFrontend:
+async def get_frontend(request: Request) -> OipFrontend:
     """The app's one OIP front-end, made with the router."""
     frontend: OipFrontend = request.app.state.dgserve_oip
     return frontend
