@@ -113,6 +113,28 @@ async def test_refuses_what_a_full_queue_refuses_and_nothing_else(
         assert not served(app).batcher.full
 
 
+@pytest.mark.asyncio
+async def test_liveness_is_answered_at_the_headers_as_the_app_answers_it(run_app: Running, make_settings: Any) -> None:
+    async with run_app(make_settings()) as (app, client):
+        state = state_of(app)
+        admission = Admission(state.service, state.api_keys, state.drain, state.metrics)
+        state.drain.draining = True  # liveness holds while draining, as the app's does
+        early = refusal(admission, b"GET", b"/healthz", [(b"x-request-id", b"probe-1")])
+        assert early is not None and not early.pause
+        status, headers, body = await call(early)
+        state.drain.draining = False
+        through_app = await client.get("/healthz", headers={"x-request-id": "probe-1"})
+        assert (status, json.loads(body)) == (through_app.status_code, through_app.json()) == (200, {"status": "ok"})
+        assert headers["x-request-id"] == "probe-1" and headers["content-type"] == "application/json"
+        assert refusal(admission, b"GET", b"/healthz?verbose=1", []) is not None
+        for method, other in [(b"POST", b"/healthz"), (b"GET", b"/healthz/"), (b"GET", b"/healthzz"), (b"GET", b"/readyz")]:
+            assert refusal(admission, method, other, []) is None, (method, other)
+        metrics = (await client.get("/metrics")).text
+        counted = [line for line in metrics.splitlines()
+                   if line.startswith("dgserve_requests_total{") and 'endpoint="/healthz"' in line]  # fmt: skip
+        assert counted and float(counted[0].rsplit(" ", 1)[1]) == 2  # the early answer and the app's
+
+
 def _post(path: str, body: bytes) -> bytes:
     return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
             .encode() + body)  # fmt: skip

@@ -22,10 +22,15 @@ from that connection for a moment (``REFUSAL_PAUSE_S``), so that a client retryi
 tight loop cannot take the event loop from the requests being served.
 Everything else, including any doubt (an unknown model, an endpoint of another task,
 a bad API key, a drain under way), goes through the app, which gives its usual answer.
+
+``GET /healthz`` is answered the same way, without the pause: liveness asks whether the
+event loop runs, and under overload a probe that had to wait for the app's middleware
+and routing behind a loop full of refusals took hundreds of milliseconds to say so.
 """
 
 from __future__ import annotations
 
+import http
 import json
 import re
 import time
@@ -43,13 +48,15 @@ from dgserve.serving.reservation import Reservation
 from dgserve.serving.service import ServingService
 from dgserve.tasks import get_task
 
-__all__ = ["HELD", "Admission", "AsgiApp", "Refusal"]
+__all__ = ["HELD", "Admission", "AsgiApp", "EarlyAnswer"]
 
 AsgiApp = Callable[[dict[str, Any], Callable[..., Awaitable[Any]], Callable[..., Awaitable[None]]], Awaitable[None]]
 
 _V1 = re.compile(rb"/v1/models/([^/?]+)/([a-z_-]+)/?(?:\?(.*))?")
 _V2 = re.compile(rb"/v2/models/([^/?]+)(?:/versions/([0-9]+))?/infer/?(?:\?.*)?")
 _VERSION = re.compile(rb"(?:^|&)version=([0-9]+)(?:&|$)")
+_HEALTHZ = re.compile(rb"/healthz(?:\?.*)?")
+_ALIVE_BODY = b'{"status":"ok"}'  # what the app's /healthz answers (api/routes/health.py)
 # The route templates, as the app's metrics label them.
 _V1_TEMPLATE = "/v1/models/{name}/%s"
 _V2_TEMPLATES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
@@ -67,12 +74,14 @@ class Admission:
     def app_for(
         self, method: bytes, url: bytes, headers: Sequence[tuple[bytes, bytes]], app: AsgiApp, state: dict[str, Any]
     ) -> AsgiApp:
-        """``app`` itself, or a refusal, or ``app`` holding the request's queue place (``HELD`` in ``state``).
+        """``app`` itself, or an early answer, or ``app`` holding the request's queue place (``HELD`` in ``state``).
 
         The place is taken here, as the headers are parsed, not when the app's task
         first runs: in one turn of the event loop a burst of requests are all parsed
         before any task runs, and each would see room that the others then took.
         """
+        if method == b"GET" and _HEALTHZ.fullmatch(url):
+            return self._alive(headers)
         admitted = self._admit(method, url, headers)
         if admitted is None:
             return app
@@ -81,7 +90,9 @@ class Admission:
             return _holding(app, admitted)
         return admitted
 
-    def _admit(self, method: bytes, url: bytes, headers: Sequence[tuple[bytes, bytes]]) -> AsgiApp | Reservation | None:
+    def _admit(
+        self, method: bytes, url: bytes, headers: Sequence[tuple[bytes, bytes]]
+    ) -> EarlyAnswer | Reservation | None:
         if method != b"POST" or self.drain.draining:
             return None
         v1 = _V1.fullmatch(url)
@@ -130,42 +141,63 @@ class Admission:
     def _answer(
         self, exc: QueueFullError, model: str, version: int, template: str, oip: bool,
         headers: Sequence[tuple[bytes, bytes]],
-    ) -> Refusal:  # fmt: skip
-        request_id = next((v.decode("latin-1") for n, v in headers if n == REQUEST_ID_HEADER.encode()), "")
-        request_id = request_id[:128] or uuid.uuid4().hex
+    ) -> EarlyAnswer:  # fmt: skip
+        request_id = _request_id(headers)
         # The protocol's own error shape on the OIP.
         body = json.dumps({"error": exc.message}).encode() if oip else error_body(exc.code, exc.message, request_id)
-        response_headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (REQUEST_ID_HEADER.encode(), request_id.encode("latin-1")),
-            *((k.lower().encode(), v.encode()) for k, v in exc.headers.items()),
-        ]
-        return Refusal(response_headers, body, partial(self.metrics.observe_request, model, version, template, 503))
+        extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+        observe = partial(self.metrics.observe_request, model, version, template, 503)
+        return EarlyAnswer(503, _json_headers(body, request_id, extra), body, observe, pause=True)
+
+    def _alive(self, headers: Sequence[tuple[bytes, bytes]]) -> EarlyAnswer:
+        observe = partial(self.metrics.observe_request, "", "", "/healthz", 200)  # as the app counts it
+        return EarlyAnswer(200, _json_headers(_ALIVE_BODY, _request_id(headers)), _ALIVE_BODY, observe, pause=False)
 
 
-class Refusal:
-    """A 503 decided as the headers were parsed, written straight to the socket by the
-    protocol (``api/connections.py``); it is an ASGI app too, for a server that runs it
-    as one. Its ``observe(seconds)`` counts it in the request metrics (the batcher's
-    observer has counted the rejection itself)."""
+def _request_id(headers: Sequence[tuple[bytes, bytes]]) -> str:
+    request_id = next((v.decode("latin-1") for n, v in headers if n == REQUEST_ID_HEADER.encode()), "")
+    return request_id[:128] or uuid.uuid4().hex
+
+
+def _json_headers(
+    body: bytes, request_id: str, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (REQUEST_ID_HEADER.encode(), request_id.encode("latin-1")),
+        *extra,
+    ]
+
+
+class EarlyAnswer:
+    """An answer decided as the headers were parsed (a 503 for a full queue, or liveness),
+    written straight to the socket by the protocol (``api/connections.py``); it is an ASGI
+    app too, for a server that runs it as one. ``observe(seconds)`` counts it in the request
+    metrics (a refusal's rejection the batcher's observer has counted itself). ``pause``: the
+    connection's next request waits a moment (a refusal's client retrying at once)."""
 
     def __init__(
-        self, headers: list[tuple[bytes, bytes]], body: bytes, observe: Callable[[float], None]
-    ) -> None:
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, observe: Callable[[float], None],
+        pause: bool,
+    ) -> None:  # fmt: skip
+        self.status = status
         self.headers = headers
         self.body = body
         self.observe = observe
+        self.pause = pause
         self.started = time.perf_counter()
 
     def response(self, keep_alive: bool) -> bytes:
-        lines = [b"HTTP/1.1 503 Service Unavailable", *(name + b": " + value for name, value in self.headers)]
+        status = http.HTTPStatus(self.status)
+        lines = [b"HTTP/1.1 %d %s" % (status.value, status.phrase.encode()),
+                 *(name + b": " + value for name, value in self.headers)]  # fmt: skip
         if not keep_alive:
             lines.append(b"connection: close")
         return b"\r\n".join(lines) + b"\r\n\r\n" + self.body
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Callable[..., Awaitable[None]]) -> None:
-        await send({"type": "http.response.start", "status": 503, "headers": self.headers})
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
         await send({"type": "http.response.body", "body": self.body})
         self.observe(time.perf_counter() - self.started)
 

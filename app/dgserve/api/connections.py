@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from dgserve.api.admission import Refusal
+from dgserve.api.admission import EarlyAnswer
 from dgserve.api.errors import error_body
 
 __all__ = ["LINGER_IDLE_S", "LINGER_MAX_BYTES", "LINGER_S", "ConnectionLimits", "protocol_class"]
@@ -182,8 +182,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             # unread-body handling as any request.
             app = self.app
             chosen = self.gate(self.parser.get_method(), self.url, self.headers, app, self.scope["state"])
-            if isinstance(chosen, Refusal):
-                self._refuse(chosen)  # nothing ahead of it on this connection: answer now
+            if isinstance(chosen, EarlyAnswer):
+                self._answer_now(chosen)  # nothing ahead of it on this connection: answer now
                 return
             self.app = chosen
             try:
@@ -232,21 +232,23 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._phase = "headers"
             self._arm(self.limits.header_timeout_s)
 
-    # --- refusing at the headers ---------------------------------------------------------
+    # --- answering at the headers --------------------------------------------------------
 
-    def _refuse(self, refusal: Refusal) -> None:
-        """Write the gate's 503 now, with no ASGI cycle, then pause reading for a moment."""
+    def _answer_now(self, answer: EarlyAnswer) -> None:
+        """Write the gate's answer now, with no ASGI cycle; after a refusal, pause reading for a moment."""
         keep_alive = self.parser.get_http_version() == "1.1" and self.parser.should_keep_alive()
         self.cycle = _Answered()  # type: ignore[assignment]  # uvicorn's on_body and on_message_complete skip it
         real = self._guarded.real
-        real.write(refusal.response(keep_alive))
-        refusal.observe(time.perf_counter() - refusal.started)
+        real.write(answer.response(keep_alive))
+        answer.observe(time.perf_counter() - answer.started)
         if not keep_alive:
             self._guarded.close()  # lingers while the body comes in (close_requested)
             return
         # As after any answer: uvicorn's keep-alive timer, and this class's draining of a
         # body the app never read.
         self.on_response_complete()
+        if not answer.pause:
+            return
         # A client that retries at once would otherwise send its next request straight
         # back into the event loop; under overload that loop is what the accepted
         # requests need. The pause is short next to the 503's Retry-After.
