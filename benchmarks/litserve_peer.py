@@ -230,6 +230,7 @@ def start_litserve(args: argparse.Namespace, python: Path, store: Path, port: in
 
 
 def wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float = 600) -> None:
+    """Until ``url`` answers 200 (LitServe's ``/health``)."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -248,6 +249,8 @@ def wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float = 600) 
 def signal_tree(pid: int, sig: int) -> None:
     """``sig`` to the process group of ``pid`` and of each descendant: dgserve's server
     processes (DGSERVE_SERVER_PROCESSES) each have a group of their own."""
+    from serve_throughput import tree_pids
+
     groups = set()
     for p in tree_pids(pid):
         try:
@@ -287,39 +290,13 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def tree_pids(pid: int) -> list[int]:
-    """``pid`` and every live descendant (Linux ``/proc``)."""
-    pids, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        try:
-            children = [int(c) for t in Path(f"/proc/{current}/task").iterdir()
-                        for c in (t / "children").read_text().split()]  # fmt: skip
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        pids.append(current)
-        todo.extend(children)
-    return pids
-
-
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) used so far by ``pid``'s live process tree."""
-    total = 0
-    for p in tree_pids(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def measure(port: int, requests: list[Any], clients: int, server: int) -> dict[str, float]:
     from loadgen import run_load
+    from serve_throughput import process_cpu_s
 
-    cpu = tree_cpu_s(server)
+    cpu = process_cpu_s(server) or 0.0  # the server's whole process tree
     load = asyncio.run(run_load(HOST, port, requests, clients))
-    cpu = tree_cpu_s(server) - cpu
+    cpu = (process_cpu_s(server) or 0.0) - cpu
     if load.errors:
         raise RuntimeError(f"port {port}: {len(load.errors)} requests failed, e.g. {load.errors[0]}")
     return {"images_per_s": load.images / load.seconds, "p50_ms": percentile(load.latencies_s, 50) * 1e3,
@@ -336,6 +313,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(HERE))
+    import serve_throughput
     import torch
     from loadgen import build_post, multipart_body
 
@@ -359,7 +337,7 @@ def main() -> None:
         dgserve = start_dgserve(args, store, Path(tmp) / "data", dg_port)
         litserve = start_litserve(args, python, store, ls_port)
         try:
-            wait_ready(f"http://{HOST}:{dg_port}/readyz", dgserve)
+            serve_throughput.wait_ready(f"http://{HOST}:{dg_port}", dgserve)  # every server process
             wait_ready(f"http://{HOST}:{ls_port}/health", litserve)
             for u in uploads:
                 dg_label, ls_label = top1_agree(dg_port, ls_port, args, images[u][0])

@@ -14,7 +14,7 @@ in alternating rounds -- raw, then server, R times, each over the same number of
 images -- and each round's ratio compares measurements taken side by side; the
 summary is the median round. Each round also says where a shortfall comes from: the
 server's own compute time per image (from its metrics) against raw's, the CPU cores
-the server process used, and the load generator's CPU (it shares the cores).
+the server's process tree used, and the load generator's CPU (it shares the cores).
 
 Usage::
 
@@ -181,17 +181,30 @@ def start_server(root: Path, data_dir: Path, port: int, args: argparse.Namespace
 
 
 def wait_ready(base: str, server: subprocess.Popen[bytes], timeout: float = 600) -> None:
+    """Until ``/readyz`` is 200 and every server process serves every model.
+
+    With several server processes (``DGSERVE_SERVER_PROCESSES``) the first answers
+    ``/readyz`` once it serves, while the others may still be loading and not yet
+    listening; ``/metrics`` merges their ``dgserve_model_ready`` by the minimum.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"server exited with {server.returncode}")
         try:
-            if httpx.get(f"{base}/readyz").status_code == 200:
+            if httpx.get(f"{base}/readyz").status_code == 200 and all_serving(httpx.get(f"{base}/metrics").text):
+                time.sleep(0.5)  # the last process's listener opens just after its models are ready
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
     raise TimeoutError("server did not become ready")
+
+
+def all_serving(metrics: str) -> bool:
+    """Whether every ``dgserve_model_ready`` sample of a scrape is 1."""
+    ready = [line.rsplit(" ", 1)[1] for line in metrics.splitlines() if line.startswith("dgserve_model_ready{")]
+    return bool(ready) and all(float(value) == 1 for value in ready)
 
 
 def build_requests(port: int, args: argparse.Namespace, protocol: str = "v1") -> list[Request]:
@@ -253,13 +266,32 @@ class ServerSide:
                           self.batched_images - other.batched_images, cpu)
 
 
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and every live descendant (Linux ``/proc``)."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            children = [int(c) for t in Path(f"/proc/{current}/task").iterdir()
+                        for c in (t / "children").read_text().split()]  # fmt: skip
+        except OSError:
+            continue
+        pids.append(current)
+        todo.extend(children)
+    return pids
+
+
 def process_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process, from /proc (None where there is none)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of ``pid``'s live process tree (server, model and reader
+    processes, or a supervisor's server processes), from /proc; None where there is none."""
+    total, found = 0, False
+    for p in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total, found = total + int(fields[11]) + int(fields[12]), True  # utime, stime: fields 14, 15
+    return total / os.sysconf("SC_CLK_TCK") if found else None
 
 
 def self_cpu_s() -> float:

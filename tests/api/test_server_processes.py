@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -73,16 +74,26 @@ def _classify_many(base: str, png: bytes) -> list[str]:
         return [i for ids in pool.map(client, range(CLIENTS)) for i in ids]
 
 
-def _wait_for(condition: object, what: str, timeout_s: float = 60.0) -> None:
+def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
+    while not condition():
         assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
         time.sleep(0.1)
+
+
+def _all_serving(base: str) -> bool:
+    """Every process serves every model: the merge takes ``dgserve_model_ready``'s minimum."""
+    merged = httpx.get(f"{base}/metrics", timeout=10).text
+    ready = [line for line in merged.splitlines() if line.startswith("dgserve_model_ready{")]
+    return "dgserve_server_processes 2.0" in merged and bool(ready) and all(line.endswith(" 1.0") for line in ready)
 
 
 @pytest.mark.timeout(240)
 def test_two_processes_share_the_port_the_store_and_the_metrics(tmp_path: Path) -> None:
     with ServerProcess(tmp_path / "data", TWO) as server:
+        # /readyz is 200 once the first process serves; the second listens once it serves too.
+        _wait_for(lambda: _all_serving(server.base), "both processes serving")
+        time.sleep(0.5)  # its listener opens just after its models are ready
         ids = _classify_many(server.base, _png())
         found = re.search(r"metrics sockets are in ([^\s)]+)", server.log_text())
         assert found is not None, server.log_text()
@@ -109,8 +120,7 @@ def test_a_dead_process_is_replaced_and_sigterm_stops_every_one(tmp_path: Path) 
         os.kill(first[0], signal.SIGKILL)
         _wait_for(lambda: len(set(_children(server.proc.pid)) - set(first)) == 1, "replacement process")
         # The survivor serves while the replacement loads, and both once it listens.
-        _wait_for(lambda: "dgserve_server_processes 2.0" in httpx.get(f"{server.base}/metrics", timeout=10).text,
-                  "replacement's metrics")  # fmt: skip
+        _wait_for(lambda: _all_serving(server.base), "the replacement serving")
         assert len(_classify_many(server.base, png)) == CLIENTS * PER_CLIENT
         second = _children(server.proc.pid)
         server.proc.send_signal(signal.SIGTERM)

@@ -166,6 +166,7 @@ class ServedModels:
                 versions = versions[-1:]
             for version in versions:
                 served = group.versions.setdefault(version, ServedModel(name, version))
+                self.metrics.set_ready(name, version, False)  # exported at 0 while it loads
                 try:
                     served.manifest = self.store.resolve(name, version).manifest
                 except DGServeError as exc:
