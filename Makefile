@@ -37,8 +37,10 @@ kube-test: install
 ray-test: install
 	DGSERVE_RAY_E2E=1 $(BIN)/python -m pytest tests/ray -s
 
-# A real server under mixed load for 10 minutes (DURATION=seconds to change it); fails on
-# RSS growth over 5 %, any 5xx, or a lost request. Not part of `make test`; see docs/performance.md.
+# A real server under mixed load, overload bursts included, for 10 minutes (DURATION=seconds to
+# change it, SOAK_ARGS for more, e.g. --server-env DGSERVE_SERVER_PROCESSES=2); fails on RSS growth
+# over 5 %, an answer neither 2xx nor 503, or a lost request. Not part of `make test`; see
+# docs/performance.md.
 .PHONY: soak
 soak: install
-	scripts/soak.sh --duration $(or $(DURATION),600)
+	scripts/soak.sh --duration $(or $(DURATION),600) $(SOAK_ARGS)
