@@ -25,9 +25,10 @@ app. It:
 * spawns the children, each in a process group of its own, so a terminal's Ctrl+C
   reaches the supervisor alone and is passed on once; each child dies with it
   (``PR_SET_PDEATHSIG``), even after ``kill -9``;
-* restarts a child that dies. A child that dies within ``_FAST_EXIT_S`` of starting,
-  ``_FAST_EXITS`` times in a row, stops the server with exit status 1: that is a
-  broken configuration, and restarting it would only loop;
+* restarts a child that dies; while none runs, the first one started answers probes
+  as its models load (``Siblings.listen_early``). A child that dies within
+  ``_FAST_EXIT_S`` of starting, ``_FAST_EXITS`` times in a row, stops the server with
+  exit status 1: that is a broken configuration, and restarting it would only loop;
 * passes SIGTERM and SIGINT on to every child, and waits for them. On SIGTERM each
   child drains as a single server does (``api/drain.py``); the port stops taking
   connections when the last child closes its socket.
@@ -142,8 +143,9 @@ class _Supervisor:
         self._stuck_at = time.monotonic() + s.shutdown_grace_s + s.drain_timeout_s + _STUCK_S
 
     def _start(self, index: int) -> None:
-        # One process answers probes from the start; the others listen once they serve.
-        listen_early = index == 0 and index not in self.started
+        # While none runs (the start, or all died), this one answers probes from the start;
+        # the others listen once they serve.
+        listen_early = not self.children
         siblings = Siblings(self.runtime, index, self.settings.server_processes, listen_early)
         child = self._context.Process(
             target=_child_main, args=(self.settings, siblings, os.getpid()),

@@ -63,9 +63,10 @@ class Siblings:
     """This process's place among ``count`` server processes sharing ``directory``.
 
     ``listen_early``: the process accepts connections while its models load, answering
-    probes (``/readyz`` 503) meanwhile. Only one process does, at the server's start;
-    every other one, and every replacement, listens once its models have loaded, so no
-    request reaches a process that would answer ``not_ready`` while a sibling serves.
+    probes (``/readyz`` 503) meanwhile. Only one started while no other runs does (at the
+    server's start); every other one, and a replacement beside live ones, listens once its
+    models have loaded, so no request reaches a process that would answer ``not_ready``
+    while a sibling serves.
     """
 
     directory: Path
