@@ -20,13 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from processes import pid_running  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
+from server_process import ServerProcess, free_port  # noqa: E402
 
 from dgserve.data.scenes import render_classification  # noqa: E402
 
@@ -88,13 +90,26 @@ def _all_serving(base: str) -> bool:
     return "dgserve_server_processes 2.0" in merged and bool(ready) and all(line.endswith(" 1.0") for line in ready)
 
 
+def _grpc_classify(port: int, png: bytes) -> str:
+    """One OIP gRPC inference on a fresh channel (a new connection, hashed to either process)."""
+    client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{port}")
+    try:
+        image = grpcclient.InferInput("image", [1], "BYTES")
+        image.set_data_from_numpy(np.array([png], dtype=np.object_))
+        return str(client.infer("shapes-dgnet", [image]).as_numpy("inspection_id")[0].decode())
+    finally:
+        client.close()
+
+
 @pytest.mark.timeout(240)
 def test_two_processes_share_the_port_the_store_and_the_metrics(tmp_path: Path) -> None:
-    with ServerProcess(tmp_path / "data", TWO) as server:
+    grpc_port = free_port()
+    with ServerProcess(tmp_path / "data", {**TWO, "DGSERVE_GRPC_PORT": str(grpc_port)}) as server:
         # /readyz is 200 once the first process serves; the second listens once it serves too.
         _wait_for(lambda: _all_serving(server.base), "both processes serving")
         time.sleep(0.5)  # its listener opens just after its models are ready
         ids = _classify_many(server.base, _png())
+        ids += [_grpc_classify(grpc_port, _png()) for _ in range(8)]  # both bound it (SO_REUSEPORT)
         found = re.search(r"metrics sockets are in ([^\s)]+)", server.log_text())
         assert found is not None, server.log_text()
         own = [_requests_served(_own_metrics(Path(found[1]) / f"metrics-{i}.sock")) for i in range(2)]
@@ -102,7 +117,7 @@ def test_two_processes_share_the_port_the_store_and_the_metrics(tmp_path: Path) 
         with httpx.Client(base_url=server.base, timeout=30) as http:
             unreadable = [i for i in ids if http.get(f"/v1/inspections/{i}").status_code != 200]
     print(f"requests served by each process: {own}; merged {_requests_served(merged)}")
-    assert len(ids) == len(set(ids)) == CLIENTS * PER_CLIENT
+    assert len(ids) == len(set(ids)) == CLIENTS * PER_CLIENT + 8
     assert all(n > 0 for n in own), "the kernel spreads the connections over both processes"
     assert sum(own) == _requests_served(merged) == CLIENTS * PER_CLIENT
     assert "dgserve_server_processes 2.0" in merged

@@ -306,8 +306,8 @@ class SQLiteBackend(rollups.Reads, InspectionBackend):
             with self._conn_lock:
                 conn = self._writer()
                 stored = {d for d in graphs if conn.execute("SELECT 1 FROM graphs WHERE digest = ?", (d,)).fetchone()}
-        # Only this process writes, and it never deletes a graph, so one found above is
-        # still there at COMMIT; the new ones are compressed outside the lock, like the rows.
+        # No writer (in any process) ever deletes a graph, so one found above is still
+        # there at COMMIT; new ones are compressed outside the lock, like the rows.
         bodies = [(d, compress(text)) for d, text in graphs.items() if d not in stored]
         with self._conn_lock:
             conn = self._writer()
