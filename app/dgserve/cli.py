@@ -24,7 +24,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve every model in the store (the bundled model_store/ by default)."""
-    from dgserve.api.server import run
+    from dgserve.api.processes import run
     from dgserve.settings import Settings
 
     overrides = {"host": host, "port": port, "model_store": store, "data_dir": data_dir, "grpc_port": grpc_port}

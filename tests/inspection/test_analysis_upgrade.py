@@ -4,6 +4,7 @@ table (SQLite schema 1 -> 4, PostgreSQL migration 1 -> 3)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import zlib
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from at_once import open_at_once
 
 from dgserve.inspection import InspectionStore, PostgreSQLBackend, SQLiteBackend
 from dgserve.inspection.backend import Filters
@@ -23,6 +25,11 @@ ADJACENCY = [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.5, 0.0]]
 CONNECTIVITY = {"stages": [{"stage": "layer1", "adjacency": ADJACENCY, "executed": [True, True, True]}]}
 PREDICTION = {"predictions": [{"label": "cat", "score": 0.8}]}
 OLD = [("r1", 1_700_000_000_000_000), ("r2", 1_700_000_100_000_000)]
+SCHEMA_1 = """
+CREATE TABLE inspections (id TEXT NOT NULL PRIMARY KEY, model TEXT NOT NULL, version INTEGER NOT NULL,
+    task TEXT NOT NULL, created_at_us INTEGER NOT NULL, prediction TEXT NOT NULL, connectivity BLOB NOT NULL);
+PRAGMA user_version = 1;
+"""
 
 
 async def check(store: InspectionStore) -> None:
@@ -48,16 +55,27 @@ def old_rows() -> list[tuple[str, int, str, bytes]]:
 async def test_a_schema_1_sqlite_file_gains_its_records_numbers(tmp_path: Path) -> None:
     path = tmp_path / "inspections.db"
     with closing(sqlite3.connect(path)) as conn:
-        conn.executescript(
-            """
-            CREATE TABLE inspections (id TEXT NOT NULL PRIMARY KEY, model TEXT NOT NULL, version INTEGER NOT NULL,
-                task TEXT NOT NULL, created_at_us INTEGER NOT NULL, prediction TEXT NOT NULL, connectivity BLOB NOT NULL);
-            PRAGMA user_version = 1;
-            """
-        )
+        conn.executescript(SCHEMA_1)
         conn.executemany("INSERT INTO inspections VALUES (?, 'm', 1, 'classification', ?, ?, ?)", old_rows())
         conn.commit()
     await check(InspectionStore(SQLiteBackend(path)))
+
+
+def test_server_processes_opening_a_schema_1_file_at_once_migrate_it_once(tmp_path: Path) -> None:
+    """``DGSERVE_SERVER_PROCESSES`` opens one file from several processes at the same moment:
+    the version is read under the write lock, so only the first migrates (schema 3's
+    ``ALTER TABLE`` would fail the second time)."""
+    path = tmp_path / "inspections.db"
+    with closing(sqlite3.connect(path)) as conn:
+        conn.executescript(SCHEMA_1)
+        conn.executemany("INSERT INTO inspections VALUES (?, 'm', 1, 'classification', ?, ?, ?)", old_rows())
+        conn.commit()
+    backends = [SQLiteBackend(path) for _ in range(6)]
+    errors = open_at_once(backends)
+    for backend in backends:
+        backend.close()
+    assert errors == []
+    asyncio.run(check(InspectionStore(SQLiteBackend(path))))
 
 
 @pytest.mark.asyncio

@@ -9,13 +9,13 @@ on PostgreSQL too. These tests use the session's server (conftest).
 from __future__ import annotations
 
 import asyncio
-import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import psycopg
 import pytest
+from at_once import open_at_once
 from postgres_server import free_port
 from psycopg.conninfo import make_conninfo
 
@@ -69,21 +69,7 @@ def test_the_schema_is_versioned_and_migrating_again_changes_nothing(postgres_sc
 
 def test_replicas_starting_at_once_migrate_one_at_a_time(postgres_schema_url: str) -> None:
     backends = [PostgreSQLBackend(postgres_schema_url) for _ in range(6)]
-    barrier = threading.Barrier(len(backends))
-    errors: list[BaseException] = []
-
-    def start(backend: PostgreSQLBackend) -> None:
-        barrier.wait()
-        try:
-            backend.open()
-        except BaseException as exc:  # reported below, in the test's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=(b,)) for b in backends]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    errors = open_at_once(backends)
     try:
         assert errors == []
         backends[0].write_batch([row("x")], {"d1": "[[1.0]]"})

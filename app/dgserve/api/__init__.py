@@ -1,4 +1,4 @@
-"""The HTTP API: ``create_app(settings)`` builds it, ``server.run(settings)`` serves it.
+"""The HTTP API: ``create_app(settings)`` builds it, ``processes.run(settings)`` serves it.
 
 The API is a thin front-end over the serving service (``dgserve.serving.service``):
 routes translate HTTP into service calls and results back into JSON. What a route

@@ -25,7 +25,7 @@ from dgserve.api.errors import RequestContextMiddleware, endpoint_of, install_er
 from dgserve.api.routes import analysis, health, inference, inspections, inspector, metrics, models
 from dgserve.inspection.readers import ReaderPool
 from dgserve.metrics import Metrics
-from dgserve.metrics.siblings import Siblings
+from dgserve.api.siblings import Siblings
 from dgserve.oip import http as oip_http
 from dgserve.oip.frontend import OipFrontend
 from dgserve.serving.service import ServingService

@@ -18,7 +18,7 @@ from dgserve.api.drain import DrainState
 from dgserve.inspection import InspectionStore
 from dgserve.inspection.readers import ReaderPool
 from dgserve.metrics import Metrics
-from dgserve.metrics.siblings import Siblings
+from dgserve.api.siblings import Siblings
 from dgserve.serving.served_models import ServedModels
 from dgserve.serving.service import ServingService
 from dgserve.settings import Settings

@@ -1,4 +1,5 @@
-"""Several server processes on one port: ``DGSERVE_SERVER_PROCESSES=N``.
+"""``run(settings)``, what ``dgserve serve`` calls: one server process, or N on one port
+(``DGSERVE_SERVER_PROCESSES=N``).
 
 One interpreter runs the event loop, the decode threads and a Python-heavy forward,
 and they take turns on its one GIL (docs/performance.md). N processes have N GILs, as
@@ -12,23 +13,23 @@ What they share:
   with keep-alive clients: whichever child wakes first takes a whole burst of new
   connections and keeps them (measured: one round at 388 images/s, the next at 657);
 * the inspection store: SQLite in WAL mode takes writers from several processes, and
-  PostgreSQL is made for it;
+  migrates under its write lock when they open it at once; PostgreSQL migrates under an
+  advisory lock;
 * ``/metrics``: whichever child a scrape reaches merges every child's metrics
-  (``metrics/siblings.py``).
+  (``api/siblings.py``, ``metrics/merge.py``).
 
 The supervisor, the process ``dgserve serve`` started, imports neither torch nor the
-app. It:
+app (a test checks). It:
 
 * reserves the port (bound, not listening, so it takes no connection);
-* opens the inspection store once, so that one process makes or migrates its schema;
-  otherwise N processes would race to do it;
 * spawns the children, each in a process group of its own, so a terminal's Ctrl+C
   reaches the supervisor alone and is passed on once; each child dies with it
   (``PR_SET_PDEATHSIG``), even after ``kill -9``;
 * restarts a child that dies; while none runs, the first one started answers probes
-  as its models load (``Siblings.listen_early``). A child that dies within
-  ``_FAST_EXIT_S`` of starting, ``_FAST_EXITS`` times in a row, stops the server with
-  exit status 1: that is a broken configuration, and restarting it would only loop;
+  as its models load (``Siblings.listen_early``). A child that dies before its app has
+  started (its metrics socket does not exist yet), ``_START_FAILURES`` times in a row,
+  stops the server with exit status 1: that is a broken configuration (a key it
+  refuses, a port it cannot bind), and restarting it would only loop;
 * passes SIGTERM and SIGINT on to every child, and waits for them. On SIGTERM each
   child drains as a single server does (``api/drain.py``); the port stops taking
   connections when the last child closes its socket.
@@ -44,6 +45,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from multiprocessing.connection import wait
@@ -51,15 +53,14 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
-from dgserve.metrics.siblings import Siblings
+from dgserve.api.siblings import Siblings, socket_path
 from dgserve.settings import Settings
 
-__all__ = ["serve_processes"]
+__all__ = ["configure_logging", "run", "serve_processes"]
 
 log = logging.getLogger(__name__)
 
-_FAST_EXIT_S = 10.0
-_FAST_EXITS = 3
+_START_FAILURES = 3
 _RESTART_PAUSE_S = 1.0
 _PR_SET_PDEATHSIG = 1
 # Past each child's own limits (grace, drain timeout, uvicorn's backstop), a child still
@@ -67,12 +68,27 @@ _PR_SET_PDEATHSIG = 1
 _STUCK_S = 60.0
 
 
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def run(settings: Settings) -> None:
+    """Serve ``settings``' models until interrupted: in this process, or in several."""
+    configure_logging(settings)
+    if settings.server_processes > 1:
+        sys.exit(serve_processes(settings))
+    from dgserve.api.server import serve  # the app, torch and all: only where it serves
+
+    serve(settings)
+
+
 def serve_processes(settings: Settings) -> int:
-    """Run ``settings.server_processes`` servers on one socket until a signal; the exit status."""
+    """Run ``settings.server_processes`` servers on one port until a signal; the exit status."""
     count = settings.server_processes
     reserved = _socket(settings.host, settings.port)  # port 0: the port the children all take
     port = reserved.getsockname()[1]
-    _prepare_store(settings)
     runtime = Path(tempfile.mkdtemp(prefix="dgserve-"))
     supervisor = _Supervisor(settings.model_copy(update={"port": port}), runtime)
     log.info("serving on %s:%d from %d processes (their metrics sockets are in %s)", settings.host, port, count, runtime)
@@ -88,8 +104,7 @@ class _Supervisor:
         self.settings = settings
         self.runtime = runtime
         self.children: dict[int, BaseProcess] = {}
-        self.started: dict[int, float] = {}
-        self.fast_exits = [0] * settings.server_processes
+        self.start_failures = [0] * settings.server_processes
         self.signals: list[int] = []  # received, not yet passed on
         self.stopping = False
         self._stuck_at = float("inf")
@@ -146,14 +161,13 @@ class _Supervisor:
         # While none runs (the start, or all died), this one answers probes from the start;
         # the others listen once they serve.
         listen_early = not self.children
-        siblings = Siblings(self.runtime, index, self.settings.server_processes, listen_early)
+        socket_path(self.runtime, index).unlink(missing_ok=True)  # it makes its own once its app starts
         child = self._context.Process(
-            target=_child_main, args=(self.settings, siblings, os.getpid()),
+            target=_child_main, args=(self.settings, self.runtime, index, listen_early, os.getpid()),
             name=f"dgserve-server-{index}",
         )  # fmt: skip
         child.start()
         self.children[index] = child
-        self.started[index] = time.monotonic()
 
     def _ended(self, index: int, child: BaseProcess) -> None:
         del self.children[index]
@@ -165,11 +179,11 @@ class _Supervisor:
                 self.failed = True
             return
         log.error("server process %d (pid %s) died with exit status %s; starting another", index, child.pid, code)
-        fast = time.monotonic() - self.started[index] < _FAST_EXIT_S
-        self.fast_exits[index] = self.fast_exits[index] + 1 if fast else 0
-        if self.fast_exits[index] >= _FAST_EXITS:
+        starting = not socket_path(self.runtime, index).exists()
+        self.start_failures[index] = self.start_failures[index] + 1 if starting else 0
+        if self.start_failures[index] >= _START_FAILURES:
             self.failed = True
-            self._stop(f"server process {index} died {_FAST_EXITS} times within {_FAST_EXIT_S:g} s of starting")
+            self._stop(f"server process {index} died {_START_FAILURES} times in a row before its app started")
             for other in self.children.values():
                 _send(other, signal.SIGTERM)
             return
@@ -204,28 +218,14 @@ def _socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _prepare_store(settings: Settings) -> None:
-    """Make or migrate the inspection store's schema here, once; a store not reachable
-    now is left to the children, which retry and stay not ready meanwhile."""
-    from dgserve.inspection import open_inspection_store
-
-    backend = open_inspection_store(settings.inspection_location).backend
-    try:
-        backend.open()
-    except Exception as exc:
-        log.warning("the inspection store %s could not be opened now (%s); the servers will retry",
-                    backend.location, exc)  # fmt: skip
-        return
-    backend.close()
-
-
-def _child_main(settings: Settings, siblings: Siblings, parent: int) -> None:
+def _child_main(settings: Settings, runtime: Path, index: int, listen_early: bool, parent: int) -> None:
     """One server process (spawned: the supervisor's state is not inherited)."""
     os.setpgid(0, 0)  # the supervisor passes signals on; a terminal's reach it alone
     _die_with(parent)
-    from dgserve.api.server import configure_logging, serve
+    from dgserve.api.server import serve
 
     configure_logging(settings)
+    siblings = Siblings(runtime, index, settings.server_processes, listen_early)
     # Bound, not listening: uvicorn's server listens once the app has started, so the
     # kernel sends this process no connection before then (Siblings.listen_early).
     serve(settings, sockets=[_socket(settings.host, settings.port)], siblings=siblings)

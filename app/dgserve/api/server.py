@@ -1,13 +1,11 @@
-"""``run(settings)``: serve the app with uvicorn (what ``dgserve serve`` calls), draining on SIGTERM.
+"""``serve(settings)``: serve the app with uvicorn in this process, draining on SIGTERM.
 
-With ``DGSERVE_SERVER_PROCESSES`` above 1, ``run`` hands over to the supervisor
-(``api/processes.py``), whose children each call ``serve`` on the shared socket."""
+``dgserve serve`` calls it through ``processes.run``, once, or in each of
+``DGSERVE_SERVER_PROCESSES`` children, each on a socket of its own on the shared port."""
 
 from __future__ import annotations
 
-import logging
 import socket
-import sys
 
 import uvicorn
 
@@ -16,10 +14,10 @@ from dgserve.api.app import create_app
 from dgserve.api.connections import ConnectionLimits, protocol_class
 from dgserve.api.deps import AppState
 from dgserve.api.drain import BACKSTOP_S, DrainingServer
-from dgserve.metrics.siblings import Siblings
+from dgserve.api.siblings import Siblings
 from dgserve.settings import Settings
 
-__all__ = ["configure_logging", "connection_limits", "run", "serve"]
+__all__ = ["connection_limits", "serve"]
 
 
 def connection_limits(settings: Settings) -> ConnectionLimits:
@@ -29,22 +27,6 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
         body_min_rate=settings.body_min_rate,
         max_connections=settings.max_connections,
     )
-
-
-def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
-    )
-
-
-def run(settings: Settings) -> None:
-    """Serve ``settings``' models until interrupted: in this process, or in several."""
-    configure_logging(settings)
-    if settings.server_processes > 1:
-        from dgserve.api.processes import serve_processes
-
-        sys.exit(serve_processes(settings))
-    serve(settings)
 
 
 def serve(settings: Settings, sockets: list[socket.socket] | None = None, siblings: Siblings | None = None) -> None:

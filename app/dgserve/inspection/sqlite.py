@@ -249,12 +249,12 @@ class SQLiteBackend(rollups.Reads, InspectionBackend):
                     "the inspection store needs a local filesystem"
                 )
             conn.execute("PRAGMA synchronous = NORMAL")
-            (version,) = conn.execute("PRAGMA user_version").fetchone()
-            if version > _SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path} has inspection schema {version}; this dgserve reads up to {_SCHEMA_VERSION}"
-                )
-            with _write_transaction(conn):
+            with _write_transaction(conn):  # read under the lock: processes opening it at once migrate in turn
+                (version,) = conn.execute("PRAGMA user_version").fetchone()
+                if version > _SCHEMA_VERSION:
+                    raise RuntimeError(
+                        f"{self.path} has inspection schema {version}; this dgserve reads up to {_SCHEMA_VERSION}"
+                    )
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Response
 
 from dgserve.api.deps import AppState, get_state
-from dgserve.metrics.siblings import merge
+from dgserve.metrics.merge import merge
 
 __all__ = ["router"]
 

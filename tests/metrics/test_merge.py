@@ -1,15 +1,13 @@
-"""Several server processes' metrics merged into one scrape (``metrics/siblings.py``)."""
+"""Several server processes' metrics merged into one scrape (``metrics/merge.py``)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dgserve.metrics import GPU_MEMORY_ALLOCATED_BYTES, GPU_TEMPERATURE_CELSIUS, MODEL_LOAD_SECONDS, MODEL_READY, Metrics
-from dgserve.metrics.siblings import SERVER_PROCESSES, Siblings, merge
+from dgserve.metrics.merge import SERVER_PROCESSES, merge
 
 
 def _process(requests: int, waits: list[float], depth: float, ready: float, load_s: float, temp: float) -> bytes:
@@ -70,17 +68,3 @@ def test_a_real_apps_metrics_survive_the_merge() -> None:
     labels = (("endpoint", "/v1/models/{name}/classify"), ("model", "m"), ("status", "200"), ("version", "1"))
     assert values[("dgserve_requests_total", labels)] == 2
     assert values[(MODEL_READY, (("model", "m"), ("version", "1")))] == 1
-
-
-@pytest.mark.asyncio
-async def test_a_scrape_reads_every_sibling_that_answers(tmp_path: Path) -> None:
-    first, second = Siblings(tmp_path, 0, 3), Siblings(tmp_path, 1, 3)  # the third never started
-    servers = [await first.serve(lambda: b"first\n"), await second.serve(lambda: b"second\n")]
-    try:
-        assert await first.gather(b"own\n") == [b"own\n", b"second\n"]
-        assert await second.gather(b"own\n") == [b"own\n", b"first\n"]
-    finally:
-        for server in servers:
-            server.close()
-            await server.wait_closed()
-    assert await first.gather(b"own\n") == [b"own\n"]  # gone: left out, not an error

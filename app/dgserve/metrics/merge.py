@@ -2,9 +2,9 @@
 
 Each process keeps its own registry, exactly as a single process does. A scrape lands
 on whichever process the kernel hands the connection to; that process asks each
-sibling for its exposition over a Unix socket in the supervisor's runtime directory
-(``Siblings``), and answers with the merge (``merge``): counters, histograms and most
-gauges are summed, so the figures are the server's, not one process's.
+sibling for its exposition (``api/siblings.py``) and answers with ``merge``: counters,
+histograms and most gauges are summed, so the figures are the server's, not one
+process's.
 
 Why not prometheus_client's multiprocess mode: it exports only values written to its
 memory-mapped files, so every gauge read at scrape time (a batcher's queue depth and
@@ -17,12 +17,7 @@ per sibling per scrape. A sibling that does not answer (restarting) is left out,
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -39,13 +34,9 @@ from dgserve.metrics import (
     MODEL_READY,
 )
 
-__all__ = ["SERVER_PROCESSES", "Siblings", "merge"]
-
-log = logging.getLogger(__name__)
+__all__ = ["SERVER_PROCESSES", "merge"]
 
 SERVER_PROCESSES: Final = "dgserve_server_processes"
-# A sibling answers from its event loop; a busy one still answers within milliseconds.
-_ANSWER_S = 2.0
 
 # Gauges that are not a per-process quantity to add up.
 _MAX: Final = frozenset(
@@ -56,62 +47,6 @@ _MAX: Final = frozenset(
     }
 )  # fmt: skip
 _MIN: Final = frozenset({MODEL_READY})  # 1 only when every process serves the version
-
-
-@dataclass(frozen=True, slots=True)
-class Siblings:
-    """This process's place among ``count`` server processes sharing ``directory``.
-
-    ``listen_early``: the process accepts connections while its models load, answering
-    probes (``/readyz`` 503) meanwhile. Only one started while no other runs does (at the
-    server's start); every other one, and a replacement beside live ones, listens once its
-    models have loaded, so no request reaches a process that would answer ``not_ready``
-    while a sibling serves.
-    """
-
-    directory: Path
-    index: int
-    count: int
-    listen_early: bool = False
-
-    def path(self, index: int) -> Path:
-        return self.directory / f"metrics-{index}.sock"
-
-    async def serve(self, render: Callable[[], bytes]) -> asyncio.AbstractServer:
-        """Answer each connection on this process's socket with ``render()``, then close it."""
-
-        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                writer.write(render())
-                await writer.drain()
-            except Exception:  # a sibling that gave up waiting; its scrape goes on without us
-                log.debug("metrics: a sibling's read ended early", exc_info=True)
-            finally:
-                writer.close()
-
-        path = self.path(self.index)
-        path.unlink(missing_ok=True)  # left by a process this one replaces
-        return await asyncio.start_unix_server(answer, path=str(path))
-
-    async def gather(self, own: bytes) -> list[bytes]:
-        """``own`` and the exposition of every sibling that answers in time."""
-        others = [i for i in range(self.count) if i != self.index]
-        answers = await asyncio.gather(*(self._read(self.path(i)) for i in others))
-        return [own, *(a for a in answers if a is not None)]
-
-    async def _read(self, path: Path) -> bytes | None:
-        try:
-            async with asyncio.timeout(_ANSWER_S):
-                reader, writer = await asyncio.open_unix_connection(str(path))
-                try:
-                    return await reader.read()
-                finally:
-                    writer.close()
-                    with contextlib.suppress(OSError):
-                        await writer.wait_closed()
-        except (OSError, TimeoutError) as exc:
-            log.debug("metrics: %s did not answer (%s); left out of this scrape", path.name, exc)
-            return None
 
 
 def merge(expositions: Sequence[bytes]) -> bytes:
