@@ -178,15 +178,16 @@ class _Supervisor:
                 log.warning("server process %d (pid %s) ended with exit status %s", index, child.pid, code)
                 self.failed = True
             return
-        log.error("server process %d (pid %s) died with exit status %s; starting another", index, child.pid, code)
-        starting = not socket_path(self.runtime, index).exists()
+        starting = not socket_path(self.runtime, index).exists()  # its app never started
         self.start_failures[index] = self.start_failures[index] + 1 if starting else 0
         if self.start_failures[index] >= _START_FAILURES:
+            log.error("server process %d (pid %s) died with exit status %s", index, child.pid, code)
             self.failed = True
             self._stop(f"server process {index} died {_START_FAILURES} times in a row before its app started")
             for other in self.children.values():
                 _send(other, signal.SIGTERM)
             return
+        log.error("server process %d (pid %s) died with exit status %s; starting another", index, child.pid, code)
         time.sleep(_RESTART_PAUSE_S)
         self._start(index)
 

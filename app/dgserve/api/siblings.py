@@ -59,9 +59,8 @@ class Siblings:
             finally:
                 writer.close()
 
-        path = self.path(self.index)
-        path.unlink(missing_ok=True)  # left by a process this one replaces
-        return await asyncio.start_unix_server(answer, path=str(path))
+        # asyncio replaces a socket file left by a process this one replaces.
+        return await asyncio.start_unix_server(answer, path=str(self.path(self.index)))
 
     async def gather(self, own: bytes) -> list[bytes]:
         """``own`` and the exposition of every sibling that answers in time."""
