@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -52,7 +53,7 @@ from dgserve.inspection.record import to_us
 from dgserve.inspection.shared import GraphTextCache
 from dgserve.model_store import ModelStore
 from dgserve.models.connectivity import collect_connectivity
-from serve_throughput import HOST, free_port, wait_ready  # this folder: run as a script
+from serve_throughput import HOST, free_port, tree_pids, wait_ready  # this folder: run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "shapes-dgnet"
@@ -163,16 +164,10 @@ def export_all(store: InspectionStore, filters: Filters) -> tuple[int, int, floa
 
 def tree_rss_mb(pid: int) -> float:
     """RSS of a process and its children (the server and its reader processes)."""
-    pids, total = [pid], 0.0
-    while pids:
-        p = pids.pop()
-        try:
-            # A child started from any of the process's threads is listed under that thread.
-            children = [c for t in Path(f"/proc/{p}/task").iterdir() for c in (t / "children").read_text().split()]
+    total = 0.0
+    for p in tree_pids(pid):
+        with contextlib.suppress(OSError):  # gone meanwhile
             total += rss_mb(p)
-        except OSError:  # gone meanwhile
-            continue
-        pids.extend(int(c) for c in children)
     return total
 
 

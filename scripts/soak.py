@@ -42,7 +42,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from loadgen import build_post, run_load  # noqa: E402
-from serve_throughput import HOST, free_port, jpeg, percentile, wait_ready  # noqa: E402
+from serve_throughput import HOST, free_port, jpeg, percentile, tree_pids, wait_ready  # noqa: E402
 
 MODELS = "shapes-dgnet,shapes-detector"
 RSS_GROWTH_MAX = 0.05
@@ -56,20 +56,6 @@ def rss_kb(pid: int) -> int:
     except OSError:
         pass
     return 0
-
-
-def tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (server processes, model and reader processes), whichever thread started them."""
-    out, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        out.append(current)
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
-                todo += [int(p) for p in (task / "children").read_text().split()]
-            except OSError:
-                pass
-    return out
 
 
 class Tally:
@@ -206,7 +192,7 @@ def soak(server: subprocess.Popen[bytes], base: str, port: int, args: argparse.N
         thread.start()
     samples: list[tuple[float, int, int]] = []  # (seconds since start, the tree's RSS in kB, its processes)
     while any(t.is_alive() for t in threads):
-        pids = tree(server.pid)
+        pids = tree_pids(server.pid)  # server processes, model and reader processes
         samples.append((time.monotonic() - started, sum(map(rss_kb, pids)), len(pids)))
         time.sleep(2.0)
     for thread in threads:

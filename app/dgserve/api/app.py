@@ -101,7 +101,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state.siblings is not None:  # the siblings' scrapes read this process's metrics here
             metrics_server = await state.siblings.serve(lambda: state.metrics.render()[0])
         await state.service.start()
-        if state.siblings is not None and not state.siblings.listen_early:
+        if state.siblings is not None:  # one of several: listen once it serves (api/siblings.py)
             await state.service.loaded()  # uvicorn starts listening when this returns
         grpc_server = await _start_grpc(state)
         yield

@@ -25,11 +25,12 @@ app (a test checks). It:
 * spawns the children, each in a process group of its own, so a terminal's Ctrl+C
   reaches the supervisor alone and is passed on once; each child dies with it
   (``PR_SET_PDEATHSIG``), even after ``kill -9``;
-* restarts a child that dies; while none runs, the first one started answers probes
-  as its models load (``Siblings.listen_early``). A child that dies before its app has
-  started (its metrics socket does not exist yet), ``_START_FAILURES`` times in a row,
-  stops the server with exit status 1: that is a broken configuration (a key it
-  refuses, a port it cannot bind), and restarting it would only loop;
+* restarts a child that dies. Each child listens once its models have loaded, so
+  nothing answers on the port while every child is still loading. A child that dies
+  before its app has started (its metrics socket does not exist yet),
+  ``_START_FAILURES`` times in a row, stops the server with exit status 1: that is a
+  broken configuration (a key it refuses, a port it cannot bind), and restarting it
+  would only loop;
 * passes SIGTERM and SIGINT on to every child, and waits for them. On SIGTERM each
   child drains as a single server does (``api/drain.py``); the port stops taking
   connections when the last child closes its socket.
@@ -158,12 +159,9 @@ class _Supervisor:
         self._stuck_at = time.monotonic() + s.shutdown_grace_s + s.drain_timeout_s + _STUCK_S
 
     def _start(self, index: int) -> None:
-        # While none runs (the start, or all died), this one answers probes from the start;
-        # the others listen once they serve.
-        listen_early = not self.children
         socket_path(self.runtime, index).unlink(missing_ok=True)  # it makes its own once its app starts
         child = self._context.Process(
-            target=_child_main, args=(self.settings, self.runtime, index, listen_early, os.getpid()),
+            target=_child_main, args=(self.settings, self.runtime, index, os.getpid()),
             name=f"dgserve-server-{index}",
         )  # fmt: skip
         child.start()
@@ -219,16 +217,16 @@ def _socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _child_main(settings: Settings, runtime: Path, index: int, listen_early: bool, parent: int) -> None:
+def _child_main(settings: Settings, runtime: Path, index: int, parent: int) -> None:
     """One server process (spawned: the supervisor's state is not inherited)."""
     os.setpgid(0, 0)  # the supervisor passes signals on; a terminal's reach it alone
     _die_with(parent)
     from dgserve.api.server import serve
 
     configure_logging(settings)
-    siblings = Siblings(runtime, index, settings.server_processes, listen_early)
+    siblings = Siblings(runtime, index, settings.server_processes)
     # Bound, not listening: uvicorn's server listens once the app has started, so the
-    # kernel sends this process no connection before then (Siblings.listen_early).
+    # kernel sends this process no connection before then (see Siblings).
     serve(settings, sockets=[_socket(settings.host, settings.port)], siblings=siblings)
 
 

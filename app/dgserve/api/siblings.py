@@ -32,17 +32,13 @@ def socket_path(directory: Path, index: int) -> Path:
 class Siblings:
     """This process's place among ``count`` server processes sharing ``directory``.
 
-    ``listen_early``: the process accepts connections while its models load, answering
-    probes (``/readyz`` 503) meanwhile. Only one started while no other runs does (at the
-    server's start); every other one, and a replacement beside live ones, listens once its
-    models have loaded, so no request reaches a process that would answer ``not_ready``
-    while a sibling serves.
+    A process that is one of several listens only once its models have loaded, so no
+    request reaches one that would answer ``not_ready`` while a sibling serves.
     """
 
     directory: Path
     index: int
     count: int
-    listen_early: bool = False
 
     def path(self, index: int) -> Path:
         return socket_path(self.directory, index)
