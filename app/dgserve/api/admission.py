@@ -34,7 +34,6 @@ import http
 import json
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
@@ -44,6 +43,7 @@ from dgserve.api.drain import DrainState
 from dgserve.api.errors import HELD, REQUEST_ID_HEADER, error_body
 from dgserve.errors import DGServeError, QueueFullError
 from dgserve.metrics import Metrics
+from dgserve.randomness import request_id as new_request_id
 from dgserve.serving.reservation import Reservation
 from dgserve.serving.service import ServingService
 from dgserve.tasks import get_task
@@ -156,7 +156,7 @@ class Admission:
 
 def _request_id(headers: Sequence[tuple[bytes, bytes]]) -> str:
     request_id = next((v.decode("latin-1") for n, v in headers if n == REQUEST_ID_HEADER.encode()), "")
-    return request_id[:128] or uuid.uuid4().hex
+    return request_id[:128] or new_request_id()
 
 
 def _json_headers(

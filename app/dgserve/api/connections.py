@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import http
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -49,6 +48,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from dgserve.api.admission import EarlyAnswer
 from dgserve.api.errors import error_body
+from dgserve.randomness import request_id as new_request_id
 
 __all__ = ["LINGER_IDLE_S", "LINGER_MAX_BYTES", "LINGER_S", "ConnectionLimits", "protocol_class"]
 
@@ -343,7 +343,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _answer(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         """Write a complete error response straight to the socket (no app involved)."""
         request_id = str(self.scope.get("state", {}).get("request_id", "")) if self.scope else ""
-        body = error_body(code, message, request_id or uuid.uuid4().hex)
+        body = error_body(code, message, request_id or new_request_id())
         lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", "content-type: application/json",
                  f"content-length: {len(body)}", "connection: close",
                  *(f"{name}: {value}" for name, value in (headers or {}).items())]  # fmt: skip

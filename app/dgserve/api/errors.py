@@ -27,7 +27,6 @@ import json
 import logging
 import re
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dgserve.errors import DGServeError, ShuttingDownError
+from dgserve.randomness import request_id as new_request_id
 
 __all__ = [
     "RequestContextMiddleware", "endpoint_of", "error_body", "error_response", "install_error_handlers",
@@ -135,7 +135,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        request_id = _incoming_request_id(scope) or new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         header = (REQUEST_ID_HEADER.encode(), request_id.encode())
         status = 500

@@ -9,7 +9,6 @@ Nothing here imports torch or FastAPI, or knows where records are kept.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dgserve.inspection.tags import validate as validate_tags
+from dgserve.randomness import random_bits
 
 __all__ = ["InspectionRecord", "as_utc", "from_us", "new_inspection_id", "to_us", "utc_now"]
 
@@ -39,7 +39,7 @@ def new_inspection_id() -> str:
     counted up from one another: the ids are handed to users, and an id must not
     reveal its neighbours'.
     """
-    value = (time.time_ns() // 1_000_000) << _RANDOM_BITS | secrets.randbits(_RANDOM_BITS)
+    value = (time.time_ns() // 1_000_000) << _RANDOM_BITS | random_bits(_RANDOM_BITS)
     chars = []
     for _ in range(_ID_LENGTH):
         chars.append(_CROCKFORD[value & 0x1F])
