@@ -5,7 +5,8 @@ worker threads; what is specific to SQLite, and why:
 
 * **Durability.** WAL journal with ``synchronous=NORMAL``: a committed batch survives
   a crash of the process; a power loss can lose the last batches before the WAL is
-  checkpointed. A file system on which SQLite refuses WAL (some network mounts) is
+  checkpointed. Checkpoints run in a thread of their own, never in a commit that an
+  answer waits for (``checkpoints.py``). A file system on which SQLite refuses WAL (some network mounts) is
   refused. One writer connection, behind a lock, writes each batch in one
   ``BEGIN IMMEDIATE`` transaction; reads use a pool of read-only connections, which
   WAL lets read while the writer writes.
@@ -53,6 +54,7 @@ from typing import Any
 
 from dgserve.analysis.summary import Selection
 from dgserve.inspection import rollups
+from dgserve.inspection.checkpoints import Checkpointer
 from dgserve.inspection.backend import AnalysisPage, Filters, InspectionBackend, PageQuery, StoredRecord
 from dgserve.inspection.sqlrows import (
     ANALYSIS_INSERT_COLUMNS,
@@ -214,6 +216,7 @@ class SQLiteBackend(rollups.Reads, InspectionBackend):
         self._conn_lock = threading.Lock()  # the writer connection, across worker threads
         self._writer_conn: sqlite3.Connection | None = None
         self._readers: _ReaderPool | None = None
+        self._checkpointer: Checkpointer | None = None
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteBackend:
@@ -249,6 +252,7 @@ class SQLiteBackend(rollups.Reads, InspectionBackend):
                     "the inspection store needs a local filesystem"
                 )
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")  # the Checkpointer's thread does them
             with _write_transaction(conn):  # read under the lock: processes opening it at once migrate in turn
                 (version,) = conn.execute("PRAGMA user_version").fetchone()
                 if version > _SCHEMA_VERSION:
@@ -270,15 +274,21 @@ class SQLiteBackend(rollups.Reads, InspectionBackend):
                     conn.execute(FILL_ANALYSIS)
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             readers = _ReaderPool(f"{self.path.resolve().as_uri()}?mode=ro")
+            checkpointer = Checkpointer(self.path, _BUSY_TIMEOUT_MS)
+            checkpointer.start()
         except BaseException:
             conn.close()
             raise
         self._writer_conn = conn
         self._readers = readers
+        self._checkpointer = checkpointer
 
     def close(self) -> None:
         if self._readers is not None:
             self._readers.close()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         with self._conn_lock:
             conn, self._writer_conn = self._writer_conn, None
             if conn is not None:
@@ -318,14 +328,21 @@ class SQLiteBackend(rollups.Reads, InspectionBackend):
                 conn.executemany(_INSERT, rows)
                 conn.executemany(_INSERT_ANALYSIS, [analysis_params(r) for r in rows])
                 conn.executemany(_INSERT_THUMBNAIL, thumbnail_params(records))
+            self._wrote()
 
     def delete_expired(self, *, older_than_us: int | None, keep_newest: int | None) -> int:
         with self._conn_lock:
             conn = self._writer()
             with _write_transaction(conn):
                 db = _db(conn)
-                return delete_expired(conn.execute, "?", older_than_us=older_than_us, keep_newest=keep_newest,
-                                      forget=lambda where, params: rollups.forget(db, where, params))  # fmt: skip
+                deleted = delete_expired(conn.execute, "?", older_than_us=older_than_us, keep_newest=keep_newest,
+                                         forget=lambda where, params: rollups.forget(db, where, params))  # fmt: skip
+            self._wrote()
+            return deleted
+
+    def _wrote(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.wrote()
 
     # --- reading ----------------------------------------------------------------------
 

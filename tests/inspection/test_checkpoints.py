@@ -1,0 +1,60 @@
+"""WAL checkpoints in a thread of their own (``dgserve.inspection.checkpoints``), never in a commit."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from dgserve.inspection import InspectionRecord, SQLiteInspectionStore
+from dgserve.inspection.checkpoints import INTERVAL_S, Checkpointer
+
+
+
+def _rows_in_main_file(path: Path, copy: Path) -> int:
+    """Records in the database file alone, as if its WAL were lost: what checkpoints copied."""
+    shutil.copyfile(path, copy)
+    with closing(sqlite3.connect(copy)) as conn:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'inspections'").fetchone() is None:
+            return 0  # not even the schema was copied yet
+        return int(conn.execute("SELECT count(*) FROM inspections").fetchone()[0])
+
+
+@pytest.mark.asyncio
+async def test_commits_leave_checkpoints_to_the_thread_which_copies_them_soon(tmp_path: Path) -> None:
+    path = tmp_path / "inspections.db"
+    async with SQLiteInspectionStore(path) as store:
+        # About 3 MB of WAL: SQLite's own checkpoint (every 1,000 pages) would have run in a commit.
+        big = {"stages": [{"stage": "s", "adjacency": [[float(i)] * 64 for i in range(64)]}]}
+        for _ in range(20):
+            for _ in range(20):
+                await store.put(InspectionRecord.new(model="m", version=1, task="classification",
+                                                     prediction={"top1": "x"}, connectivity=big))  # fmt: skip
+            await store.flush()
+        assert _rows_in_main_file(path, tmp_path / "right-after.db") < 400  # the commits copied nothing
+        deadline = time.monotonic() + INTERVAL_S + 5
+        while (rows := _rows_in_main_file(path, tmp_path / "later.db")) < 400 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert rows == 400
+
+
+def test_a_wal_past_its_limit_is_truncated(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    with closing(sqlite3.connect(path, isolation_level=None)) as writer:
+        writer.execute("PRAGMA journal_mode = WAL")
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        writer.execute("CREATE TABLE t (body BLOB)")
+        writer.executemany("INSERT INTO t VALUES (?)", [(bytes(4000),)] * 50)
+        wal = path.with_name("t.db-wal")
+        grown = wal.stat().st_size
+        with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+            Checkpointer(path, 1000, truncate_bytes=grown + 1).checkpoint(conn)  # under the limit: passive
+            assert wal.stat().st_size == grown
+            Checkpointer(path, 1000, truncate_bytes=grown).checkpoint(conn)
+            assert wal.stat().st_size == 0
+        assert writer.execute("SELECT count(*) FROM t").fetchone() == (50,)
