@@ -6,7 +6,7 @@ worker threads; what is specific to SQLite, and why:
 * **Durability.** WAL journal with ``synchronous=NORMAL``: a committed batch survives
   a crash of the process; a power loss can lose the last batches before the WAL is
   checkpointed. Checkpoints run in a thread of their own, never in a commit that an
-  answer waits for (``checkpoints.py``). A file system on which SQLite refuses WAL (some network mounts) is
+  answer waits for (``sqlite_connections.py``). A file system on which SQLite refuses WAL (some network mounts) is
   refused. One writer connection, behind a lock, writes each batch in one
   ``BEGIN IMMEDIATE`` transaction; reads use a pool of read-only connections, which
   WAL lets read while the writer writes.
@@ -54,7 +54,7 @@ from typing import Any
 
 from dgserve.analysis.summary import Selection
 from dgserve.inspection import rollups
-from dgserve.inspection.checkpoints import Checkpointer
+from dgserve.inspection.sqlite_connections import Checkpointer, ReaderPool
 from dgserve.inspection.backend import AnalysisPage, Filters, InspectionBackend, PageQuery, StoredRecord
 from dgserve.inspection.sqlrows import (
     ANALYSIS_INSERT_COLUMNS,
@@ -166,48 +166,6 @@ def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("COMMIT")
 
 
-class _ReaderPool:
-    """Read-only connections for reads running in worker threads, reused across calls.
-
-    A connection is used by one thread at a time; WAL lets them read while the writer
-    writes. A connection in use when the pool closes is closed when it comes back.
-    """
-
-    def __init__(self, uri: str) -> None:
-        self._uri = uri
-        self._idle: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._closed = False
-
-    @contextlib.contextmanager
-    def connection(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("inspection store is closed")
-            conn = self._idle.pop() if self._idle else None
-        if conn is None:
-            conn = sqlite3.connect(self._uri, uri=True, isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        try:
-            yield conn
-        finally:
-            if conn.in_transaction:
-                conn.rollback()
-            with self._lock:
-                keep = not self._closed
-                if keep:
-                    self._idle.append(conn)
-            if not keep:
-                conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-
-
 class SQLiteBackend(rollups.Reads, InspectionBackend):
     """Inspection rows in the SQLite file at ``path`` (its directories are created)."""
 
@@ -215,7 +173,7 @@ class SQLiteBackend(rollups.Reads, InspectionBackend):
         self.path = Path(path)
         self._conn_lock = threading.Lock()  # the writer connection, across worker threads
         self._writer_conn: sqlite3.Connection | None = None
-        self._readers: _ReaderPool | None = None
+        self._readers: ReaderPool | None = None
         self._checkpointer: Checkpointer | None = None
 
     @classmethod
@@ -273,7 +231,7 @@ class SQLiteBackend(rollups.Reads, InspectionBackend):
                     conn.execute(_SCHEMA_4_THUMBNAILS)
                     conn.execute(FILL_ANALYSIS)
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-            readers = _ReaderPool(f"{self.path.resolve().as_uri()}?mode=ro")
+            readers = ReaderPool(f"{self.path.resolve().as_uri()}?mode=ro", _BUSY_TIMEOUT_MS)
             checkpointer = Checkpointer(self.path, _BUSY_TIMEOUT_MS)
             checkpointer.start()
         except BaseException:

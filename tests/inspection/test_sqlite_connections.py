@@ -1,4 +1,4 @@
-"""WAL checkpoints in a thread of their own (``dgserve.inspection.checkpoints``), never in a commit."""
+"""WAL checkpoints in a thread of their own (``dgserve.inspection.sqlite_connections``), never in a commit."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dgserve.inspection import InspectionRecord, SQLiteInspectionStore
-from dgserve.inspection.checkpoints import INTERVAL_S, Checkpointer
+from dgserve.inspection.sqlite_connections import INTERVAL_S, Checkpointer
 
 
 
