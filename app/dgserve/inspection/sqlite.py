@@ -6,8 +6,8 @@ worker threads; what is specific to SQLite, and why:
 * **Durability.** WAL journal with ``synchronous=NORMAL``: a committed batch survives
   a crash of the process; a power loss can lose the last batches before the WAL is
   checkpointed. Checkpoints run in a thread of their own, never in a commit that an
-  answer waits for (``sqlite_connections.py``). A file system on which SQLite refuses WAL (some network mounts) is
-  refused. One writer connection, behind a lock, writes each batch in one
+  answer waits for (``sqlite_connections.py``). A file system on which SQLite refuses
+  WAL (some network mounts) is refused. One writer connection, behind a lock, writes each batch in one
   ``BEGIN IMMEDIATE`` transaction; reads use a pool of read-only connections, which
   WAL lets read while the writer writes.
 * **On disk.** Table ``inspections``. ``created_at_us`` is an integer of microseconds

@@ -6,9 +6,9 @@ calls; WAL lets them read while the writer writes.
 
 **Checkpoints** (``Checkpointer``). SQLite checkpoints by itself in the connection that
 commits: the commit that takes the WAL past 1,000 pages also copies them into the
-database file and syncs it. Answers wait
-for their records' commit (``DGSERVE_INSPECTION_DURABILITY=sync``), so every thousandth
-page or so an answer waited for that copy too: alone on this machine, 32-record commits
+database file and syncs it. Answers wait for their records' commit
+(``DGSERVE_INSPECTION_DURABILITY=sync``), so every thousandth page or so an answer
+waited for that copy too: alone on this machine, 32-record commits
 took 0.24 ms at the median and 19 ms at the 99th percentile with SQLite's own
 checkpoints, and 0.36 and 0.68 ms without them.
 
