@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
+import threading
 import time
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from dgserve.inspection import InspectionRecord, SQLiteInspectionStore
-from dgserve.inspection.sqlite_connections import INTERVAL_S, Checkpointer
+from dgserve.inspection import InspectionRecord, SQLiteBackend, SQLiteInspectionStore
+from dgserve.inspection.sqlite_connections import INTERVAL_S, Checkpointer, enter_wal
 
 
 
@@ -58,3 +59,42 @@ def test_a_wal_past_its_limit_is_truncated(tmp_path: Path) -> None:
             Checkpointer(path, 1000, truncate_bytes=grown).checkpoint(conn)
             assert wal.stat().st_size == 0
         assert writer.execute("SELECT count(*) FROM t").fetchone() == (50,)
+
+
+def test_a_file_written_by_another_connection_enters_wal_once_it_is_free(tmp_path: Path) -> None:
+    """SQLite refuses the switch to WAL at once, without its busy timeout, while another
+    connection holds a rollback-journal file's write lock, as a server process that opens
+    a new file first does to the others: the backend waits for the lock instead."""
+    path = tmp_path / "inspections.db"
+    holding = threading.Event()
+
+    def hold_the_write_lock() -> None:
+        with closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("CREATE TABLE elsewhere (x)")
+            holding.set()
+            time.sleep(0.3)
+            other.execute("COMMIT")
+
+    holder = threading.Thread(target=hold_the_write_lock)
+    holder.start()
+    assert holding.wait(10)
+    backend = SQLiteBackend(path)
+    started = time.monotonic()
+    try:
+        backend.open()
+    finally:
+        holder.join()
+        backend.close()
+    assert time.monotonic() - started >= 0.2  # it waited for the lock
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_errors_other_than_busy_are_not_retried(tmp_path: Path) -> None:
+    (tmp_path / "not-a-database.db").write_bytes(b"x" * 4096)
+    with closing(sqlite3.connect(tmp_path / "not-a-database.db", isolation_level=None)) as conn:
+        started = time.monotonic()
+        with pytest.raises(sqlite3.DatabaseError):
+            enter_wal(conn, 5000)
+        assert time.monotonic() - started < 1

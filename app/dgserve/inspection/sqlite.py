@@ -54,7 +54,7 @@ from typing import Any
 
 from dgserve.analysis.summary import Selection
 from dgserve.inspection import rollups
-from dgserve.inspection.sqlite_connections import Checkpointer, ReaderPool
+from dgserve.inspection.sqlite_connections import Checkpointer, ReaderPool, enter_wal
 from dgserve.inspection.backend import AnalysisPage, Filters, InspectionBackend, PageQuery, StoredRecord
 from dgserve.inspection.sqlrows import (
     ANALYSIS_INSERT_COLUMNS,
@@ -203,8 +203,8 @@ class SQLiteBackend(rollups.Reads, InspectionBackend):
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            if str(mode).lower() != "wal":
+            mode = enter_wal(conn, _BUSY_TIMEOUT_MS)
+            if mode.lower() != "wal":
                 raise RuntimeError(
                     f"{self.path}: SQLite refused WAL mode (journal_mode is {mode!r}); "
                     "the inspection store needs a local filesystem"

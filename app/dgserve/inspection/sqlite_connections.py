@@ -20,6 +20,13 @@ does. The next write after a checkpoint that caught up starts the WAL again from
 beginning; should writes keep coming during every checkpoint, the WAL would grow, so
 past ``truncate_bytes`` the checkpoint is a ``TRUNCATE`` one, which waits for the
 writer and resets the file (it has the writers' busy timeout).
+
+**Entering WAL** (``enter_wal``). A new file, or one from before WAL, starts in
+rollback-journal mode, and switching it needs an exclusive lock. While another
+connection holds the write lock, SQLite refuses the switch at once, without waiting its
+busy timeout, because the two could otherwise deadlock: so server processes opening such
+a file together got "database is locked" about once in 200 starts. The switch is retried
+until the busy timeout instead.
 """
 
 from __future__ import annotations
@@ -28,15 +35,32 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["Checkpointer", "ReaderPool"]
+__all__ = ["Checkpointer", "ReaderPool", "enter_wal"]
 
 log = logging.getLogger(__name__)
 
 INTERVAL_S = 1.0
 TRUNCATE_BYTES = 64 * 2**20
+_WAL_RETRY_S = 0.005
+
+
+def enter_wal(conn: sqlite3.Connection, timeout_ms: int) -> str:
+    """Put ``conn``'s file in WAL mode, retrying while other connections hold it for up to
+    ``timeout_ms``; returns the journal mode SQLite reports (not ``"wal"`` where refused)."""
+    deadline = time.monotonic() + timeout_ms / 1000
+    while True:
+        try:
+            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            return str(mode)
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY  # the primary code of an extended one
+            if not busy or time.monotonic() >= deadline:
+                raise
+            time.sleep(_WAL_RETRY_S)
 
 
 class Checkpointer:
