@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from dgserve.allocator import keep_large_blocks
 from dgserve.imaging import preprocess
 from dgserve.model_store import ModelStore
 from dgserve.models.dgnet import dg_stages, set_execution
@@ -69,6 +70,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (0: torch's default; 1 keeps a shared machine's timings steadier)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops for `open`")
+    p.add_argument("--malloc", choices=["kept", "default"], default="kept",
+                   help="kept: glibc keeps large blocks, as the server does (dgserve.allocator); default: glibc's own")
     return p.parse_args()
 
 
@@ -250,12 +253,14 @@ def profile(v: Variant, x: Tensor, device: torch.device) -> None:
 
 def main() -> None:
     args = parse_args()
+    kept = args.malloc == "kept" and keep_large_blocks()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}", file=sys.stderr)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
+          f"malloc {'keeping large blocks' if kept else 'as glibc sets it'}", file=sys.stderr)
     for name in args.models.split(","):
         bench(name, args, device)
 

@@ -55,6 +55,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from dgserve.allocator import keep_large_blocks
 from dgserve.models.registry import create_model
 from dgserve.imaging import IMAGENET_MEAN as MEAN
 from dgserve.imaging import IMAGENET_STD as STD
@@ -90,6 +91,9 @@ def parse_args() -> argparse.Namespace:
                    help="forward precision (torch.autocast) of raw and of the server (DGSERVE_PRECISION)")
     p.add_argument("--protocols", default="v1", help="comma-separated: v1 (POST /v1/.../classify), v2 (OIP infer)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
+    p.add_argument("--malloc", choices=["kept", "default"], default="kept",
+                   help="glibc malloc policy of raw and server alike: kept (the server's default, dgserve.allocator) "
+                        "or glibc's own (DGSERVE_MALLOC_KEEP_LARGE_BLOCKS=false)")
     return p.parse_args()
 
 
@@ -129,6 +133,8 @@ class RawModel:
 
     def __init__(self, root: Path, args: argparse.Namespace) -> None:
         torch.set_num_threads(os.cpu_count() or 1)  # what the server's single CPU worker gets
+        if args.malloc == "kept":
+            keep_large_blocks()  # as the server's process does
         self.device = torch.device(args.device)
         self.loaded: LoadedModel = ModelStore(root).load(args.model, device=self.device)
         if self.loaded.manifest.task != "classification":
@@ -174,7 +180,8 @@ def start_server(root: Path, data_dir: Path, port: int, args: argparse.Namespace
                 "max_queue_size": max(256, 4 * args.clients * args.images_per_request)}
     env = {**os.environ, "DGSERVE_MODELS": args.model, "DGSERVE_DEVICES": args.device,
            "DGSERVE_BATCHING": json.dumps({args.model: batching}), "DGSERVE_ACCESS_LOG": "false",
-           "DGSERVE_LOG_LEVEL": "warning", "DGSERVE_GRPC_PORT": "off", "DGSERVE_PRECISION": args.precision}
+           "DGSERVE_LOG_LEVEL": "warning", "DGSERVE_GRPC_PORT": "off", "DGSERVE_PRECISION": args.precision,
+           "DGSERVE_MALLOC_KEEP_LARGE_BLOCKS": str(args.malloc == "kept").lower()}
     command = [sys.executable, "-c", "from dgserve.cli import main; main()", "serve", "--host", HOST,
                "--port", str(port), "--store", str(root), "--data-dir", str(data_dir)]
     return subprocess.Popen(command, env=env)
@@ -342,7 +349,7 @@ def main() -> None:
         root = prepare_store(args, tmp)
         print(f"model {args.model!r}, B={args.batch_size}, {args.image_size}px, {args.clients} connections, "
               f"{args.requests} requests x {args.images_per_request} image(s) per round, {args.rounds} rounds, "
-              f"{os.cpu_count()} CPU cores, device {args.device}, precision {args.precision}"
+              f"{os.cpu_count()} CPU cores, device {args.device}, precision {args.precision}, malloc {args.malloc}"
               + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else ""))
         raw_model = RawModel(root, args)
         port = free_port()

@@ -85,6 +85,11 @@ class Settings(BaseSettings):
         description="Forward precision of every model (torch.autocast), replacing each manifest's precision: "
         "fp32, bf16 (CPU or CUDA) or fp16 (CUDA only; a CPU worker refuses to load). Outputs stay float32.",
     )
+    malloc_keep_large_blocks: bool = Field(
+        True,
+        description="Have glibc keep freed feature maps for reuse instead of unmapping them (dgserve.allocator): "
+        "forwards stop page-faulting fresh maps in, at the price of keeping the peak heap. Off: glibc's own policy.",
+    )
     torch_threads: PositiveInt | None = Field(
         None,
         description="torch intra-op threads for CPU workers; default: CPU cores / (CPU instances per model × server processes).",

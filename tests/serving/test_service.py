@@ -146,3 +146,15 @@ async def test_detection_boxes_come_back_in_the_uploaded_pixels(service: Serving
     for box in answer.result.predictions:
         x1, y1, x2, y2 = box["box"]
         assert 0 <= x1 <= x2 <= 1000 and 0 <= y1 <= y2 <= 600
+
+
+@pytest.mark.parametrize("keep", [True, False])
+async def test_the_service_has_glibc_keep_large_blocks_as_set(
+    keep: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[None] = []
+    monkeypatch.setattr("dgserve.serving.service.keep_large_blocks", lambda: calls.append(None) or True)
+    svc = ServingService(Settings(models=["shapes-dgnet"], data_dir=tmp_path, malloc_keep_large_blocks=keep), Metrics())
+    await svc.start()
+    await svc.close()
+    assert len(calls) == (1 if keep else 0)

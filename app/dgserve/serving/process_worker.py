@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dgserve.allocator import keep_large_blocks
 from dgserve.errors import DGServeError, RetryableError, ShuttingDownError, WorkerCrashedError
 from dgserve.model_store import Manifest, ModelStore
 from dgserve.model_store.manifest import Precision
@@ -137,8 +138,10 @@ class ProcessModelWorker:
         name: str,
         threads: int | None,
         precision: Precision | None = None,
+        keep_large_blocks: bool = True,
     ) -> None:
         self.store_root = store_root
+        self.keep_large_blocks = keep_large_blocks
         self.model = model
         self.version = version
         self.device = device
@@ -240,6 +243,7 @@ class ProcessModelWorker:
         ours, theirs = socket.socketpair()
         spec = json.dumps({"store": str(self.store_root), "model": self.model, "version": self.version,
                            "device": str(self.device), "threads": self.threads, "precision": self.precision,
+                           "keep_large_blocks": self.keep_large_blocks,
                            "fd": theirs.fileno()})  # fmt: skip
         with theirs:
             process = subprocess.Popen(
@@ -290,6 +294,8 @@ class ProcessModelWorker:
 def _child_main(spec: dict[str, Any]) -> None:
     """Load the replica, say so, then compute every batch the pipe brings until told to stop."""
     conn = multiprocessing.connection.Connection(spec["fd"])
+    if spec.get("keep_large_blocks", True):
+        keep_large_blocks()
     if spec["threads"] is not None:
         pin_torch_threads(spec["threads"])
     device = torch.device(spec["device"])

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from dgserve.allocator import keep_large_blocks
 from dgserve.errors import DGServeError, InvalidRequestError, NotReadyError
 from dgserve.inspection import InspectionRecord, InspectionStore, open_inspection_store
 from dgserve.metrics import Metrics
@@ -105,6 +106,8 @@ class ServingService:
         store that cannot be opened now is retried in the background (``not_ready``).
         """
         settings = self.settings
+        if settings.malloc_keep_large_blocks:
+            keep_large_blocks()  # before any replica allocates (process workers do the same)
         self._decode_pool = new_decode_pool(settings.decode_threads)
         store = open_inspection_store(
             settings.inspection_location,
