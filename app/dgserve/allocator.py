@@ -1,16 +1,17 @@
 """glibc's malloc, set to keep large blocks for reuse instead of handing them back.
 
 A DG-Net stage allocates more short-lived feature maps than its static backbone: each
-block's input is a fresh weighted sum of every earlier block's output. glibc serves a
-block above its mmap threshold (128 KiB at first, raised up to 32 MiB as blocks are
-freed) with a fresh ``mmap`` and unmaps it when freed, so every forward page-faults
-those maps in again and the kernel zeroes each page. That, not the arithmetic of the
-sums, was most of DG-Net's cost over its backbone on a CPU
+block's input is a fresh weighted sum of every earlier block's output. glibc hands large
+freed blocks back to the kernel: a block above its mmap threshold is unmapped, and free
+memory at the top of the heap past its trim threshold is trimmed (both thresholds move
+with the sizes freed). So each forward page-faulted its feature maps in again, the kernel
+zeroing every page: 56,384 faults per DG-Net ResNet-50 forward at batch 8. That, not the
+arithmetic of the sums, was most of DG-Net's cost over its backbone on a CPU
 (``benchmarks/dgnet_cost.py``; ``docs/performance.md``, "DG-Net's own cost").
 
-``keep_large_blocks`` fixes the threshold at 32 MiB, the most glibc allows, so feature
-maps come from the heap, and keeps up to ``trim_bytes`` of freed heap for reuse instead
-of returning it at every free. The price is memory: a process keeps its peak heap. It is
+``keep_large_blocks`` fixes the mmap threshold at 32 MiB, the most glibc allows, so
+feature maps come from the heap, and the trim threshold at ``trim_bytes``, so freed heap
+is kept for reuse instead of returned at every free. The price is memory: a process keeps its peak heap. It is
 what PyTorch's CUDA caching allocator does on a GPU. ``DGSERVE_MALLOC_KEEP_LARGE_BLOCKS``
 turns it off. Elsewhere than glibc (musl, macOS) it does nothing.
 """
