@@ -11,9 +11,10 @@ arithmetic of the sums, was most of DG-Net's cost over its backbone on a CPU
 
 ``keep_large_blocks`` fixes the mmap threshold at 32 MiB, the most glibc allows, so
 feature maps come from the heap, and the trim threshold at ``trim_bytes``, so freed heap
-is kept for reuse instead of returned at every free. The price is memory: a process keeps its peak heap. It is
-what PyTorch's CUDA caching allocator does on a GPU. ``DGSERVE_MALLOC_KEEP_LARGE_BLOCKS``
-turns it off. Elsewhere than glibc (musl, macOS) it does nothing.
+is kept for reuse instead of returned at every free. The price is memory: a process
+keeps its peak heap, as PyTorch's CUDA caching allocator does on a GPU.
+``DGSERVE_MALLOC_KEEP_LARGE_BLOCKS`` turns it off. Elsewhere than glibc (musl, macOS) it
+does nothing.
 """
 
 from __future__ import annotations

@@ -138,10 +138,10 @@ class ProcessModelWorker:
         name: str,
         threads: int | None,
         precision: Precision | None = None,
-        keep_large_blocks: bool = True,
+        malloc_keep_large_blocks: bool = True,
     ) -> None:
         self.store_root = store_root
-        self.keep_large_blocks = keep_large_blocks
+        self.malloc_keep_large_blocks = malloc_keep_large_blocks
         self.model = model
         self.version = version
         self.device = device
@@ -243,7 +243,7 @@ class ProcessModelWorker:
         ours, theirs = socket.socketpair()
         spec = json.dumps({"store": str(self.store_root), "model": self.model, "version": self.version,
                            "device": str(self.device), "threads": self.threads, "precision": self.precision,
-                           "keep_large_blocks": self.keep_large_blocks,
+                           "keep_large_blocks": self.malloc_keep_large_blocks,
                            "fd": theirs.fileno()})  # fmt: skip
         with theirs:
             process = subprocess.Popen(

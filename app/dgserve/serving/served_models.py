@@ -272,7 +272,7 @@ class ServedModels:
         if self.settings.model_workers == "process":
             worker = ProcessModelWorker(self.store.root, served.name, served.version, device, name=name,
                                         threads=threads, precision=self.settings.precision,
-                                        keep_large_blocks=self.settings.malloc_keep_large_blocks)  # fmt: skip
+                                        malloc_keep_large_blocks=self.settings.malloc_keep_large_blocks)  # fmt: skip
             try:
                 await worker.start()
             except BaseException:
