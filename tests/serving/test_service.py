@@ -8,6 +8,7 @@ after the batch, outside the worker, so store time never counts as compute time.
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -158,3 +159,24 @@ async def test_the_service_has_glibc_keep_large_blocks_as_set(
     await svc.start()
     await svc.close()
     assert len(calls) == (1 if keep else 0)
+
+
+async def test_a_server_process_freezes_its_loaded_models_out_of_the_cyclic_gc(tmp_path: Path) -> None:
+    svc = ServingService(Settings(models=["shapes-dgnet"], data_dir=tmp_path, torch_threads=1), Metrics())
+    svc.freeze_after_load = True  # as api/server.py does
+    try:
+        await svc.start()
+        await asyncio.wait_for(svc.loaded(), 100)
+        assert svc.models.not_ready() == []
+        frozen = gc.get_freeze_count()
+        stages = [o for o in gc.get_objects() if type(o).__name__ == "DGStage"]
+        assert frozen > 10_000
+        assert stages == []  # the model's modules are past the collections' reach
+    finally:
+        gc.unfreeze()  # this test process outlives the service: its objects go back to the collector
+        await svc.close()
+
+
+async def test_a_library_service_leaves_the_gc_alone(service: ServingService) -> None:
+    assert service.freeze_after_load is False
+    assert any(type(o).__name__ == "DGStage" for o in gc.get_objects())  # its model is still collectable

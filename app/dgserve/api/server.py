@@ -33,6 +33,7 @@ def serve(settings: Settings, sockets: list[socket.socket] | None = None, siblin
     """Build the app and serve it in this process: on ``sockets`` if given, else on host:port."""
     app = create_app(settings, siblings)
     state: AppState = app.state.dgserve
+    state.service.freeze_after_load = True  # this process is the server: its models live as long as it does
     admission = Admission(state.service, state.api_keys, state.drain, state.metrics)
     config = uvicorn.Config(
         app,

@@ -29,8 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
+import gc
 import json
+import logging
 import multiprocessing.connection
 import os
 import pickle
@@ -307,6 +308,10 @@ def _child_main(spec: dict[str, Any]) -> None:
     except Exception as exc:  # the parent raises it as the load's failure
         conn.send_bytes(_dumps(_Failed.of(exc)))
         return
+    # The replica lives as long as this process: out of the cyclic GC's walks, as in the
+    # server's own process (ServingService.freeze_after_load).
+    gc.collect()
+    gc.freeze()
     while True:
         try:
             message = pickle.loads(conn.recv_bytes())
