@@ -7,7 +7,8 @@ dgserve's ``.venv`` is left as it is and LitServe never becomes a dependency of 
 
 Both servers serve the same stored model (default: the bundled ``shapes-dgnet``), loaded
 through dgserve's store loader, and turn each upload into the model's input with the
-task's own ``prepare_upload`` (same decoding checks, same resize), so what differs is the
+task's own ``prepare_upload`` (same decoding checks, same resize, the same ``DGSERVE_JPEG_DRAFT``
+from the environment both inherit), so what differs is the
 server: HTTP, batching, decoding placement, response encoding, and dgserve's extras
 (connectivity in every answer, an inspection record per image). LitServe uses its own
 dynamic batching (``--max-batch`` 32, ``--batch-timeout-ms`` 5, one worker) and answers
@@ -131,7 +132,9 @@ if ls is not None:
             self.manifest = self.loaded.manifest
             self.task = get_task(self.manifest.task)
             self.options = self.task.Options(top_k=self.top_k)
-            self.limits = Settings()  # the pixel limit dgserve's prepare_upload applies by default
+            # dgserve's defaults, read from this process's environment as dgserve reads its own: the
+            # pixel limit, and DGSERVE_JPEG_DRAFT (reduced JPEG decoding), so both decode alike.
+            self.limits = Settings()
             self.sources = connectivity_sources(self.loaded.model) if self.connectivity else None
 
         # No annotations on decode_request's argument nor encode_response's result: LitServe

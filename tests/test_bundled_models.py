@@ -23,6 +23,8 @@ from dgserve.data.scenes import render_classification
 from dgserve.connectivity import ImageConnectivity
 from dgserve.models.connectivity import collect_connectivity
 from dgserve.imaging import preprocess
+from dgserve.settings import Settings
+from dgserve.tasks import get_task
 from dgserve.tasks.detection import Detection
 from dgserve.model_store import LoadedModel, ModelStore
 
@@ -34,6 +36,7 @@ HELD_OUT_SEED = 20251  # not a training or validation seed of any bundled model
 CLASSIFICATION_IMAGES = 600
 DETECTION_SCENES = 150
 BATCH = 50
+PHOTOS = 200
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +96,30 @@ def test_classifier_top1_on_held_out_images(name: str) -> None:
     assert top1 >= 0.95, f"{name}: held-out top-1 {top1:.4f}"
     if records:
         _check_instance_aware(records, labels)
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_classifier_answers_photos_decoded_at_a_reduced_scale_as_at_full_size(name: str) -> None:
+    """DGSERVE_JPEG_DRAFT's accuracy: camera-sized JPEGs through the server's own upload path, both ways."""
+    loaded = _load(name)
+    task, pre = get_task("classification"), loaded.manifest.preprocessing
+    top1 = {}
+    for draft in (False, True):
+        settings = Settings(jpeg_draft=draft)
+        inputs, labels = [], []
+        for i in range(PHOTOS):
+            scene, label = render_classification(HELD_OUT_SEED, i, 256)
+            buf = io.BytesIO()
+            scene.resize((640, 480) if i % 2 else (480, 640), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=85)
+            inputs.append(task.prepare_upload(buf.getvalue(), None, pre, settings)[0])
+            labels.append(label)
+        with torch.no_grad():
+            top1[draft] = loaded.model(torch.stack(inputs)).argmax(1)
+    agree = int((top1[True] == top1[False]).sum())
+    assert agree >= 0.95 * PHOTOS, f"{name}: {agree}/{PHOTOS} photos get the same label both ways"
+    truth = torch.tensor(labels)
+    correct = {draft: int((top1[draft] == truth).sum()) for draft in (False, True)}
+    assert correct[True] >= correct[False] - 0.02 * PHOTOS, f"{name}: correct {correct}"
 
 
 def _coco_quietly(annotation_file: Path) -> COCO:

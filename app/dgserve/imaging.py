@@ -20,7 +20,7 @@ from dgserve.model_store.manifest import Interpolation, Preprocessing
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "interpolation_mode", "letterbox_geometry", "preprocess", "preprocess_pixels",
-    "resize", "to_rgb",
+    "resize", "resized_size", "to_rgb",
 ]
 
 # The statistics torchvision's ImageNet weights were trained with, for pixels in [0, 1].
@@ -91,6 +91,20 @@ def preprocess_pixels(pixels: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     if pad is not None and any(pad):
         out = F.pad(out, pad, fill=0.0)  # zero after normalising is the mean before
     return out
+
+
+def resized_size(width: int, height: int, pre: Preprocessing) -> tuple[int, int]:
+    """``(width, height)`` that ``preprocess`` resizes an upright ``width``×``height`` image to, before cropping or padding.
+
+    Nothing finer than this reaches the model, so an image decoded at any size that
+    covers it loses nothing the resize would have kept (``decode_image``'s ``reduce_to``).
+    """
+    out_h, out_w = pre.input_size
+    if pre.resize == "center_crop":
+        out_h, out_w = _cover_size(height, width, out_h, out_w, pre.crop_fraction)
+    elif pre.resize == "letterbox":
+        (out_h, out_w), _ = letterbox_geometry(height, width, out_h, out_w)
+    return out_w, out_h
 
 
 def letterbox_geometry(src_h: int, src_w: int, height: int, width: int) -> tuple[tuple[int, int], list[int]]:

@@ -120,6 +120,12 @@ class Settings(BaseSettings):
     max_video_frame_pixels: PositiveInt = Field(
         3840 * 2160, description="Largest video frame (width × height) accepted (422 above), checked before decoding."
     )
+    jpeg_draft: bool = Field(
+        True,
+        description="Decode a JPEG at the smallest DCT scale (1/2, 1/4 or 1/8) that still covers the size the model's "
+        "preprocessing resizes it to (libjpeg's scaled decoding), for tasks that resize the whole image "
+        "(classification). Off: every JPEG is decoded at full size, then resized.",
+    )
     decode_threads: PositiveInt = Field(
         default_factory=_default_decode_threads, description="Threads that decode and resize images."
     )

@@ -11,6 +11,7 @@ import warnings
 import zlib
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile
@@ -21,7 +22,7 @@ from dgserve.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
-from dgserve.serving.decode import ALLOWED_CONTENT_TYPES, check_content_type, decode_image
+from dgserve.serving.decode import ALLOWED_CONTENT_TYPES, check_content_type, decode_image, decode_upload
 
 MAX_PIXELS = 4_000_000
 
@@ -122,6 +123,71 @@ def test_exif_orientation_is_applied() -> None:
     red_top, blue_bottom = img.getpixel((10, 5)), img.getpixel((10, 35))
     assert red_top[0] > 200 and red_top[2] < 60  # the left side is now on top
     assert blue_bottom[2] > 200 and blue_bottom[0] < 60
+
+
+# --- reduced decoding (JPEG draft) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("need", "decoded"),
+    [((640, 480), (640, 480)), ((320, 240), (320, 240)), ((319, 200), (320, 240)), ((160, 120), (160, 120)),
+     ((85, 64), (160, 120)), ((80, 60), (80, 60)), ((10, 10), (80, 60)), ((641, 10), (640, 480))],
+)
+def test_a_jpeg_decodes_at_the_smallest_scale_that_covers_what_is_needed(
+    need: tuple[int, int], decoded: tuple[int, int]
+) -> None:
+    asked: list[tuple[int, int]] = []
+
+    def reduce_to(width: int, height: int) -> tuple[int, int]:
+        asked.append((width, height))
+        return need
+
+    result = decode_upload(encode(gradient(640, 480), "JPEG"), max_pixels=MAX_PIXELS, reduce_to=reduce_to)
+
+    assert asked == [(640, 480)]
+    assert result.image.size == decoded  # 1/8 at most: libjpeg's smallest scale
+    assert (result.width, result.height) == (640, 480)  # the upload's own size, for its record
+    assert result.image.mode == "RGB"
+
+
+def test_a_reduced_decode_is_the_full_decode_scaled_down() -> None:
+    data = encode(gradient(640, 480), "JPEG", quality=95)
+    full = decode_image(data, max_pixels=MAX_PIXELS).resize((160, 120), Image.Resampling.BOX)
+    reduced = decode_upload(data, max_pixels=MAX_PIXELS, reduce_to=lambda w, h: (160, 120)).image
+    diff = np.abs(np.asarray(full, dtype=np.float64) - np.asarray(reduced, dtype=np.float64))
+    assert diff.mean() < 3.0  # of 255: libjpeg's scaled IDCT against a box filter
+
+
+def test_a_reduced_decode_asks_and_answers_in_upright_pixels() -> None:
+    src = Image.new("RGB", (640, 320), (0, 0, 255))
+    src.paste((255, 0, 0), (0, 0, 320, 320))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 640x320, shown 320x640
+    asked: list[tuple[int, int]] = []
+
+    def reduce_to(width: int, height: int) -> tuple[int, int]:
+        asked.append((width, height))
+        return (80, 160)  # upright: a quarter of each side
+
+    result = decode_upload(encode(src, "JPEG", exif=exif, quality=95), max_pixels=MAX_PIXELS, reduce_to=reduce_to)
+
+    assert asked == [(320, 640)]
+    assert result.image.size == (80, 160) and (result.width, result.height) == (320, 640)
+    red_top, blue_bottom = result.image.getpixel((40, 20)), result.image.getpixel((40, 140))
+    assert red_top[0] > 200 and red_top[2] < 60
+    assert blue_bottom[2] > 200 and blue_bottom[0] < 60
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "GIF"])
+def test_other_formats_decode_at_full_size_whatever_is_asked(fmt: str) -> None:
+    result = decode_upload(encode(gradient(640, 480), fmt), max_pixels=MAX_PIXELS, reduce_to=lambda w, h: (80, 60))
+    assert result.image.size == (640, 480) and (result.width, result.height) == (640, 480)
+
+
+def test_the_pixel_limit_is_the_uploads_not_the_reduced_images() -> None:
+    data = encode(gradient(640, 480), "JPEG")
+    with pytest.raises(ImageTooLargeError):
+        decode_upload(data, max_pixels=640 * 480 - 1, reduce_to=lambda w, h: (80, 60))
 
 
 # --- pixel modes ----------------------------------------------------------------------------

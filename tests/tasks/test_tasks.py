@@ -6,12 +6,16 @@ the day it is registered.
 
 from __future__ import annotations
 
+import io
 from typing import Any, ClassVar
 
 import pytest
+import torch
+from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
 from dgserve.api.app import create_app
+from dgserve.data.scenes import render_classification
 from dgserve.model_store.manifest import Manifest
 from dgserve.models.registry import get_entry, list_models
 from dgserve.settings import Settings
@@ -52,6 +56,33 @@ def test_each_task_reads_the_generated_data_and_refuses_a_source_it_lacks(name: 
     assert batch is None or len(batch[0]) == 2
     with pytest.raises(ValueError, match="not a source for"):
         task.datasets(TrainConfig(name="t", data="nowhere"), task.default_preprocessing(32))  # type: ignore[arg-type]
+
+
+def photo_jpeg(width: int, height: int) -> bytes:
+    """A generated scene (textured background, one shape) at a camera's size, as a JPEG."""
+    scene, _ = render_classification(3, 1, max(width, height))
+    buf = io.BytesIO()
+    scene.resize((width, height), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", [t.name for t in tasks() if "image/jpeg" in t.content_types])
+@pytest.mark.parametrize("size", [(640, 480), (333, 500)])
+def test_a_reduced_jpeg_decode_changes_the_input_only_where_a_task_resizes_the_whole_image(
+    name: str, size: tuple[int, int]
+) -> None:
+    task = get_task(name)
+    pre = task.default_preprocessing(task.default_input_size)
+    data = photo_jpeg(*size)
+    full, full_info, _ = task.prepare_upload(data, "p", pre, Settings(jpeg_draft=False))
+    draft, draft_info, _ = task.prepare_upload(data, "p", pre, Settings(jpeg_draft=True))
+    assert (full_info.width, full_info.height) == (draft_info.width, draft_info.height) == size
+    assert draft.shape == full.shape
+    if not task.whole_image_resized:  # boxes or masks map back onto the full-size upload
+        assert torch.equal(draft, full)
+    else:  # the same picture through libjpeg's scaled IDCT: close, not equal
+        assert not torch.equal(draft, full)
+        assert (draft - full).abs().mean() < 0.02  # normalised units (about 1/200 of the range)
 
 
 def test_a_manifest_with_an_unknown_task_names_the_known_ones() -> None:

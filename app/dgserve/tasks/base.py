@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -25,9 +26,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from dgserve.imaging import IMAGENET_MEAN, IMAGENET_STD
+from dgserve.imaging import IMAGENET_MEAN, IMAGENET_STD, resized_size
 from dgserve.model_store.manifest import Manifest, Preprocessing, ResizeMode
-from dgserve.serving.decode import ALLOWED_CONTENT_TYPES, decode_image
+from dgserve.serving.decode import ALLOWED_CONTENT_TYPES, decode_upload
 from dgserve.serving.thumbnails import model_view_thumbnail
 
 if TYPE_CHECKING:
@@ -114,6 +115,11 @@ class Task(abc.ABC):
     """What ``dgserve train --augment`` (the default) does, for the model card."""
     content_types: ClassVar[frozenset[str]] = ALLOWED_CONTENT_TYPES
     """The media types the task's route accepts (415 for others); ``prepare_upload`` decodes them."""
+    whole_image_resized: ClassVar[bool] = False
+    """Whether ``prepare`` only resizes the whole image to the manifest's input (``imaging.preprocess``)
+    and maps nothing back onto the upload's pixels: then a JPEG may be decoded at a reduced scale that
+    still covers the resize (``DGSERVE_JPEG_DRAFT``). A task that maps boxes or masks back needs the
+    full-size image and leaves this off."""
 
     # --- manifest -----------------------------------------------------------------
 
@@ -156,12 +162,15 @@ class Task(abc.ABC):
         limit) and hands it to ``prepare``. A task whose uploads are not images (video)
         overrides this and ``content_types``: it owns its decoding and its limits.
         """
-        img = decode_image(data, max_pixels=settings.max_image_pixels, part=part)
+        # The thumbnail is at most the model's input size, so a reduced decode serves it too.
+        reduce_to = partial(resized_size, pre=pre) if self.whole_image_resized and settings.jpeg_draft else None
+        decoded = decode_upload(data, max_pixels=settings.max_image_pixels, part=part, reduce_to=reduce_to)
+        img = decoded.image
         tensor, context = self.prepare(img, pre)
         thumbnail = None
         if settings.inspection_thumbnails:  # opt-in: an upload may be private
             thumbnail = model_view_thumbnail(img, pre, settings.inspection_thumbnail_px)
-        return tensor, ImageInfo(part, img.width, img.height, thumbnail), context
+        return tensor, ImageInfo(part, decoded.width, decoded.height, thumbnail), context
 
     def input_shape(self, pre: Preprocessing) -> tuple[int, ...]:
         """The shape of one preprocessed input, as tensor protocols send it to ``prepare_tensor``."""

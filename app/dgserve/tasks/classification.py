@@ -52,6 +52,7 @@ class Classification(Task):
     data_sources: ClassVar[tuple[str, ...]] = ("generated", "imagefolder")
     metric: ClassVar[tuple[str, str]] = ("top1", "top-1")
     routing_groups: ClassVar[str] = "image's class"
+    whole_image_resized: ClassVar[bool] = True  # labels only: nothing maps back onto the upload's pixels
 
     # --- serving --------------------------------------------------------------------
 
