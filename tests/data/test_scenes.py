@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dgserve.data import scenes
+from dgserve.data import scenes, textures
 from dgserve.data.datasets import ShapesClassification, ShapesDetection
 from dgserve.tasks.detection import collate_batch as collate_detection
 from dgserve.data.export import export_coco, export_image_folder
@@ -136,14 +136,6 @@ def test_invalid_arguments_are_rejected() -> None:
         SceneConfig(radius=(0.1, 0.2), grain=60.0)
 
 
-@pytest.mark.parametrize("kind", BACKGROUNDS)
-def test_background_patterns_mix_two_colours(kind: str) -> None:
-    # The contrast guarantee assumes every background pixel lies between colours A and B.
-    w = scenes._pattern(np.random.default_rng(0), kind, 40, 40, (3.0, 8.0))
-    assert w.shape == (40, 40) and w.dtype == np.float32
-    assert float(w.min()) >= 0.0 and float(w.max()) <= 1.0
-
-
 def _detection_scenes(count: int, size: int = 128) -> list[scenes.DetectionScene]:
     return [render_detection_scene(7, i, size) for i in range(count)]
 
@@ -172,7 +164,7 @@ def test_detection_objects_never_touch() -> None:
     gap = DETECTION_CONFIG.gap
     for scene in _detection_scenes(30):
         for i in range(len(scene.masks)):
-            grown = scenes._dilate(scene.masks[i], gap)
+            grown = textures.dilate(scene.masks[i], gap)
             for j in range(len(scene.masks)):
                 if i != j:
                     assert not (grown & scene.masks[j]).any()
@@ -211,7 +203,7 @@ def test_objects_contrast_with_the_background_and_distractors_keep_away(
             # Every mask pixel stands out from what was under it, interior pixels fully.
             assert distance[full >= 1.0].min() >= config.min_contrast - grain
             assert distance[inside].min() >= MASK_THRESHOLD * config.min_contrast - grain
-            near |= scenes._dilate(full > 0.0, config.gap + 1)
+            near |= textures.dilate(full > 0.0, config.gap + 1)
             touched |= full > 0.0
         # Around objects only background and grain: no distractor stroke extends an outline.
         assert distance[near & ~touched].max() <= grain + 1e-3

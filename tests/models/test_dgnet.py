@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from dgserve.models.connectivity import collect_connectivity
-from dgserve.models.dgnet import DGStage, dg_stages, edge_l1, pin_chain
+from dgserve.models.dgnet import DGStage, dg_stages, pin_chain
 from dgserve.models.registry import create_model, list_models
+from dgserve.training.regularizers import edge_l1
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dgnet_inputs import randomise_routers, varied_images  # noqa: E402

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from dgserve.models.connectivity import collect_connectivity, describe_graph
-from dgserve.models.dgnet import Router, StaticRouter, dg_stages, edge_l1
+from dgserve.models.dgnet import Router, StaticRouter, dg_stages
 from dgserve.models.registry import create_model, get_entry, list_models
+from dgserve.training.regularizers import edge_l1
 
 # Every DG-Net classifier and detector builder takes routing= and wiring=.
 CLASSIFIERS = list_models(family="dgnet", task="classification")

@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 from dgserve.model_store import ModelStore
 from dgserve.model_store.weights import WeightsError
 from dgserve.models.connectivity import collect_connectivity, describe_graph
-from dgserve.models.dgnet import StageWiring, dg_stages, edge_l1, pin_chain, stage_wiring
+from dgserve.models.dgnet import StageWiring, dg_stages, pin_chain, stage_wiring
 from dgserve.models.registry import create_model
+from dgserve.training.regularizers import edge_l1
 
 RANDOM_KINDS = ["er", "ba", "ws"]
 RANDWIRE_NODES = 32  # RandWire's nodes per stage, where the generators' edge counts are known

@@ -36,7 +36,8 @@ from torch.utils.data import Dataset
 from dgserve.model_store.manifest import ClipSampling, Preprocessing
 from dgserve.video import clip_indices, clips_tensor
 
-from .scenes import CLASSIFICATION_CONFIG, _background, _pick_fill, _rng
+from .scenes import CLASSIFICATION_CONFIG, _background, _rng
+from .textures import pick_fill
 from .shapes import CLASSES, ShapeSpec, rasterize, sample_proportion
 
 __all__ = ["MOTIONS", "SHAPES", "MotionClips", "render_clip"]
@@ -96,7 +97,7 @@ def _colours(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarra
     # The shape may pass over any pixel, so its fill must contrast with all of them.
     for _ in range(16):
         background = _background(rng, size, CLASSIFICATION_CONFIG).astype(np.float32)
-        picked = _pick_fill(rng, background.reshape(-1, 3), False, CLASSIFICATION_CONFIG.min_contrast)
+        picked = pick_fill(rng, background.reshape(-1, 3), False, CLASSIFICATION_CONFIG.min_contrast)
         if picked is not None:
             return background, picked[0].astype(np.float32)
     raise RuntimeError("no contrasting fill found for 16 backgrounds in a row")

@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .shapes import CLASSES, MASK_THRESHOLD, SUPERSAMPLE, ShapeSpec, rasterize, sample_proportion
+from .textures import dilate, pattern, pick_fill
 
 NUM_CLASSES = len(CLASSES)
 
@@ -53,14 +54,6 @@ _SEGMENTATION_STREAM = 3
 
 # Objects smaller than this (circumradius, px) are always plain: see ``_place``.
 _MIN_TEXTURED_RADIUS = 12.0
-
-# The eight RGB cube corners are the fallback fills: whatever segment [A, B] of colour
-# space a background spans, one of them is far from it, so a fill always exists.
-_CORNERS = np.array(
-    [[r, g, b] for r in (0.0, 255.0) for g in (0.0, 255.0) for b in (0.0, 255.0)],
-    dtype=np.float32,
-)
-
 
 @dataclass(frozen=True)
 class SceneConfig:
@@ -121,54 +114,6 @@ def _rng(stream: int, seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([stream, seed, index])
 
 
-def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Binary dilation by a (2r+1)-square, separable so it costs 2(2r+1) slices."""
-    if radius <= 0:
-        return mask.copy()
-    out = mask.copy()
-    for axis in (0, 1):
-        src = out.copy()
-        n = src.shape[axis]
-        for shift in range(1, radius + 1):
-            if shift >= n:
-                break
-            lead = [slice(None)] * 2
-            trail = [slice(None)] * 2
-            lead[axis], trail[axis] = slice(shift, None), slice(None, n - shift)
-            out[tuple(trail)] |= src[tuple(lead)]
-            out[tuple(lead)] |= src[tuple(trail)]
-    return out
-
-
-def _pattern(rng: np.random.Generator, kind: str, height: int, width: int, period: tuple[float, float]) -> np.ndarray:
-    """Mixing weight in [0, 1] per pixel between a texture's two colours."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
-    theta = rng.uniform(0.0, math.pi)
-    u = xx * math.cos(theta) + yy * math.sin(theta)
-    v = -xx * math.sin(theta) + yy * math.cos(theta)
-    if kind == "solid":
-        return np.zeros((height, width), np.float32)
-    if kind == "linear":
-        return (u - u.min()) / max(float(u.max() - u.min()), 1e-6)
-    if kind == "radial":
-        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-        d = np.hypot(xx - cx, yy - cy)
-        return d / max(float(d.max()), 1e-6)
-    if kind == "stripes":
-        p = rng.uniform(*period)
-        return (((u / p + rng.uniform()) % 1.0) < 0.5).astype(np.float32)
-    if kind == "checker":
-        p = rng.uniform(*period)
-        ph = rng.uniform(0.0, 1.0, 2)
-        return ((np.floor(u / p + ph[0]) + np.floor(v / p + ph[1])) % 2).astype(np.float32)
-    if kind == "clouds":
-        cells = int(rng.integers(3, 7))
-        grid = Image.fromarray(rng.random((cells, cells), dtype=np.float32))
-        smooth = np.asarray(grid.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
-        return (smooth - smooth.min()) / max(float(smooth.max() - smooth.min()), 1e-6)
-    raise ValueError(f"unknown pattern {kind!r}")
-
-
 def _background(rng: np.random.Generator, size: int, config: SceneConfig) -> np.ndarray:
     kind = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     a, b = rng.uniform(0.0, 255.0, (2, 3)).astype(np.float32)
@@ -179,35 +124,8 @@ def _background(rng: np.random.Generator, size: int, config: SceneConfig) -> np.
         step = b - a
         swing = rng.uniform(0.25, 1.0) * config.texture_contrast
         b = np.clip(a + step * (swing / max(float(np.linalg.norm(step)), 1e-6)), 0.0, 255.0)
-    w = _pattern(rng, kind, size, size, config.texture_period)
+    w = pattern(rng, kind, size, size, config.texture_period)
     return a + w[..., None] * (b - a)
-
-
-def _second_tone(rng: np.random.Generator, colour: np.ndarray) -> np.ndarray:
-    # A darker or lighter shade of the fill keeps the object one coherent colour family.
-    if rng.random() < 0.5:
-        return colour * rng.uniform(0.6, 0.8)
-    return colour + (255.0 - colour) * rng.uniform(0.25, 0.45)
-
-
-def _pick_fill(
-    rng: np.random.Generator, bg_pixels: np.ndarray, textured: bool, min_contrast: float
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Fill colour and second texture tone, both ``min_contrast`` from every pixel."""
-
-    def clearance(colour: np.ndarray) -> float:
-        return float(np.sqrt(((bg_pixels - colour) ** 2).sum(axis=1)).min())
-
-    for _ in range(24):
-        first = rng.uniform(0.0, 255.0, 3).astype(np.float32)
-        second = _second_tone(rng, first) if textured else first
-        if min(clearance(first), clearance(second)) >= min_contrast:
-            return first, second
-    scores = [clearance(c) for c in _CORNERS]
-    best = int(np.argmax(scores))
-    if scores[best] >= min_contrast:
-        return _CORNERS[best], _CORNERS[best]
-    return None
 
 
 @dataclass
@@ -242,7 +160,7 @@ def _fill_image(
     # The pattern scales with the object so a small object keeps several periods across
     # it and its outline is not swallowed by one or two big checks.
     period = (max(2.5, 0.2 * radius), max(3.0, 0.4 * radius))
-    t = _pattern(rng, kind, h, w, period)
+    t = pattern(rng, kind, h, w, period)
     return first + t[..., None] * (second - first)
 
 
@@ -266,11 +184,11 @@ def _place(
         # so its outline is visible from both sides of every edge.
         halo = np.zeros((size, size), bool)
         halo[y0 : y0 + h, x0 : x0 + w] = touched
-        halo = _dilate(halo, 1)
+        halo = dilate(halo, 1)
         # A pattern needs several periods across an object to read as texture rather than
         # as a ragged outline, so small objects stay plain.
         textured = rng.random() < config.texture_probability and spec.radius >= _MIN_TEXTURED_RADIUS
-        picked = _pick_fill(rng, background[halo], textured, config.min_contrast)
+        picked = pick_fill(rng, background[halo], textured, config.min_contrast)
         if picked is None:
             continue
         fill = _fill_image(rng, picked[0], picked[1], h, w, spec.radius)
@@ -321,7 +239,7 @@ def _compose(
                 continue
             h, w = obj.coverage.shape
             occupied[obj.y0 : obj.y0 + h, obj.x0 : obj.x0 + w] |= obj.coverage > 0.0
-            blocked = _dilate(occupied, config.gap)
+            blocked = dilate(occupied, config.gap)
             placed.append(obj)
         if not placed:
             # The first object always fits an empty canvas, so only a background with no
@@ -329,7 +247,7 @@ def _compose(
             # from the same generator keeps the scene deterministic.
             continue
         image = background.copy()
-        _distractors(rng, image, _dilate(occupied, config.gap + 1), config)
+        _distractors(rng, image, dilate(occupied, config.gap + 1), config)
         for obj in placed:
             h, w = obj.coverage.shape
             region = image[obj.y0 : obj.y0 + h, obj.x0 : obj.x0 + w]

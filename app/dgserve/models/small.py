@@ -18,8 +18,9 @@ from torchvision.models.resnet import BasicBlock
 
 from dgserve.models.detection import norm_for, resnet_fpn_backbone
 from dgserve.models.dgnet.backbones import StageOptions, dgnet_from_torchvision
+from dgserve.models.dgnet.execution import ExecutionKind
 from dgserve.models.dgnet.routing import RoutingKind
-from dgserve.models.dgnet.stage import DEFAULT_TAU, ExecutionKind
+from dgserve.models.dgnet.stage import DEFAULT_TAU
 from dgserve.models.dgnet.wiring import WiringKind
 from dgserve.models.glore.resnet import GloReResNet
 from dgserve.models.registry import register_model

@@ -20,12 +20,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
-from dgserve.models.dgnet.stage import edge_l1
 from dgserve.tasks import Task
 from dgserve.training.checkpoint import load_checkpoint, restore, save_checkpoint
 from dgserve.training.config import Schedule, TrainConfig
 from dgserve.training.model import freeze_batchnorm_stats, param_groups
-from dgserve.training.regularizers import DeadEndGuard
+from dgserve.training.regularizers import DeadEndGuard, edge_l1
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
 

@@ -1,7 +1,7 @@
 """Training-only penalties on DG-Net routing.
 
-``edge_l1`` (in ``dgserve.models.dgnet.stage``) makes routing sparse. The guard here
-keeps sparse routing from trapping images in dead ends.
+``edge_l1`` makes routing sparse. ``DeadEndGuard`` keeps sparse routing from trapping
+images in dead ends.
 
 The trap, which we measured on the bundled DG-Net: a block that runs but whose output
 edges are all closed sends nothing on. If it is the last open path of its stage, that
@@ -27,6 +27,20 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from dgserve.models.dgnet.stage import DGStage
+
+__all__ = ["DeadEndGuard", "edge_l1"]
+
+
+def edge_l1(model: nn.Module) -> Tensor:
+    """Mean gated edge weight over every DG-Net stage of the last training forward.
+
+    Added to the loss (times a coefficient) it encourages sparse connectivity, so that
+    thresholds actually close edges (as TopoNet and DG-Net do).
+    """
+    terms = [g.mean() for m in model.modules() if isinstance(m, DGStage) for g in m.gated_edge_weights()]
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).mean()
 
 
 class DeadEndGuard:

@@ -2,7 +2,8 @@
 
 from dgserve.models.dgnet.backbones import StageOptions, dg_stages, dgnet_from_torchvision, pin_chain
 from dgserve.models.dgnet.routing import Router, StaticRouter, threshold_edges
-from dgserve.models.dgnet.stage import EXECUTION_KINDS, DGStage, edge_l1, set_execution
+from dgserve.models.dgnet.execution import EXECUTION_KINDS
+from dgserve.models.dgnet.stage import DGStage, set_execution
 from dgserve.models.dgnet.wiring import StageWiring, stage_wiring
 
 __all__ = [
@@ -14,7 +15,6 @@ __all__ = [
     "StaticRouter",
     "dg_stages",
     "dgnet_from_torchvision",
-    "edge_l1",
     "pin_chain",
     "set_execution",
     "stage_wiring",

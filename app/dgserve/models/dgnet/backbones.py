@@ -27,8 +27,9 @@ from torchvision.models.regnet import BlockParams, RegNet
 from torchvision.models.resnet import ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from dgserve.models.dgnet.execution import ExecutionKind, check_execution
 from dgserve.models.dgnet.routing import ROUTING_KINDS, RoutingKind
-from dgserve.models.dgnet.stage import DEFAULT_TAU, DGStage, ExecutionKind, check_execution
+from dgserve.models.dgnet.stage import DEFAULT_TAU, DGStage
 from dgserve.models.dgnet.wiring import WIRING_KINDS, WiringKind, stage_wiring
 from dgserve.models.registry import register_model
 

@@ -8,7 +8,7 @@ Training τ: the hard step ``α ≥ τ`` has no useful gradient, so we use a
 straight-through estimator. The forward pass always uses the hard gate, so training
 and inference close exactly the same edges; the backward pass uses the gradient of a
 sigmoid surrogate ``σ((α − τ) / T)``, which reaches both the router (through α) and
-τ. A sparsity penalty on the gated weights (see ``edge_l1``) pushes τ up and α down;
+τ. A sparsity penalty on the gated weights (``training.regularizers.edge_l1``) pushes τ up and α down;
 the task loss pushes back where an edge matters.
 
 Static routing (the α rows of the paper's Table 6, its ablation baseline): a

@@ -37,25 +37,19 @@ weights (``adjacency[b, target, source]``, the paper's buffer) and which nodes r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgserve.connectivity import StageConnectivity, StageGraph
+from dgserve.models.dgnet.execution import ExecutionKind, check_execution
 from dgserve.models.dgnet.routing import DEFAULT_TEMPERATURE, make_router, threshold_edges
+from dgserve.models.dgnet.sums import accumulate, masked_sum
 from dgserve.models.dgnet.wiring import StageWiring, complete_wiring
 
 DEFAULT_TAU = 0.1
-
-# How a stage runs the blocks an image skips. "skip": each block runs on the images
-# that reach it (one host read per block; the cheapest on a CPU). "masked": every block
-# runs on the whole batch and closed edges multiply by 0 (no host reads; for GPUs,
-# where a sync costs more than a skipped block saves). "auto": masked on CUDA, skip
-# elsewhere. Outputs and records are the same in every mode.
-ExecutionKind = Literal["auto", "skip", "masked"]
-EXECUTION_KINDS: tuple[str, ...] = get_args(ExecutionKind)
 
 
 class DGStage(nn.Module):
@@ -246,7 +240,7 @@ class DGStage(nn.Module):
             out = outputs[s]
             if out is None or (prune and not any(row[col] for row in opened[s])):
                 continue
-            total = _accumulate(total, gated[s][:, col], out)
+            total = accumulate(total, gated[s][:, col], out)
         return total
 
     # --- masked mode: every block on the whole batch, closed edges multiply by 0 ---
@@ -268,7 +262,7 @@ class DGStage(nn.Module):
                 out = block(x)
             else:
                 sources = self._inputs[k]
-                total = _masked_sum(sources, gated, outputs)
+                total = masked_sum(sources, gated, outputs)
                 if total is None:  # a random wiring may leave a block without inputs
                     total = torch.zeros_like(outputs[0])
                     runs = torch.zeros(batch, dtype=torch.bool, device=x.device)
@@ -280,7 +274,7 @@ class DGStage(nn.Module):
                 edges = torch.where(runs.unsqueeze(1), edges, edges.new_zeros(()))
             outputs.append(out)
             gated.append(edges)
-        result = _masked_sum(self._inputs[self.num_blocks], gated, outputs)
+        result = masked_sum(self._inputs[self.num_blocks], gated, outputs)
         return (result if result is not None else torch.zeros_like(outputs[0])), gated
 
     # --- records ----------------------------------------------------------------
@@ -383,12 +377,6 @@ class DGStage(nn.Module):
         )
 
 
-def check_execution(execution: str) -> ExecutionKind:
-    if execution not in EXECUTION_KINDS:
-        raise ValueError(f"execution must be one of {', '.join(EXECUTION_KINDS)}, got {execution!r}")
-    return execution  # type: ignore[return-value]
-
-
 def set_execution(model: nn.Module, execution: ExecutionKind) -> None:
     """Choose how every DG-Net stage of ``model`` runs skipped blocks (see ``ExecutionKind``)."""
     check_execution(execution)
@@ -396,38 +384,3 @@ def set_execution(model: nn.Module, execution: ExecutionKind) -> None:
         if isinstance(m, DGStage):
             m.execution = execution
 
-
-def _masked_sum(sources: list[tuple[int, int]], gated: list[Tensor], outputs: list[Tensor]) -> Tensor | None:
-    """Σ_i w_i · x_i over every source, open or not (a closed edge's weight is exactly 0)."""
-    total: Tensor | None = None
-    for s, col in sources:
-        total = _accumulate(total, gated[s][:, col], outputs[s])
-    return total
-
-
-def _accumulate(total: Tensor | None, weight: Tensor, out: Tensor) -> Tensor:
-    """``total + weight · out``, per image, fused into one pass over the features.
-
-    The weighted sums are DG-Net's main element-wise cost on a large feature map:
-    ``addcmul`` reads each tensor once, where a multiply then an add read and write a
-    temporary too. Without autograd the sum is updated in place (``total`` is always
-    a tensor made here).
-    """
-    w = weight.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
-    if total is None:
-        return w * out
-    if torch.is_grad_enabled():
-        return torch.addcmul(total, w, out)
-    return total.addcmul_(w, out)
-
-
-def edge_l1(model: nn.Module) -> Tensor:
-    """Mean gated edge weight over every DG-Net stage of the last training forward.
-
-    Added to the loss (times a coefficient) it encourages sparse connectivity, so that
-    thresholds actually close edges (as TopoNet and DG-Net do).
-    """
-    terms = [g.mean() for m in model.modules() if isinstance(m, DGStage) for g in m.gated_edge_weights()]
-    if not terms:
-        return torch.zeros(())
-    return torch.stack(terms).mean()
