@@ -262,10 +262,12 @@ def test_animated_or_multi_page_images_give_their_first_frame(fmt: str) -> None:
 # --- bad uploads --------------------------------------------------------------------------------
 
 
-def test_truncated_jpeg_is_invalid() -> None:
+@pytest.mark.parametrize("reduced", [False, True])
+def test_truncated_jpeg_is_invalid(reduced: bool) -> None:
     data = encode(gradient(128, 128), "JPEG", quality=95)
+    reduce_to = (lambda w, h: (32, 32)) if reduced else None
     with pytest.raises(InvalidImageError) as info:
-        decode_image(data[: len(data) // 2], max_pixels=MAX_PIXELS, part="scan")
+        decode_upload(data[: len(data) // 2], max_pixels=MAX_PIXELS, part="scan", reduce_to=reduce_to)
     assert info.value.status_code == 422
     assert info.value.part == "scan" and "scan" in info.value.message
     assert not isinstance(info.value, ImageTooLargeError)

@@ -167,12 +167,7 @@ def decode_upload(
         raise InvalidImageError("empty upload", part)
 
     img = _open_checked(data, max_pixels=max_pixels, part=part)
-    width, height = _upright_size(img)
-    if reduce_to is not None and img.format in ("JPEG", "MPO"):
-        need_w, need_h = reduce_to(width, height)
-        if (width, height) != img.size:  # stored transposed (EXIF orientation 5 to 8)
-            need_w, need_h = need_h, need_w
-        img.draft(None, (max(1, need_w), max(1, need_h)))
+    upload_size = _reduce_jpeg(img, reduce_to) if reduce_to is not None and img.format in ("JPEG", "MPO") else None
     try:
         img.load()
     except Exception as exc:
@@ -182,12 +177,14 @@ def decode_upload(
 
     _apply_exif_orientation(img, part)
     try:
-        return Decoded(to_rgb(img), width, height)
+        rgb = to_rgb(img)
     except Exception as exc:
         # A decodable but exotic pixel format with no RGB conversion (LAB TIFF, ...).
         raise InvalidImageError(
             f"unsupported pixel format {img.mode!r} ({_describe(exc)})", part
         ) from exc
+    width, height = upload_size or rgb.size  # upright either way
+    return Decoded(rgb, width, height)
 
 
 def _open_checked(data: bytes, *, max_pixels: int, part: str | None) -> Image.Image:
@@ -225,14 +222,24 @@ def _open_checked(data: bytes, *, max_pixels: int, part: str | None) -> Image.Im
     return img
 
 
-def _upright_size(img: Image.Image) -> tuple[int, int]:
-    """The size ``img`` will have once its EXIF orientation is applied, read from its header."""
+def _reduce_jpeg(img: Image.Image, reduce_to: Callable[[int, int], tuple[int, int]]) -> tuple[int, int]:
+    """Ask libjpeg for the smallest scale covering ``reduce_to``'s need; the upload's upright size.
+
+    Both the need and the size are in upright pixels (after the EXIF orientation, which a
+    JPEG's header holds, so nothing is decoded here).
+    """
     try:
         transposed = img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
     except Exception:  # an unreadable EXIF block: _apply_exif_orientation leaves it unrotated too
         transposed = False
     width, height = img.size
-    return (height, width) if transposed else (width, height)
+    if transposed:
+        width, height = height, width
+    need_w, need_h = reduce_to(width, height)
+    if transposed:
+        need_w, need_h = need_h, need_w
+    img.draft(None, (max(1, need_w), max(1, need_h)))
+    return width, height
 
 
 def _apply_exif_orientation(img: Image.Image, part: str | None) -> None:
