@@ -7,7 +7,6 @@ environment. The README's settings table is generated from the descriptions belo
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
@@ -16,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import dgserve
+from dgserve.cores import available_cores
 
 __all__ = ["BatchingOverride", "Settings", "default_model_store"]
 
@@ -28,8 +28,8 @@ def default_model_store() -> Path:
 
 def _default_decode_threads() -> int:
     # Decoding releases the GIL inside PIL, so a few threads overlap well; more than the
-    # cores would only steal time from the model's own threads.
-    return max(1, min(4, os.cpu_count() or 1))
+    # cores (a container's quota included) would only steal time from the model's threads.
+    return min(4, available_cores())
 
 
 class BatchingOverride(BaseModel):
@@ -92,7 +92,8 @@ class Settings(BaseSettings):
     )
     torch_threads: PositiveInt | None = Field(
         None,
-        description="torch intra-op threads for CPU workers; default: CPU cores / (CPU instances per model × server processes).",
+        description="torch intra-op threads for CPU workers; default: the cores this process may use (its affinity and "
+        "its container's CPU quota) / (CPU instances per model × server processes).",
     )
 
     max_batch_size: PositiveInt | None = Field(None, description="Global override of every manifest's max_batch_size.")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,6 +20,7 @@ from typing import Any, Literal
 import torch
 from pydantic import ValidationError
 
+from dgserve.cores import available_cores
 from dgserve.errors import (
     DGServeError,
     InvalidRequestError,
@@ -213,7 +213,7 @@ class ServedModels:
         settings = self.settings
         cpu_replicas = settings.instances_per_device * sum(d.type == "cpu" for d in self.devices)
         cpu_replicas *= settings.server_processes
-        return settings.torch_threads or max(1, (os.cpu_count() or 1) // cpu_replicas)
+        return settings.torch_threads or max(1, available_cores() // cpu_replicas)
 
     async def _load(self, served: ServedModel) -> None:
         served.state = "loading"

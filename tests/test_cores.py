@@ -1,0 +1,110 @@
+"""The cores a process may use: affinity, and CPU quotas read from cgroup v1 and v2 files.
+
+The parsing is checked on cgroup trees written to a temporary directory in both layouts;
+one test puts a real process in a real cgroup with a quota where the machine lets it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dgserve.cores import available_cores, cgroup_quota
+
+AFFINITY = len(os.sched_getaffinity(0))
+
+
+def v2_tree(tmp_path: Path, path: str, limits: dict[str, str]) -> tuple[Path, Path]:
+    """A cgroup v2 mount with ``cpu.max`` per directory (``limits``: relative dir -> contents)."""
+    root = tmp_path / "cgroup"
+    (root / path.strip("/")).mkdir(parents=True, exist_ok=True)
+    for directory, text in limits.items():
+        (root / directory).mkdir(parents=True, exist_ok=True)
+        (root / directory / "cpu.max").write_text(text + "\n")
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text(f"0::{path}\n")
+    return proc, root
+
+
+def v1_tree(tmp_path: Path, controllers: str, path: str, quota_us: int, period_us: int = 100_000) -> tuple[Path, Path]:
+    root = tmp_path / "cgroup"
+    group = root / controllers / path.strip("/")
+    group.mkdir(parents=True)
+    (group / "cpu.cfs_quota_us").write_text(f"{quota_us}\n")
+    (group / "cpu.cfs_period_us").write_text(f"{period_us}\n")
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text(f"5:memory:/x\n4:{controllers}:{path}\n3:cpuset:/\n0::/\n")
+    return proc, root
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "quota", "cores"),
+    [("max 100000", None, AFFINITY), ("100000 100000", 1.0, 1), ("150000 100000", 1.5, 1),
+     ("50000 100000", 0.5, 1), ("6400000 100000", 64.0, AFFINITY)],
+)  # fmt: skip
+def test_cgroup_v2_cpu_max_bounds_the_cores(tmp_path: Path, cpu_max: str, quota: float | None, cores: int) -> None:
+    proc, root = v2_tree(tmp_path, "/kubepods/pod1/c1", {"kubepods/pod1/c1": cpu_max})
+    assert cgroup_quota(proc_cgroup=proc, root=root) == quota
+    assert available_cores(proc_cgroup=proc, root=root) == cores
+
+
+def test_a_parents_quota_binds_its_children(tmp_path: Path) -> None:
+    proc, root = v2_tree(tmp_path, "/kubepods/pod1/c1", {"kubepods/pod1": "100000 100000", "kubepods/pod1/c1": "max 100000"})
+    assert cgroup_quota(proc_cgroup=proc, root=root) == 1.0
+
+
+def test_a_namespaced_container_reads_its_quota_at_the_mount(tmp_path: Path) -> None:
+    # With a cgroup namespace the path is "/", and the mount is the container's own cgroup.
+    proc, root = v2_tree(tmp_path, "/", {".": "200000 100000"})
+    assert cgroup_quota(proc_cgroup=proc, root=root) == 2.0
+
+
+@pytest.mark.parametrize("controllers", ["cpu", "cpu,cpuacct"])
+def test_cgroup_v1_cfs_quota_bounds_the_cores(tmp_path: Path, controllers: str) -> None:
+    proc, root = v1_tree(tmp_path, controllers, "/docker/abc", quota_us=50_000)
+    assert cgroup_quota(proc_cgroup=proc, root=root) == 0.5
+    assert available_cores(proc_cgroup=proc, root=root) == 1
+
+
+def test_cgroup_v1_without_a_quota_leaves_the_affinity(tmp_path: Path) -> None:
+    proc, root = v1_tree(tmp_path, "cpu", "/", quota_us=-1)
+    assert cgroup_quota(proc_cgroup=proc, root=root) is None
+    assert available_cores(proc_cgroup=proc, root=root) == AFFINITY
+
+
+def test_no_cgroup_filesystem_means_no_quota(tmp_path: Path) -> None:
+    assert cgroup_quota(proc_cgroup=tmp_path / "absent", root=tmp_path) is None
+    assert available_cores(proc_cgroup=tmp_path / "absent", root=tmp_path) == AFFINITY
+
+
+def _writable_v1_cpu() -> Path | None:
+    cpu = Path("/sys/fs/cgroup/cpu")
+    return cpu if (cpu / "cpu.cfs_quota_us").exists() and os.access(cpu, os.W_OK) else None
+
+
+@pytest.mark.skipif(_writable_v1_cpu() is None, reason="needs a writable cgroup v1 cpu hierarchy (root)")
+@pytest.mark.skipif(AFFINITY < 2, reason="a quota under 1 CPU must show against at least 2 cores")
+def test_a_process_in_a_real_cgroup_with_a_quota_sees_it(tmp_path: Path) -> None:
+    """The kernel's own files: a child process moved into a new cgroup capped at half a CPU.
+
+    Its CPU count still says every core of the machine; the quota brings it to 1."""
+    mount = _writable_v1_cpu()
+    assert mount is not None
+    group = mount / f"dgserve-test-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_quota_us").write_text("50000")
+        script = ("from dgserve.cores import available_cores, cgroup_quota; from dgserve.settings import Settings; "
+                  "print(available_cores(), cgroup_quota(), Settings().decode_threads)")
+        out = subprocess.run(
+            ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" -c "$1"', sys.executable, script],
+            capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        assert out.stdout.split() == ["1", "0.5", "1"]  # the decode pool is sized from the quota too
+    finally:
+        group.rmdir()  # the child has exited, so the cgroup is empty
