@@ -205,9 +205,9 @@ class DGStage(nn.Module):
             else:
                 # Run the block on the images that reach it, and only on those.
                 idx = torch.tensor([b for b, r in enumerate(runs) if r], device=x.device)
-                sub_out = block(inp.index_select(0, idx))
+                sub_out = block(inp[idx])  # unlike index_select, indexing keeps a channels_last layout
                 sub_edges = static[k].expand(n_run, -1) if static is not None else self._gate(k, sub_out)
-                out = sub_out.new_zeros((batch, *sub_out.shape[1:])).index_copy(0, idx, sub_out)
+                out = _zeros_for_batch(sub_out, batch).index_copy_(0, idx, sub_out)
                 edges = sub_edges.new_zeros((batch, num_out)).index_copy(0, idx, sub_edges)
             outputs.append(out)
             gated.append(edges)
@@ -375,6 +375,17 @@ class DGStage(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def _zeros_for_batch(rows: Tensor, batch: int) -> Tensor:
+    """Zeros for ``batch`` rows shaped as ``rows``'s, in its memory layout.
+
+    ``new_zeros`` would give NCHW whatever ``rows`` is; under channels_last weights
+    (DGSERVE_MEMORY_FORMAT) that one map would make every weighted sum it joins mix layouts.
+    """
+    channels_last = rows.dim() == 4 and not rows.is_contiguous() and rows.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((batch, *rows.shape[1:]), dtype=rows.dtype, device=rows.device, memory_format=layout).zero_()
 
 
 def set_execution(model: nn.Module, execution: ExecutionKind) -> None:
