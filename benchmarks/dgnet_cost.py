@@ -52,6 +52,7 @@ from dgserve.models.dgnet import dg_stages, set_execution
 from dgserve.models.dgnet.backbones import TORCHVISION_BUILDERS, build_plain
 from dgserve.models.registry import create_model, list_models
 from dgserve.models.widths import slim_resnet18
+from dgserve.serving.worker import set_memory_format
 from dgserve.settings import default_model_store
 
 
@@ -72,6 +73,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops for `open`")
     p.add_argument("--malloc", choices=["kept", "default"], default="kept",
                    help="kept: glibc keeps large blocks, as the server does (dgserve.allocator); default: glibc's own")
+    p.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last",
+                   help="convolution layout of both models (the server's DGSERVE_MEMORY_FORMAT; its default first)")
     return p.parse_args()
 
 
@@ -188,6 +191,8 @@ def spread(values: list[float], fmt: str = "{:.3f}") -> str:
 
 def bench(name: str, args: argparse.Namespace, device: torch.device) -> None:
     dg, plain, full_x, real = load(name, args, device)
+    for model in (dg, plain):
+        set_memory_format(model, args.memory_format)
     executions = args.executions.split(",")
     stored_taus = [stage.tau.detach().clone() for _, stage in dg_stages(dg)]
     for b in (int(s) for s in args.batch_sizes.split(",")):
@@ -260,7 +265,8 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
-          f"malloc {'keeping large blocks' if kept else 'as glibc sets it'}", file=sys.stderr)
+          f"malloc {'keeping large blocks' if kept else 'as glibc sets it'}, memory format {args.memory_format}",
+          file=sys.stderr)
     for name in args.models.split(","):
         bench(name, args, device)
 

@@ -10,7 +10,8 @@
 #   1. the CUDA tests (tests/serving/test_cuda.py and every other test that skips without
 #      CUDA: NVJPEG decoding, reduced precision); on the CPU they skip, and the log says so;
 #   2. raw against server throughput, DG-Net ResNet-50 at 224 px, fp32 then bf16 then fp16
-#      autocast (DGSERVE_PRECISION; fp16 on CUDA only);
+#      autocast (DGSERVE_PRECISION; fp16 on CUDA only), all with channels_last convolutions
+#      (DGSERVE_MEMORY_FORMAT's default), then fp32 once more with NCHW ones (contiguous);
 #   3. JPEG decoding: nvJPEG (torchvision decode_jpeg on the GPU, batched) against PIL and
 #      torchvision on the CPU, same-run ratios;
 #   4. DG-Net's own cost: skipping against all-edges-open and against the masked mode
@@ -27,7 +28,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
     --results) RESULTS="$2"; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -48,15 +49,17 @@ if [[ "$DEVICE" == cuda ]]; then
   PRECISIONS=(fp32 bf16 fp16)
   JPEG=(--batch 32 --passes 3 --rounds 5)
   COST=(--models shapes-dgnet,dgnet_resnet50 --batch-sizes 1,8 --rounds 5)
-  # Each step's limit (seconds); together 470 s, so the script ends within 8 minutes whatever happens.
-  LIMIT_TESTS=100 LIMIT_SERVE=80 LIMIT_JPEG=40 LIMIT_COST=90
+  LAYOUT=(--rounds 1)  # fp32 again with NCHW convolutions: one round, against step 2's fp32 figures
+  # Each step's limit (seconds); together 480 s, so the script ends within 8 minutes whatever happens.
+  LIMIT_TESTS=90 LIMIT_SERVE=75 LIMIT_LAYOUT=50 LIMIT_JPEG=35 LIMIT_COST=80
 else
   # A smoke run: every step runs through, at sizes a 2-core machine finishes in minutes.
   SERVE=(--create dgnet_resnet50 --image-size 64 --batch-size 4 --clients 4 --requests 16 --rounds 1)
   PRECISIONS=(fp32 bf16)
   JPEG=(--batch 8 --passes 2 --rounds 3)
   COST=(--models shapes-dgnet --batch-sizes 1 --rounds 2 --min-time 0.1 --close 0.5)
-  LIMIT_TESTS=180 LIMIT_SERVE=150 LIMIT_JPEG=90 LIMIT_COST=150
+  LAYOUT=()
+  LIMIT_TESTS=180 LIMIT_SERVE=150 LIMIT_LAYOUT=150 LIMIT_JPEG=90 LIMIT_COST=150
 fi
 
 STARTED=$SECONDS
@@ -105,6 +108,9 @@ for precision in "${PRECISIONS[@]}"; do
   step "serve_throughput $precision" "$LIMIT_SERVE" "$PY" benchmarks/serve_throughput.py --device "$DEVICE" \
     --precision "$precision" "${SERVE[@]}" --json "$RESULTS/serve_throughput_$precision.json"
 done
+step "serve_throughput fp32 contiguous" "$LIMIT_LAYOUT" "$PY" benchmarks/serve_throughput.py --device "$DEVICE" \
+  --precision fp32 --memory-format contiguous "${SERVE[@]}" ${LAYOUT[@]+"${LAYOUT[@]}"} \
+  --json "$RESULTS/serve_throughput_fp32_contiguous.json"
 
 # 3. JPEG decoding: nvJPEG against the CPU.
 step "jpeg_decode" "$LIMIT_JPEG" "$PY" benchmarks/jpeg_decode.py --device "$DEVICE" "${JPEG[@]}" \

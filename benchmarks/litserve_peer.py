@@ -8,7 +8,8 @@ dgserve's ``.venv`` is left as it is and LitServe never becomes a dependency of 
 Both servers serve the same stored model (default: the bundled ``shapes-dgnet``), loaded
 through dgserve's store loader, and turn each upload into the model's input with the
 task's own ``prepare_upload`` (same decoding checks, same resize, the same ``DGSERVE_JPEG_DRAFT``
-from the environment both inherit), so what differs is the
+from the environment both inherit), and lay out its convolutions alike (``DGSERVE_MEMORY_FORMAT``,
+likewise), so what differs is the
 server: HTTP, batching, decoding placement, response encoding, and dgserve's extras
 (connectivity in every answer, an inspection record per image). LitServe uses its own
 dynamic batching (``--max-batch`` 32, ``--batch-timeout-ms`` 5, one worker) and answers
@@ -124,6 +125,7 @@ if ls is not None:
 
             from dgserve.model_store import ModelStore
             from dgserve.models.connectivity import connectivity_sources
+            from dgserve.serving.worker import set_memory_format
             from dgserve.settings import Settings
             from dgserve.tasks import get_task
 
@@ -133,8 +135,10 @@ if ls is not None:
             self.task = get_task(self.manifest.task)
             self.options = self.task.Options(top_k=self.top_k)
             # dgserve's defaults, read from this process's environment as dgserve reads its own: the
-            # pixel limit, and DGSERVE_JPEG_DRAFT (reduced JPEG decoding), so both decode alike.
+            # pixel limit, DGSERVE_JPEG_DRAFT (reduced JPEG decoding), so both decode alike, and
+            # DGSERVE_MEMORY_FORMAT, so both run the same convolutions.
             self.limits = Settings()
+            set_memory_format(self.loaded.model, self.limits.memory_format)
             self.sources = connectivity_sources(self.loaded.model) if self.connectivity else None
 
         # No annotations on decode_request's argument nor encode_response's result: LitServe

@@ -61,7 +61,7 @@ from dgserve.imaging import IMAGENET_MEAN as MEAN
 from dgserve.imaging import IMAGENET_STD as STD
 from dgserve.imaging import preprocess
 from dgserve.serving.decode import decode_image
-from dgserve.serving.worker import autocast_dtype
+from dgserve.serving.worker import autocast_dtype, set_memory_format
 from dgserve.settings import default_model_store
 from dgserve.model_store import LoadedModel, ModelStore
 
@@ -94,6 +94,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--malloc", choices=["kept", "default"], default="kept",
                    help="glibc malloc policy of raw and server alike: kept (the server's default, dgserve.allocator) "
                         "or glibc's own (DGSERVE_MALLOC_KEEP_LARGE_BLOCKS=false)")
+    p.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last",
+                   help="convolution layout of raw and server alike (DGSERVE_MEMORY_FORMAT; the server's default first)")
     return p.parse_args()
 
 
@@ -137,6 +139,7 @@ class RawModel:
             keep_large_blocks()  # as the server's process does
         self.device = torch.device(args.device)
         self.loaded: LoadedModel = ModelStore(root).load(args.model, device=self.device)
+        set_memory_format(self.loaded.model, args.memory_format)  # as the server's worker does
         if self.loaded.manifest.task != "classification":
             raise SystemExit(f"{args.model!r} is a {self.loaded.manifest.task} model; this benchmark drives /classify")
         pre = self.loaded.manifest.preprocessing
@@ -181,7 +184,8 @@ def start_server(root: Path, data_dir: Path, port: int, args: argparse.Namespace
     env = {**os.environ, "DGSERVE_MODELS": args.model, "DGSERVE_DEVICES": args.device,
            "DGSERVE_BATCHING": json.dumps({args.model: batching}), "DGSERVE_ACCESS_LOG": "false",
            "DGSERVE_LOG_LEVEL": "warning", "DGSERVE_GRPC_PORT": "off", "DGSERVE_PRECISION": args.precision,
-           "DGSERVE_MALLOC_KEEP_LARGE_BLOCKS": str(args.malloc == "kept").lower()}
+           "DGSERVE_MALLOC_KEEP_LARGE_BLOCKS": str(args.malloc == "kept").lower(),
+           "DGSERVE_MEMORY_FORMAT": args.memory_format}
     command = [sys.executable, "-c", "from dgserve.cli import main; main()", "serve", "--host", HOST,
                "--port", str(port), "--store", str(root), "--data-dir", str(data_dir)]
     return subprocess.Popen(command, env=env)
@@ -349,7 +353,8 @@ def main() -> None:
         root = prepare_store(args, tmp)
         print(f"model {args.model!r}, B={args.batch_size}, {args.image_size}px, {args.clients} connections, "
               f"{args.requests} requests x {args.images_per_request} image(s) per round, {args.rounds} rounds, "
-              f"{os.cpu_count()} CPU cores, device {args.device}, precision {args.precision}, malloc {args.malloc}"
+              f"{os.cpu_count()} CPU cores, device {args.device}, precision {args.precision}, malloc {args.malloc}, "
+              f"memory format {args.memory_format}"
               + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else ""))
         raw_model = RawModel(root, args)
         port = free_port()

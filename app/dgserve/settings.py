@@ -86,6 +86,11 @@ class Settings(BaseSettings):
         description="Forward precision of every model (torch.autocast), replacing each manifest's precision: "
         "fp32, bf16 (CPU or CUDA) or fp16 (CUDA only; a CPU worker refuses to load). Outputs stay float32.",
     )
+    memory_format: Literal["channels_last", "contiguous"] = Field(
+        "channels_last",
+        description="Layout of every model's 2-D convolution weights, which their feature maps follow: channels_last "
+        "(NHWC, the native layout of oneDNN's CPU kernels and of cuDNN's tensor cores) or contiguous (NCHW, as stored).",
+    )
     malloc_keep_large_blocks: bool = Field(
         True,
         description="Have glibc keep freed feature maps for reuse instead of unmapping them (dgserve.allocator): "

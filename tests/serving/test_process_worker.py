@@ -1,12 +1,12 @@
-"""ProcessModelWorker: the same answers as ModelWorker for every bundled model, a child that
-dies is replaced (its batch failing with a 503, never hanging), a broken store fails the
-load with the store's own error, and closing leaves no process behind."""
+"""ProcessModelWorker: the same answers as ModelWorker for every bundled model, convolutions
+laid out as DGSERVE_MEMORY_FORMAT says, a child that dies is replaced (its batch failing with
+a 503, never hanging), a broken store fails the load with the store's own error, and closing
+leaves no process behind."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import shutil
 import signal
@@ -14,63 +14,24 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import pytest_asyncio
 import torch
-from PIL import Image, ImageDraw
 
 from dgserve.errors import DGServeError, ShuttingDownError, WorkerCrashedError
-from dgserve.model_store import ModelStore
 from dgserve.serving.process_worker import ProcessModelWorker
-from dgserve.serving.worker import ImageResult, ModelWorker
-from dgserve.settings import default_model_store
-from dgserve.tasks import ImageInfo, InferenceItem, get_task
+from dgserve.serving.worker import ImageResult, MemoryFormat, ModelWorker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from answers import BUNDLED, STORE, assert_close, photo_items  # noqa: E402
 from processes import pid_running  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
 CPU = torch.device("cpu")
-STORE = ModelStore(default_model_store())
-BUNDLED = STORE.names()
-
-
-def photo_items(model: str, n: int = 2) -> list[InferenceItem]:
-    """``n`` crops of one scene, prepared as the model's task prepares uploads."""
-    manifest = STORE.resolve(model).manifest
-    task = get_task(manifest.task)
-    # A noisy scene with a few shapes: the two workers must agree on it, whatever it shows.
-    pixels = np.random.default_rng(0).integers(0, 256, (300, 420, 3), dtype=np.uint8)
-    photo = Image.fromarray(pixels)
-    draw = ImageDraw.Draw(photo)
-    draw.ellipse((60, 60, 200, 200), fill=(220, 40, 40))
-    draw.rectangle((230, 90, 330, 190), fill=(40, 40, 220))
-    items = []
-    for k in range(n):
-        crop = photo.crop((40 * k, 0, 40 * k + 300, 300))
-        tensor, context = task.prepare(crop, manifest.preprocessing)
-        items.append(InferenceItem(tensor, ImageInfo(None, *crop.size), task.Options(), context))
-    return items
-
-
-def assert_close(a: Any, b: Any, path: str = "") -> None:
-    """Equal JSON values, floats within 1e-4 (two processes may order a reduction differently)."""
-    if isinstance(a, float) or isinstance(b, float):
-        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            assert_close(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_close(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 @pytest_asyncio.fixture
@@ -103,6 +64,29 @@ async def test_same_answers_as_the_thread_worker(model: str) -> None:
     finally:
         remote.close()
         local.close()
+        remote.join()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+async def test_the_child_lays_out_its_convolutions_as_the_setting_says(memory_format: MemoryFormat) -> None:
+    """Bit for bit what a thread worker with the same DGSERVE_MEMORY_FORMAT computes, and not
+    what one with the other computes (the layouts round the convolutions differently)."""
+    other: MemoryFormat = "channels_last" if memory_format == "contiguous" else "contiguous"
+    remote = ProcessModelWorker(STORE.root, "shapes-dgnet", 1, CPU, name="layout", threads=1,
+                                memory_format=memory_format)  # fmt: skip
+    same = ModelWorker(STORE.load("shapes-dgnet", 1), CPU, name="same", threads=1, memory_format=memory_format)
+    different = ModelWorker(STORE.load("shapes-dgnet", 1), CPU, name="different", threads=1, memory_format=other)
+    try:
+        await remote.start()
+        batch = photo_items("shapes-dgnet")
+        theirs = [(r.predictions, r.connectivity_json) for r in await remote(batch)]
+        assert theirs == [(r.predictions, r.connectivity_json) for r in await same(batch)]
+        assert theirs != [(r.predictions, r.connectivity_json) for r in await different(batch)]
+    finally:
+        remote.close()
+        same.close()
+        different.close()
         remote.join()
 
 

@@ -16,12 +16,14 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import torch
 from PIL import Image
 
 from dgserve.data.scenes import render_classification
 from dgserve.errors import InvalidImageError, InvalidRequestError, ModelNotFoundError
 from dgserve.metrics import Metrics
 from dgserve.serving.service import ServingService, Upload
+from dgserve.serving.worker import ModelWorker
 from dgserve.settings import Settings
 from dgserve.tasks import get_task
 from dgserve.tasks.classification import ClassificationOptions
@@ -159,6 +161,25 @@ async def test_the_service_has_glibc_keep_large_blocks_as_set(
     await svc.start()
     await svc.close()
     assert len(calls) == (1 if keep else 0)
+
+
+@pytest.mark.parametrize(("memory_format", "layout"), [("channels_last", torch.channels_last),
+                                                     ("contiguous", torch.contiguous_format)])  # fmt: skip
+async def test_the_services_workers_lay_out_convolutions_as_set(
+    memory_format: str, layout: torch.memory_format, tmp_path: Path
+) -> None:
+    settings = Settings(models=["shapes-dgnet"], data_dir=tmp_path, memory_format=memory_format, torch_threads=1)
+    svc = ServingService(settings, Metrics())
+    try:
+        await svc.start()
+        await asyncio.wait_for(svc.loaded(), 100)
+        [worker] = svc.models.groups["shapes-dgnet"].default.workers
+        assert isinstance(worker, ModelWorker)
+        convolutions = [m for m in worker.loaded.model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convolutions and all(c.weight.is_contiguous(memory_format=layout) for c in convolutions)
+        assert any(not c.weight.is_contiguous() for c in convolutions) == (memory_format == "channels_last")
+    finally:
+        await svc.close()
 
 
 async def test_a_server_process_freezes_its_loaded_models_out_of_the_cyclic_gc(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -20,7 +21,10 @@ from dgserve.serving.batcher import DynamicBatcher
 from dgserve.connectivity import strip_matrices
 from dgserve.model_store import LoadedModel, Manifest, ModelStore
 from dgserve.serving.decode import new_decode_pool
-from dgserve.serving.worker import ImageResult, ModelWorker
+from dgserve.serving.worker import ImageResult, MemoryFormat, ModelWorker
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from answers import BUNDLED, STORE, assert_close, photo_items  # noqa: E402
 from dgserve.tasks import ImageInfo, InferenceItem
 from dgserve.tasks.classification import ClassificationOptions
 from dgserve.tasks.detection import DetectionOptions
@@ -207,3 +211,26 @@ def test_worker_and_decode_threads_keep_their_own_torch_thread_counts(loaded: Lo
         early.close()
         late.close()
         torch.set_num_threads(before)  # the process-wide value new threads start from
+
+
+@pytest.mark.parametrize("model", BUNDLED)
+def test_convolutions_run_channels_last_unless_told_otherwise(model: str) -> None:
+    """DGSERVE_MEMORY_FORMAT: 2-D convolution weights channels_last by default, as stored with
+    ``contiguous``; 3-D ones (video) untouched either way; the answers agree within rounding."""
+    answers = {}
+    memory_format: MemoryFormat
+    for memory_format in ("channels_last", "contiguous"):
+        worker = ModelWorker(STORE.load(model), CPU, name=model, threads=1, memory_format=memory_format)
+        try:
+            convolutions = [m for m in worker.loaded.model.modules() if isinstance(m, nn.Conv2d | nn.Conv3d)]
+            assert convolutions
+            for conv in convolutions:
+                as_stored = isinstance(conv, nn.Conv3d) or memory_format == "contiguous"
+                layout = torch.contiguous_format if as_stored else torch.channels_last
+                assert conv.weight.is_contiguous(memory_format=layout)
+            answers[memory_format] = worker.infer_batch(photo_items(model))
+        finally:
+            worker.close()
+    for last, first in zip(answers["channels_last"], answers["contiguous"], strict=True):
+        assert_close(last.predictions, first.predictions)
+        assert_close(last.connectivity, first.connectivity)

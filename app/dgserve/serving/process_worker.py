@@ -55,7 +55,7 @@ from dgserve.model_store import Manifest, ModelStore
 from dgserve.model_store.manifest import Precision
 from dgserve.models.connectivity import describe_graph
 from dgserve.serving.threads import pin_torch_threads
-from dgserve.serving.worker import ImageResult, ModelWorker
+from dgserve.serving.worker import ImageResult, MemoryFormat, ModelWorker
 from dgserve.tasks import ImageInfo, InferenceItem, get_task
 
 __all__ = ["ProcessModelWorker"]
@@ -139,6 +139,7 @@ class ProcessModelWorker:
         name: str,
         threads: int | None,
         precision: Precision | None = None,
+        memory_format: MemoryFormat = "channels_last",
         malloc_keep_large_blocks: bool = True,
     ) -> None:
         self.store_root = store_root
@@ -149,6 +150,7 @@ class ProcessModelWorker:
         self.name = name
         self.threads = threads
         self.precision = precision
+        self.memory_format = memory_format
         self.manifest: Manifest | None = None
         self.graph: dict[str, Any] | None = None
         self.pid: int | None = None
@@ -244,7 +246,7 @@ class ProcessModelWorker:
         ours, theirs = socket.socketpair()
         spec = json.dumps({"store": str(self.store_root), "model": self.model, "version": self.version,
                            "device": str(self.device), "threads": self.threads, "precision": self.precision,
-                           "keep_large_blocks": self.malloc_keep_large_blocks,
+                           "memory_format": self.memory_format, "keep_large_blocks": self.malloc_keep_large_blocks,
                            "fd": theirs.fileno()})  # fmt: skip
         with theirs:
             process = subprocess.Popen(
@@ -303,7 +305,7 @@ def _child_main(spec: dict[str, Any]) -> None:
     try:
         loaded = ModelStore(Path(spec["store"])).load(spec["model"], spec["version"], device)
         worker = ModelWorker(loaded, device, name=f"{spec['model']}-v{spec['version']}", threads=None,
-                             precision=spec.get("precision"))  # fmt: skip
+                             precision=spec.get("precision"), memory_format=spec["memory_format"])  # fmt: skip
         conn.send_bytes(_dumps(_Ready(worker.manifest, describe_graph(loaded.model), os.getpid())))
     except Exception as exc:  # the parent raises it as the load's failure
         conn.send_bytes(_dumps(_Failed.of(exc)))

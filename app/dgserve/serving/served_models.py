@@ -272,6 +272,7 @@ class ServedModels:
         if self.settings.model_workers == "process":
             worker = ProcessModelWorker(self.store.root, served.name, served.version, device, name=name,
                                         threads=threads, precision=self.settings.precision,
+                                        memory_format=self.settings.memory_format,
                                         malloc_keep_large_blocks=self.settings.malloc_keep_large_blocks)  # fmt: skip
             try:
                 await worker.start()
@@ -280,7 +281,8 @@ class ServedModels:
                 raise
             return worker
         loaded = await asyncio.to_thread(self._replica, served, device)
-        return ModelWorker(loaded, device, name=name, threads=threads, precision=self.settings.precision)
+        return ModelWorker(loaded, device, name=name, threads=threads, precision=self.settings.precision,
+                           memory_format=self.settings.memory_format)
 
     @staticmethod
     def _describe(worker: ModelWorker | ProcessModelWorker) -> tuple[Manifest, dict[str, Any]]:

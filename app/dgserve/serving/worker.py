@@ -25,11 +25,11 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from dgserve.connectivity import ImageConnectivity
 from dgserve.errors import UnsupportedPrecisionError
@@ -39,11 +39,16 @@ from dgserve.models.connectivity import collect_connectivity, connectivity_sourc
 from dgserve.serving.threads import pin_torch_threads
 from dgserve.tasks import ImageInfo, InferenceItem, get_task
 
-__all__ = ["ImageResult", "ModelWorker", "autocast_dtype"]
+__all__ = ["ImageResult", "MemoryFormat", "ModelWorker", "autocast_dtype", "set_memory_format"]
 
 log = logging.getLogger(__name__)
 
 _AUTOCAST_DTYPES: dict[Precision, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+MemoryFormat = Literal["channels_last", "contiguous"]
+_MEMORY_FORMATS: dict[MemoryFormat, torch.memory_format] = {
+    "channels_last": torch.channels_last, "contiguous": torch.contiguous_format,
+}
 
 
 def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
@@ -57,6 +62,19 @@ def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | 
     if precision == "fp16" and device.type != "cuda":
         raise UnsupportedPrecisionError(f"precision fp16 needs a CUDA device, not {device}; use bf16 or fp32")
     return _AUTOCAST_DTYPES[precision]
+
+
+def set_memory_format(model: nn.Module, memory_format: MemoryFormat) -> None:
+    """Lay out the weights of ``model``'s 2-D convolutions in ``memory_format`` (DGSERVE_MEMORY_FORMAT).
+
+    A convolution whose weight is channels_last (NHWC) returns its output in that layout,
+    so the feature maps of the whole network follow, and so do the element-wise ops that
+    preserve their input's layout (batch norm, ReLU, DG-Net's weighted sums). NHWC is
+    oneDNN's native layout on a CPU, and PyTorch's NCHW max pooling there is about eight
+    times slower than its NHWC one (``docs/performance.md``). Outputs differ from the NCHW
+    forward's by float rounding in the convolutions. 3-D convolutions (video) keep theirs.
+    """
+    torch.nn.utils.convert_conv2d_weight_memory_format(model, _MEMORY_FORMATS[memory_format])
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +98,10 @@ class ModelWorker:
         name: str,
         threads: int | None = None,
         precision: Precision | None = None,
+        memory_format: MemoryFormat = "channels_last",
     ) -> None:
         self.loaded = loaded
+        set_memory_format(loaded.model, memory_format)  # the replica is this worker's own
         # ``precision`` (DGSERVE_PRECISION) replaces the manifest's; the manifest kept
         # here says what actually runs, so GET /v1/models shows the effective value.
         effective = precision or loaded.manifest.precision
