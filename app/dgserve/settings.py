@@ -18,7 +18,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 import dgserve
 from dgserve.cores import available_cores
 
-__all__ = ["BatchingOverride", "Settings", "default_model_store"]
+__all__ = ["BatchingOverride", "MemoryFormat", "Settings", "default_model_store"]
+
+MemoryFormat = Literal["channels_last", "contiguous"]
 
 
 def default_model_store() -> Path:
@@ -86,7 +88,7 @@ class Settings(BaseSettings):
         description="Forward precision of every model (torch.autocast), replacing each manifest's precision: "
         "fp32, bf16 (CPU or CUDA) or fp16 (CUDA only; a CPU worker refuses to load). Outputs stay float32.",
     )
-    memory_format: Literal["channels_last", "contiguous"] = Field(
+    memory_format: MemoryFormat = Field(
         "channels_last",
         description="Layout of every model's 2-D convolution weights, which their feature maps follow: channels_last "
         "(NHWC, the native layout of oneDNN's CPU kernels and of cuDNN's tensor cores) or contiguous (NCHW, as stored).",

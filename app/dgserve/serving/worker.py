@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image
@@ -37,6 +37,7 @@ from dgserve.model_store import LoadedModel, Manifest
 from dgserve.model_store.manifest import Precision
 from dgserve.models.connectivity import collect_connectivity, connectivity_sources
 from dgserve.serving.threads import pin_torch_threads
+from dgserve.settings import MemoryFormat
 from dgserve.tasks import ImageInfo, InferenceItem, get_task
 
 __all__ = ["ImageResult", "MemoryFormat", "ModelWorker", "autocast_dtype", "set_memory_format"]
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 
 _AUTOCAST_DTYPES: dict[Precision, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-MemoryFormat = Literal["channels_last", "contiguous"]
 _MEMORY_FORMATS: dict[MemoryFormat, torch.memory_format] = {
     "channels_last": torch.channels_last, "contiguous": torch.contiguous_format,
 }

@@ -383,7 +383,7 @@ def _zeros_for_batch(rows: Tensor, batch: int) -> Tensor:
     ``new_zeros`` would give NCHW whatever ``rows`` is; under channels_last weights
     (DGSERVE_MEMORY_FORMAT) that one map would make every weighted sum it joins mix layouts.
     """
-    channels_last = rows.dim() == 4 and not rows.is_contiguous() and rows.is_contiguous(memory_format=torch.channels_last)
+    channels_last = rows.dim() == 4 and rows.is_contiguous(memory_format=torch.channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty((batch, *rows.shape[1:]), dtype=rows.dtype, device=rows.device, memory_format=layout).zero_()
 
