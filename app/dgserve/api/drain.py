@@ -12,9 +12,9 @@ Kubernetes and ``docker stop`` send) and, counting from the signal:
    requests in flight too, carries ``Connection: close``, so no client is left holding
    a kept-alive connection that the shutdown will close under its next request.
 2. **After** ``DGSERVE_SHUTDOWN_GRACE_S`` (balancers that have not noticed yet still
-   get an HTTP answer), the listener closes. Connections the kernel had already
-   completed are taken in from its backlog and answered, not reset: their clients
-   think they are connected.
+   get an HTTP answer), the listener stops answering handshakes and closes. Connections
+   the kernel had already completed are taken in from its backlog and answered, not
+   reset: their clients think they are connected (``api/listening.py``).
 3. Requests in flight and queued run until ``DGSERVE_DRAIN_TIMEOUT_S`` after the
    signal. Then ``ServingService.stop_work`` fails what is still queued or computing
    with ``ShuttingDownError``, which the one error handler answers as JSON 503.
@@ -43,6 +43,7 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dgserve.api.errors import typed_error_response
+from dgserve.api.listening import close_listener
 from dgserve.errors import ShuttingDownError
 
 __all__ = ["ANSWER_S", "BACKSTOP_S", "TAIL_S", "DrainGuard", "DrainState", "DrainingServer"]
@@ -142,7 +143,7 @@ class DrainingServer(uvicorn.Server):
         log.info("draining: new requests get 503 shutting_down; the listener closes in %g s, "
                  "requests in flight have %g s", self._grace_s, self._timeout_s)  # fmt: skip
         await asyncio.sleep(self._grace_s)
-        self._close_listeners()
+        await self._close_listeners()
         log.info("draining: the listener is closed; %d requests in flight", len(self.server_state.tasks))
         if not await self._requests_done(deadline):
             log.warning("draining: %d requests still running at the drain timeout get 503 shutting_down",
@@ -158,26 +159,21 @@ class DrainingServer(uvicorn.Server):
             await asyncio.sleep(_POLL_S)
         return not self.server_state.tasks
 
-    def _close_listeners(self) -> None:
-        """Stop listening, but answer the connections already in the kernel's backlog.
+    async def _close_listeners(self) -> None:
+        """Stop listening, but answer the connections the kernel completed (``api/listening.py``).
 
-        A duplicate of each listening socket keeps it open while its backlog is accepted
-        here, so no connection the kernel completed meets a closed socket (a reset).
-        """
+        A duplicate of each listening socket keeps it open, once uvicorn's own is closed,
+        while its backlog is taken in here."""
         loop = asyncio.get_running_loop()
         config = self.config
         protocol = partial(config.http_protocol_class, config=config, server_state=self.server_state,
                            app_state=self.lifespan.state)  # fmt: skip
+
+        def take(connection: socket.socket) -> None:
+            self._spawn(loop.connect_accepted_socket(protocol, connection))
+
+        listeners = []
         for server in self.servers:
-            listeners = [sock.dup() for sock in server.sockets]
+            listeners += [sock.dup() for sock in server.sockets]
             server.close()
-            for listener in listeners:
-                with listener:
-                    listener.setblocking(False)
-                    while True:
-                        try:
-                            connection, _ = listener.accept()
-                        except (BlockingIOError, InterruptedError):
-                            break
-                        connection.setblocking(False)
-                        self._spawn(loop.connect_accepted_socket(protocol, connection))
+        await asyncio.gather(*(close_listener(listener, take) for listener in listeners))
