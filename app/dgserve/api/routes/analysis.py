@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from dataclasses import dataclass, field
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -36,7 +37,7 @@ from dgserve.inspection.tags import parse_filters
 from dgserve.serving.served_models import ServedModels
 from dgserve.settings import Settings
 
-__all__ = ["FilterParams", "Readers", "filters_of", "router", "streamed"]
+__all__ = ["FilterParams", "Filtered", "Readers", "filter_params", "filters_of", "router", "streamed"]
 
 router = APIRouter(tags=["analysis"])
 
@@ -50,18 +51,30 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
 class FilterParams:
     """The record filters every analysis route (and the listing) takes, as query parameters."""
 
-    def __init__(
-        self,
-        version: Annotated[int | None, Query(ge=1, le=2**31 - 1, description="only this model version")] = None,
-        since: Annotated[IsoDateTime | None, Query(description="ISO 8601; created at or after (UTC if no offset)")] = None,
-        until: Annotated[IsoDateTime | None, Query(description="ISO 8601; created before (UTC if no offset)")] = None,
-        label: Annotated[str | None, Query(max_length=256, description="only this top predicted label")] = None,
-        tag: Annotated[list[str], Query(description="key:value, repeatable; every one must hold")] = [],  # noqa: B006
-    ) -> None:
-        self.version, self.since, self.until, self.label, self.tag = version, since, until, label, tag
+    version: int | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    label: str | None = None
+    tag: list[str] = field(default_factory=list)
+
+
+async def filter_params(
+    version: Annotated[int | None, Query(ge=1, le=2**31 - 1, description="only this model version")] = None,
+    since: Annotated[IsoDateTime | None, Query(description="ISO 8601; created at or after (UTC if no offset)")] = None,
+    until: Annotated[IsoDateTime | None, Query(description="ISO 8601; created before (UTC if no offset)")] = None,
+    label: Annotated[str | None, Query(max_length=256, description="only this top predicted label")] = None,
+    tag: Annotated[list[str], Query(description="key:value, repeatable; every one must hold")] = [],  # noqa: B006
+) -> FilterParams:
+    """The filters' dependency. ``async def``, as every dependency here (``api/deps.py``): a
+    class or a plain ``def`` would be run in FastAPI's thread pool on every read."""
+    return FilterParams(version, since, until, label, tag)
+
+
+Filtered = Annotated[FilterParams, Depends(filter_params)]
 
 
 def _us(value: datetime | None, what: str) -> int | None:
@@ -97,7 +110,7 @@ async def connectivity_summary(
     readers: Readers,
     models: Annotated[ServedModels, Depends(get_models)],
     name: Annotated[str, Path(max_length=256)],
-    filters: Annotated[FilterParams, Depends()],
+    filters: Filtered,
     group_by: Annotated[str | None, Query(description="label, or tag:KEY (a tag's value)")] = None,
     kind: Annotated[str | None, Query(description="only this connectivity kind (stages, glore_units)")] = None,
     top_k: Annotated[int, Query(ge=1, le=100, description="most frequent path patterns per stage")] = 5,
@@ -156,7 +169,7 @@ async def connectivity_summary_picture(
     models: Annotated[ServedModels, Depends(get_models)],
     name: Annotated[str, Path(max_length=256)],
     fmt: Annotated[pictures.Format, Path(description="png or svg")],
-    filters: Annotated[FilterParams, Depends()],
+    filters: Filtered,
     group_by: Annotated[str | None, Query(description="label, or tag:KEY (a tag's value)")] = None,
     kind: Annotated[str | None, Query(description="only this connectivity kind (stages, glore_units)")] = None,
 ) -> Response:
@@ -193,7 +206,7 @@ async def record_picture(
 async def export_inspections(
     inspections: Inspections,
     readers: Readers,
-    filters: Annotated[FilterParams, Depends()],
+    filters: Filtered,
     model: Annotated[str | None, Query(max_length=256, description="only this model's records")] = None,
     format: Annotated[Literal["parquet"], Query(description="parquet (the only format)")] = "parquet",
 ) -> Response:

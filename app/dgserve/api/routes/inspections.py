@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from dgserve.api.deps import get_inspections, get_settings
-from dgserve.api.routes.analysis import FilterParams, Readers, filters_of, streamed
+from dgserve.api.routes.analysis import Filtered, Readers, filters_of, streamed
 from dgserve.api.schemas import ErrorResponse, InspectionListResponse, InspectionRecordResponse
 from dgserve.errors import InvalidRequestError
 from dgserve.inspection import InspectionStore
@@ -60,7 +60,7 @@ async def list_inspections(
     inspections: Inspections,
     readers: Readers,
     settings: Annotated[Settings, Depends(get_settings)],
-    filters: Annotated[FilterParams, Depends()],
+    filters: Filtered,
     model: Annotated[str | None, Query(description="only this model's records")] = None,
     limit: Annotated[int, Query(ge=1, description="most records (at most DGSERVE_INSPECTION_LIST_MAX)")] = 100,
     connectivity: Annotated[bool, Query(description="false leaves connectivity out ({}), much smaller")] = True,
