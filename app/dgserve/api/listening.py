@@ -25,6 +25,7 @@ import ctypes
 import logging
 import socket
 import struct
+import sys
 from collections.abc import Callable
 
 __all__ = ["SETTLE_CAP_S", "SETTLE_S", "close_listener", "refuse_handshakes"]
@@ -53,6 +54,8 @@ def refuse_handshakes(sock: socket.socket) -> bool:
     """Make a listening TCP socket drop new handshakes; whether that could be done here.
 
     The kernel copies the program, so the buffer need only outlive the call."""
+    if not sys.platform.startswith("linux"):  # the option's number is Linux's own
+        return False
     if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
         return False
     program = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in _DROP_SYN))
