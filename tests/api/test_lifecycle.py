@@ -124,7 +124,7 @@ async def test_full_queue_is_503_with_retry_after(
     first = await occupy_worker(client, gate, image())
     second = asyncio.ensure_future(jpeg_post(client, image(seed=1)))
     await eventually(lambda: batcher.queue_depth == 1)
-    batcher._avg_batch_s = 4.0  # as if batches took 4 s: Retry-After is the batcher's estimate
+    batcher.estimate.avg_batch_s = 4.0  # as if batches took 4 s: Retry-After is the batcher's estimate
     response = await jpeg_post(client, image(seed=2))
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "overloaded" and response.headers["retry-after"] == "4"

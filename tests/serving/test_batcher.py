@@ -228,7 +228,7 @@ async def test_check_admission_refuses_as_submit_would_and_counts_once() -> None
         await asyncio.wait_for(h.entered.wait(), WAIT)
         calls.append(asyncio.ensure_future(b.submit(1)))
         await wait_until(lambda: b.queue_depth == 1)
-        b._avg_batch_s = 7.0  # as if batches had taken 7 s: the estimate follows the model
+        b.estimate.avg_batch_s = 7.0  # as if batches had taken 7 s: the estimate follows the model
         with pytest.raises(QueueFullError) as info:
             b.check_admission()
         assert info.value.retry_after_s == pytest.approx(7.0) and info.value.headers["Retry-After"] == "7"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from types import TracebackType
 from typing import Generic, Literal, Protocol, TypeVar
 
 from dgserve.errors import DeadlineExceededError, NotReadyError, QueueFullError, ShuttingDownError
+from dgserve.serving.drain_estimate import DrainEstimate
 from dgserve.serving.reservation import Reservation
 
 __all__ = ["BatchObserver", "DynamicBatcher", "Handler", "RejectReason"]
@@ -42,11 +42,6 @@ Handler = Callable[[list[T]], Awaitable[Sequence[R]]]
 """``async def handler(items) -> results``, one result per item, in the same order."""
 
 RejectReason = Literal["queue_full", "deadline", "cancelled", "shutting_down"]
-
-# Until a batch has been timed, assume a slow model rather than invite a retry storm.
-_DEFAULT_BATCH_S = 1.0
-_EWMA_ALPHA = 0.2
-_MIN_RETRY_AFTER_S = 0.01
 
 
 class BatchObserver(Protocol):
@@ -112,7 +107,7 @@ class DynamicBatcher(Generic[T, R]):
         self._closed = False
         self._in_flight = 0
         self._reserved = 0  # places held by admitted requests still decoding (Reservation)
-        self._avg_batch_s: float | None = None
+        self.estimate = DrainEstimate(max_batch_size, len(self._handlers))  # for Retry-After
 
     # --- public API -----------------------------------------------------------
 
@@ -155,7 +150,7 @@ class DynamicBatcher(Generic[T, R]):
         if self.full:
             self._notify_rejected("queue_full")
             raise QueueFullError(
-                f"{self.name}: queue full ({self.max_queue_size} waiting)", retry_after_s=self._retry_after_s()
+                f"{self.name}: queue full ({self.max_queue_size} waiting)", retry_after_s=self.estimate.retry_after_s(len(self._queue))
             )
 
     def _check_open(self) -> None:
@@ -351,27 +346,10 @@ class DynamicBatcher(Generic[T, R]):
     def _batch_done(self, size: int, started: float, *, ok: bool) -> None:
         assert self._loop is not None
         took = self._loop.time() - started
-        self._avg_batch_s = (
-            took
-            if self._avg_batch_s is None
-            else _EWMA_ALPHA * took + (1 - _EWMA_ALPHA) * self._avg_batch_s
-        )
+        self.estimate.batch_took(took)
         self._notify(lambda o: o.batch_done(size, took, ok))
 
     # --- request bookkeeping --------------------------------------------------
-
-    def _retry_after_s(self) -> float:
-        """Estimate of how long the current queue takes to drain.
-
-        ``ceil(queue_depth / (max_batch_size * num_workers)) * avg_batch_s``: the
-        queue goes out in waves of one full batch per worker, each wave taking about
-        one batch's compute time (an EWMA of recent batches; 1 s before the first).
-        Suggesting less would only bring the client back to another full queue.
-        """
-        per_wave = self.max_batch_size * self.num_workers
-        waves = max(1, math.ceil(len(self._queue) / per_wave))
-        avg = self._avg_batch_s if self._avg_batch_s is not None else _DEFAULT_BATCH_S
-        return max(_MIN_RETRY_AFTER_S, waves * avg)
 
     def _expire(self, entry: _Entry[T, R]) -> None:
         if entry.future.done():
