@@ -150,7 +150,8 @@ class DynamicBatcher(Generic[T, R]):
         if self.full:
             self._notify_rejected("queue_full")
             raise QueueFullError(
-                f"{self.name}: queue full ({self.max_queue_size} waiting)", retry_after_s=self.estimate.retry_after_s(len(self._queue))
+                f"{self.name}: queue full ({self.max_queue_size} waiting)",
+                retry_after_s=self.estimate.retry_after_s(len(self._queue)),
             )
 
     def _check_open(self) -> None:
