@@ -11,8 +11,8 @@ by label. The reading client runs in a process of its own, on the same cores, an
 as lean as the load generator (``reader``). ``--read-workers`` sets
 ``DGSERVE_READ_WORKERS`` (0: the reads run in the server's threads, as before the
 reader processes). A run of 1,500 requests takes about 5 s here; even so, a summary's
-median moves by up to a tenth from one invocation to the next. It prints each case's throughput and p99 as a
-ratio to the alone run of the same round, then min / median / max over rounds. The
+median moves by up to a tenth from one invocation to the next. It prints each case's
+throughput and p99 as a ratio to the alone run of the same round, then min / median / max over rounds. The
 target: a continuous read costs inference at most 15 % of its throughput, and its p99
 stays within 2x.
 """
@@ -32,7 +32,6 @@ from collections.abc import Callable
 from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event
 from pathlib import Path
-
 
 from loadgen import run_load
 from serve_throughput import HOST, build_post, free_port, jpeg, percentile, wait_ready
@@ -71,7 +70,7 @@ def reader(port: int, path: str, started: Event, stop: Event, count: Synchronize
             sock.sendall(request)
             first = sock.recv_into(buffer)
             status = bytes(buffer[:first]).split(b"\r\n", 1)[0]
-            if b" 200 " not in status + b" ":
+            if status.split(b" ")[1:2] != [b"200"]:
                 raise RuntimeError(f"GET {path}: {status.decode(errors='replace')}")
             while sock.recv_into(buffer):
                 pass

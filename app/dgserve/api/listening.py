@@ -62,7 +62,7 @@ def refuse_handshakes(sock: socket.socket) -> bool:
     fprog = struct.pack("HP", len(_DROP_SYN), ctypes.addressof(program))
     try:
         sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
-    except OSError as exc:  # not Linux, or a kernel without socket filters
+    except OSError as exc:  # a kernel built without socket filters
         log.warning("cannot stop the listener's handshakes before closing it (%s); "
                     "a connection completing as it closes may be reset", exc)  # fmt: skip
         return False
