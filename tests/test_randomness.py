@@ -15,7 +15,7 @@ def test_request_ids_are_version_4_uuids_and_distinct() -> None:
     assert len(set(ids)) == len(ids)
     for text in ids[:50]:
         parsed = uuid.UUID(hex=text)
-        assert parsed.version == 4 and parsed.hex == text and len(text) == 32
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and parsed.hex == text and len(text) == 32
 
 
 @pytest.mark.parametrize("bits", [1, 7, 8, 80, 130])

@@ -208,3 +208,27 @@ def test_a_body_sent_after_an_early_answer_does_not_hold_the_connection(server: 
         assert time.monotonic() - opened < TIMEOUT_S + SLACK_S
     finally:
         sock.close()
+
+
+def test_a_kept_alive_connection_times_out_from_its_last_answer(server: ServerProcess) -> None:
+    """The connection's timer, armed when it opened, is not moved on each request: when it
+    fires early it moves itself on. So a connection answered 1.2 s after it opened is
+    still given the whole header timeout from that answer, not closed at its first timer.
+    ``/healthz`` is answered as its headers arrive, the path of a refusal, where no body
+    phase ends and cancels the timer in between."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        sock.settimeout(30)
+        time.sleep(TIMEOUT_S * 0.6)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = sock.recv(65536)
+        answered = time.monotonic()
+        assert answer.startswith(b"HTTP/1.1 200")
+        rest = b""
+        while chunk := sock.recv(65536):  # then nothing from us: a 408, then the close
+            rest += chunk
+        idle = time.monotonic() - answered
+        assert b"HTTP/1.1 408 " in rest
+        assert TIMEOUT_S * 0.9 <= idle <= TIMEOUT_S + SLACK_S
+    finally:
+        sock.close()

@@ -64,17 +64,24 @@ _REFUSED_LINGER_S = 1.0
 REFUSAL_PAUSE_S = 0.02
 
 
+class _Unwatched:
+    """The ``message_event`` of an answered request: nobody waits on it, so setting it does nothing."""
+
+    def set(self) -> None:
+        pass
+
+
 class _Answered:
     """Stands in for the cycle of a request answered at its headers (no ASGI cycle ran):
     uvicorn reads ``response_complete`` and, when the connection is lost, sets
     ``disconnected`` and ``message_event``, which nobody waits on here."""
 
     response_complete = True
+    message_event = _Unwatched()  # not an asyncio.Event: one per refusal cost more than parsing it
 
     def __init__(self) -> None:
         self.disconnected = False
         self.keep_alive = True
-        self.message_event = asyncio.Event()
 
 _Phase = Literal["headers", "body", "idle", "draining", "lingering"]
 
@@ -299,7 +306,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._schedule()
 
     def _schedule(self) -> None:
-        self._cancel_timer()
+        # A timer due no later than the deadline stays: when it fires, ``_check`` moves it
+        # on to the deadline then current. Deadlines mostly move later (every request re-arms
+        # the header timeout), and replacing the timer each time cost a cancel and a new
+        # timer on every request, refusals under overload included.
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= self._deadline:
+                return
+            timer.cancel()
         self._timer = self.loop.call_at(self._deadline, self._check)
 
     def _cancel_timer(self) -> None:
@@ -308,8 +323,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._timer = None
 
     def _check(self) -> None:
-        # Deadlines only move later between checks (bytes arriving extend them), so one
-        # timer re-armed at the new deadline is enough; no timer per chunk.
+        # The timer fires at or before the deadline (bytes arriving extend it, a new phase
+        # resets it), so one timer re-armed at the current deadline is enough.
         self._timer = None
         if self._lost or self._phase == "idle":
             return

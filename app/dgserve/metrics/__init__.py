@@ -147,6 +147,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # Each answered request's labelled children, looked up once per label set: labels()
+        # validates and locks on every call, and under overload it ran for every refusal.
+        self._request_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         self.requests = Counter(
             REQUESTS, "HTTP requests answered, by endpoint and status code.",
             [*_MODEL_LABELS, "endpoint", "status"], registry=r,
@@ -224,9 +227,13 @@ class Metrics:
         self, model: str, version: int | str, endpoint: str, status: int | str, seconds: float
     ) -> None:
         """One answered request: its status code and how long it took."""
-        v = str(version)
-        self.requests.labels(model, v, endpoint, str(status)).inc()
-        self.request_duration.labels(model, v, endpoint).observe(seconds)
+        key = (model, str(version), endpoint, str(status))
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(*key), self.request_duration.labels(*key[:3]))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_rejection(self, model: str, version: int | str, reason: str) -> None:
         """A request refused before reaching the batcher (``payload_too_large``, ...)."""
