@@ -195,6 +195,11 @@ class Settings(BaseSettings):
     read_nice: int = Field(
         19, ge=0, le=19, description="The niceness of those processes (0-19): 19 gives inference the CPU first.",
     )
+    read_yield_ms: float = Field(
+        50.0, ge=0, le=1000, description="Unless inference has been quiet for 50 ms (no request arriving or "
+        "computing), a heavy read waits for that, up to this long, before it starts and before each further chunk, "
+        "so that reads looped back to back cannot take the CPU from inference. 0: reads never wait.",
+    )
 
     inspection_durability: Literal["sync", "async"] = Field(
         "sync",

@@ -145,3 +145,42 @@ async def test_busy_pool_answers_503(store: InspectionStore, pool: ReaderPool, m
         await pool.result(Job("list", Filters(), options))
     assert caught.value.headers["Retry-After"] == "5"
     await busy.aclose()  # type: ignore[attr-defined]
+
+
+async def test_reads_wait_while_inference_is_busy(store: InspectionStore, location: str) -> None:
+    """Before it starts and before each further chunk, a read waits until inference has been
+    quiet for ``_QUIET_S``, up to ``yield_s`` each time; an idle server's read does not
+    wait, and a read stops waiting once inference has gone quiet."""
+    state = {"busy": False, "quiet_from": 0.0}
+    loop = asyncio.get_running_loop()
+
+    def idle_s() -> float:
+        return 0.0 if state["busy"] else loop.time() - state["quiet_from"]
+
+    def go_quiet() -> None:
+        state.update(busy=False, quiet_from=loop.time())
+
+    pool = ReaderPool(location, workers=1, idle_s=idle_s, yield_s=0.5)
+    options = {"group_by": "label", "kind": None, "top_k": 5, "head": {"model": MODEL}, "fmt": None}
+    job = Job("summary", Filters(model=MODEL), options)
+    try:
+        want = await pool.result(job)  # starts the child
+        started = loop.time()
+        assert await pool.result(job) == want
+        idle_s = loop.time() - started
+
+        state["busy"] = True
+        started = loop.time()
+        assert await pool.result(job) == want  # one chunk: a wait before the job, one before its credit
+        busy_s = loop.time() - started
+
+        state["busy"] = True
+        loop.call_later(0.2, go_quiet)
+        started = loop.time()
+        assert await pool.result(job) == want
+        freed_s = loop.time() - started
+    finally:
+        await pool.close()
+    print(f"summary read: idle {idle_s:.3f} s, busy {busy_s:.3f} s, busy for 0.2 s {freed_s:.3f} s")
+    assert busy_s >= 2 * 0.5 * 0.95
+    assert freed_s < 2 * 0.5 * 0.95 and freed_s >= (0.2 + readers._QUIET_S) * 0.95

@@ -548,6 +548,23 @@ async def test_stop_is_idempotent_and_idle_batcher_stops_promptly() -> None:
 
 
 @pytest.mark.asyncio
+async def test_idle_s_counts_from_the_last_arrival_or_finished_batch() -> None:
+    gate = asyncio.Event()
+    b = make([Recorder(gate)], max_batch_size=1, max_delay_s=0.0)
+    assert b.idle_s == float("inf")  # not started
+    b.start()
+    assert b.idle_s == float("inf")  # nothing has ever arrived
+    call = asyncio.create_task(b.submit(1))
+    await asyncio.sleep(0.05)
+    assert b.idle_s == 0.0  # computing (the handler waits on its gate)
+    gate.set()
+    assert await call == 2
+    await asyncio.sleep(0.05)
+    assert 0.04 <= b.idle_s < WAIT
+    await b.stop()
+
+
+@pytest.mark.asyncio
 async def test_submit_before_start_is_not_ready() -> None:
     b = make([Recorder()])
     with pytest.raises(NotReadyError):

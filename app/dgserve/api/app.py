@@ -57,7 +57,8 @@ def create_app(settings: Settings, siblings: Siblings | None = None) -> FastAPI:
                      siblings=siblings)  # fmt: skip
     if settings.read_workers:  # its processes start at the first heavy read
         state.readers = ReaderPool(settings.inspection_location, workers=settings.read_workers,
-                                   niceness=settings.read_nice)  # fmt: skip
+                                   niceness=settings.read_nice, idle_s=state.service.models.idle_s,
+                                   yield_s=settings.read_yield_ms / 1000)  # fmt: skip
     # authorize runs before every API route (the probes, /metrics and docs pass freely).
     app = FastAPI(title="dgserve", version=__version__, description=DESCRIPTION, lifespan=_lifespan,
                   dependencies=[Depends(authorize)])  # fmt: skip

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -107,6 +108,7 @@ class DynamicBatcher(Generic[T, R]):
         self._closed = False
         self._in_flight = 0
         self._reserved = 0  # places held by admitted requests still decoding (Reservation)
+        self._active_at = -math.inf  # loop time of the last arrival or finished batch (idle_s)
         self.estimate = DrainEstimate(max_batch_size, len(self._handlers))  # for Retry-After
 
     # --- public API -----------------------------------------------------------
@@ -125,6 +127,12 @@ class DynamicBatcher(Generic[T, R]):
     def in_flight(self) -> int:
         """Items inside handler calls right now."""
         return self._in_flight
+
+    @property
+    def idle_s(self) -> float:
+        """Seconds since a request last arrived or a batch last finished; 0 while any waits or computes."""
+        idle = not (self._queue or self._in_flight)
+        return (self._loop.time() - self._active_at if self._loop else math.inf) if idle else 0.0
 
     @property
     def num_workers(self) -> int:
@@ -187,6 +195,7 @@ class DynamicBatcher(Generic[T, R]):
 
         entry: _Entry[T, R] = _Entry(item, loop.create_future(), now, deadline)
         self._queue.append(entry)
+        self._active_at = now
         self._wakeup.set()
         timer = loop.call_at(deadline, self._expire, entry) if deadline is not None else None
         try:
@@ -339,6 +348,7 @@ class DynamicBatcher(Generic[T, R]):
             raise
         finally:
             self._in_flight -= len(batch)
+            self._active_at = self._loop.time()
         for entry, result in zip(batch, results):
             if not entry.future.done():  # its caller may have left or timed out meanwhile
                 entry.future.set_result(result)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -184,6 +185,12 @@ class ServedModels:
                     await self._load(served)
         ready = sum(s.ready for g in self.groups.values() for s in g.versions.values())
         log.info("models loaded: %d ready; not ready: %s", ready, self.not_ready() or "none")
+
+    def idle_s(self) -> float:
+        """Seconds since any model last had a request arrive or a batch finish; 0 while one waits or
+        computes (heavy reads wait for inference, ``inspection/readers.py``)."""
+        return min((s.batcher.idle_s for g in self.groups.values() for s in g.versions.values()
+                    if s.batcher is not None), default=math.inf)  # fmt: skip
 
     async def stop_work(self) -> None:
         """Fail every request queued or computing, on every model, with ``ShuttingDownError`` now.
