@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -167,7 +168,7 @@ async def test_reads_wait_while_inference_is_busy(store: InspectionStore, locati
         want = await pool.result(job)  # starts the child
         started = loop.time()
         assert await pool.result(job) == want
-        idle_s = loop.time() - started
+        quiet_s = loop.time() - started
 
         state["busy"] = True
         started = loop.time()
@@ -181,6 +182,29 @@ async def test_reads_wait_while_inference_is_busy(store: InspectionStore, locati
         freed_s = loop.time() - started
     finally:
         await pool.close()
-    print(f"summary read: idle {idle_s:.3f} s, busy {busy_s:.3f} s, busy for 0.2 s {freed_s:.3f} s")
+    print(f"summary read: idle {quiet_s:.3f} s, busy {busy_s:.3f} s, busy for 0.2 s {freed_s:.3f} s")
+    assert quiet_s < 0.5 * 0.95  # no wait at all when inference is quiet
     assert busy_s >= 2 * 0.5 * 0.95
     assert freed_s < 2 * 0.5 * 0.95 and freed_s >= (0.2 + readers._QUIET_S) * 0.95
+
+
+async def test_a_read_cancelled_while_it_waits_holds_no_process(store: InspectionStore, location: str) -> None:
+    """The wait comes before a process is taken: a read cancelled during it (the server
+    stopping, a timeout around it) leaves the pool as it was, and the next read is served
+    at once instead of waiting for a process abandoned mid-job."""
+    state = {"busy": True}
+    pool = ReaderPool(location, workers=1, idle_s=lambda: 0.0 if state["busy"] else math.inf, yield_s=5.0)
+    options = {"group_by": "label", "kind": None, "top_k": 5, "head": {"model": MODEL}, "fmt": None}
+    job = Job("summary", Filters(model=MODEL), options)
+    try:
+        waiting = asyncio.create_task(pool.result(job))
+        await asyncio.sleep(0.2)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert pool.pids == []
+        state["busy"] = False
+        async with asyncio.timeout(10):  # a process held by an abandoned job would take 30 s
+            assert (await pool.result(job)).startswith(b'{"model"')
+    finally:
+        await pool.close()

@@ -548,7 +548,7 @@ async def test_stop_is_idempotent_and_idle_batcher_stops_promptly() -> None:
 
 
 @pytest.mark.asyncio
-async def test_idle_s_counts_from_the_last_arrival_or_finished_batch() -> None:
+async def test_idle_s_is_zero_while_computing_and_counts_from_the_finished_batch() -> None:
     gate = asyncio.Event()
     b = make([Recorder(gate)], max_batch_size=1, max_delay_s=0.0)
     assert b.idle_s == float("inf")  # not started

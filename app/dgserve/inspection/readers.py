@@ -21,10 +21,11 @@ the response body back over a pipe; the server only forwards bytes.
 * **No orphans**: ``close`` stops every child; a child whose server dies sees its pipe
   close and exits, and children are daemonic (killed at the interpreter's exit).
 * **Inference first** (``yield_s``, ``DGSERVE_READ_YIELD_MS``): unless ``idle_s()`` says
-  inference has been idle for ``_QUIET_S`` (no request arriving or computing), a read
-  waits for that, up to ``yield_s``, before it starts and before each further chunk. Niceness orders the children's CPU against
-  inference, but not the server's own work for a read (its HTTP, forwarding the chunks)
-  nor the client's; a summary looped back to back cost inference about a sixth of its
+  this process's inference has been quiet for ``_QUIET_S`` (no request arriving or
+  computing), a read waits for that, up to ``yield_s``, before it takes a process and
+  before each further chunk. Niceness orders the children's CPU against inference, but
+  not the server's own work for a read (its HTTP, forwarding the chunks) nor the
+  client's; a summary looped back to back cost inference about a sixth of its
   throughput on two cores. Waiting paces a read under load; an idle server reads at
   full speed.
 
@@ -129,10 +130,10 @@ class ReaderPool:
     async def stream(self, job: Job) -> AsyncIterator[bytes]:
         """``job``'s body as the child makes it. Errors the child raises come back typed;
         closing the iterator early cancels the rest of the work."""
+        await self._yield()  # before taking a process: a read cancelled while it waits holds none
         child = await self._acquire()
         finished = False
         try:
-            await self._yield()
             await child.send(job)
             while True:
                 message = await child.receive()
