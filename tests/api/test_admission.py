@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,25 @@ def _post(path: str, body: bytes) -> bytes:
             .encode() + body)  # fmt: skip
 
 
+def _refused_under_load(port: int, path: str, body: bytes, attempt: Callable[[], int], tries: int) -> int:
+    """Run ``attempt`` (it returns its request's status) while 4 other posts of ``body`` fill
+    the queue, until it has been refused 3 times or ``tries`` run out: how often it was."""
+    refused = 0
+    for _ in range(tries):
+        background = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        for other in background:
+            other.sendall(_post(path, body))
+        status = attempt()
+        for other in background:
+            _read_response(other)
+            other.close()
+        if status == 503:
+            refused += 1
+            if refused == 3:
+                break
+    return refused
+
+
 def _read_response(sock: socket.socket) -> tuple[int, bytes]:
     data = b""
     while b"\r\n\r\n" not in data:
@@ -171,23 +191,16 @@ def test_in_a_real_server_refusals_are_early_counted_and_keep_the_connection(tmp
 
         # An early 503 on a kept-alive connection (its body unread by the app) leaves the
         # connection ready for the next request.
-        refused = 0
         with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
-            for _ in range(200):
-                background = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]
-                for other in background:
-                    other.sendall(_post(path, body))
+
+            def attempt() -> int:
                 sock.sendall(_post(path, body))
                 status, _ = _read_response(sock)
                 sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert _read_response(sock)[0] == 200
-                for other in background:
-                    _read_response(other)
-                    other.close()
-                if status == 503:
-                    refused += 1
-                    if refused == 3:
-                        break
+                return status
+
+            refused = _refused_under_load(server.port, path, body, attempt, tries=200)
         assert refused == 3
 
         metrics = httpx.get(f"{server.base}/metrics").text
@@ -195,5 +208,26 @@ def test_in_a_real_server_refusals_are_early_counted_and_keep_the_connection(tmp
                       if line.startswith("dgserve_request_duration_seconds_count{")
                       and 'endpoint="/v1/models/{name}/classify"' in line and 'model="shapes-dgnet"' in line)  # fmt: skip
         assert counted >= len(statuses) + refused
+    finally:
+        server.stop()
+
+
+def test_a_refusal_that_closes_reads_the_body_away_first(tmp_path: Path, image: Any) -> None:
+    """Refused at its headers with ``Connection: close``: the 503 goes out, then the body the
+    app never read is read away before the close (a lingering close), so a client that
+    writes its whole body before reading, as urllib does, sees the 503 and not a reset."""
+    server = ServerProcess(tmp_path, {"DGSERVE_MAX_QUEUE_SIZE": "1", "DGSERVE_MAX_BATCH_SIZE": "1"}).start()
+    try:
+        small = image("PNG", (64, 64))
+        path = "/v1/models/shapes-dgnet/classify?connectivity=false"
+        big = small + b"\0" * (8 * 2**20)  # more than the sockets buffer: still being sent when the 503 goes out
+        wire = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nConnection: close\r\n"
+                f"Content-Length: {len(big)}\r\n\r\n").encode() + big  # fmt: skip
+        def attempt() -> int:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+                sock.sendall(wire)  # a reset here (the server closing early) fails the test
+                return _read_response(sock)[0]
+
+        assert _refused_under_load(server.port, path, small, attempt, tries=100) == 3
     finally:
         server.stop()

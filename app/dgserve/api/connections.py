@@ -249,7 +249,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         real.write(answer.response(keep_alive))
         answer.observe(time.perf_counter() - answer.started)
         if not keep_alive:
-            self._guarded.close()  # lingers while the body comes in (close_requested)
+            # The body has not been read yet (the parser reaches it after this callback):
+            # closing now would reset a client still sending it, so read it away first.
+            self._linger(LINGER_S)
             return
         # As after any answer: uvicorn's keep-alive timer, and this class's draining of a
         # body the app never read.
