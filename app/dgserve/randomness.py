@@ -53,8 +53,8 @@ def random_bits(bits: int) -> int:
 
 def request_id() -> str:
     """A fresh request id: a random (version 4) UUID's 32 hex digits, as ``uuid.uuid4().hex``."""
-    # The version and variant bits set here, as uuid.UUID(version=4) sets them, at a quarter
-    # of its cost: a refusal under overload makes one of these, and little else.
+    # The version and variant bits set here, as uuid.UUID(version=4) sets them, at a third
+    # of its cost (0.65 against about 2 us): a refusal under overload makes one of these.
     raw = bytearray(_POOL.take(16))
     raw[6] = raw[6] & 0x0F | 0x40
     raw[8] = raw[8] & 0x3F | 0x80

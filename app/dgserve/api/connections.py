@@ -77,7 +77,7 @@ class _Answered:
     ``disconnected`` and ``message_event``, which nobody waits on here."""
 
     response_complete = True
-    message_event = _Unwatched()  # not an asyncio.Event: one per refusal cost more than parsing it
+    message_event = _Unwatched()  # not an asyncio.Event made per refusal for nobody
 
     def __init__(self) -> None:
         self.disconnected = False

@@ -25,7 +25,6 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Generic, Literal, Protocol, TypeVar
 
 from dgserve.errors import DeadlineExceededError, NotReadyError, QueueFullError, ShuttingDownError
@@ -242,12 +241,7 @@ class DynamicBatcher(Generic[T, R]):
         self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
     # --- workers --------------------------------------------------------------
