@@ -150,6 +150,9 @@ class Metrics:
         # Each answered request's labelled children, looked up once per label set: labels()
         # validates and locks on every call, and under overload it ran for every refusal.
         self._request_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        # Children looked up once per label set, as above; these series are never removed.
+        self._recording_children: dict[tuple[str, str], Any] = {}
+        self._stage_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.requests = Counter(
             REQUESTS, "HTTP requests answered, by endpoint and status code.",
             [*_MODEL_LABELS, "endpoint", "status"], registry=r,
@@ -296,7 +299,11 @@ class Metrics:
 
     def observe_recording(self, model: str, version: int | str, seconds: float) -> None:
         """One request's records were queued in the inspection store, in ``seconds``."""
-        self.inspection_record.labels(model, str(version)).observe(seconds)
+        key = (model, str(version))
+        child = self._recording_children.get(key)
+        if child is None:
+            child = self._recording_children[key] = self.inspection_record.labels(*key)
+        child.observe(seconds)
 
     def track_inspections(self, store: PendingStats) -> None:
         """Read the store's queued-record count whenever Prometheus scrapes."""
@@ -318,8 +325,13 @@ class Metrics:
         v = str(version)
         for image in images:
             for stage in image.of(StageConnectivity):
-                self.active_edge_fraction.labels(model, v, stage.stage).observe(stage.active_edge_fraction)
-                self.skipped_nodes.labels(model, v, stage.stage).inc(stage.skipped_nodes)
+                key = (model, v, stage.stage)
+                children = self._stage_children.get(key)
+                if children is None:
+                    children = (self.active_edge_fraction.labels(*key), self.skipped_nodes.labels(*key))
+                    self._stage_children[key] = children
+                children[0].observe(stage.active_edge_fraction)
+                children[1].inc(stage.skipped_nodes)
 
     # --- exposition -----------------------------------------------------------------------
 

@@ -26,17 +26,17 @@ request takes, and why:
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field, create_model
 from starlette.requests import ClientDisconnect
 
 from dgserve.api.deps import get_service
 from dgserve.api.errors import HELD
+from dgserve.api.params import QueryModel
 from dgserve.api.schemas import ErrorResponse, inference_response
 from dgserve.connectivity import strip_matrices
 from dgserve.api.body import read_uploads
@@ -96,42 +96,37 @@ class V1Params(BaseModel):
     )
 
 
-def _route(task: Task) -> Callable[..., Awaitable[Response]]:
-    params_model: type[V1Params] = create_model(  # type: ignore[call-overload]
+def _route(task: Task) -> tuple[Callable[..., Awaitable[Response]], QueryModel[V1Params]]:
+    query: QueryModel[V1Params] = QueryModel(create_model(  # type: ignore[call-overload]
         f"{task.endpoint.capitalize()}Params", __base__=(V1Params, task.Options)
-    )
+    ))
     option_names = set(task.Options.model_fields)
 
-    async def endpoint(request: Request, name: str, params: Any, service: ServingService) -> Response:
+    async def endpoint(request: Request, name: str, service: Annotated[ServingService, Depends(get_service)]) -> Response:
+        params = query.parse(request.query_params)  # 422 before anything is read
         options = task.Options(**params.model_dump(include=option_names))
         return await _infer(request, service, task, name, params, options)
 
-    # Declared by hand: FastAPI reads the signature, and this task's parameter model
-    # only exists at run time.
-    endpoint.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
-        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request),
-        inspect.Parameter("name", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str),
-        inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                          annotation=Annotated[params_model, Query()]),
-        inspect.Parameter("service", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                          annotation=Annotated[ServingService, Depends(get_service)]),
-    ])  # fmt: skip
     endpoint.__doc__ = task.summary
-    return endpoint
+    return endpoint, query
 
 
 def build_router() -> APIRouter:
     """One ``POST /v1/models/{name}/{endpoint}`` per task registered when the app is built."""
     router = APIRouter(tags=["inference"])
     for task in tasks():
+        endpoint, query = _route(task)
+        # The query parameters are read by the endpoint (``QueryModel``), so they are
+        # documented here; FastAPI lists them after the path's ``name``.
+        extra = _upload_body(task.content_types) | {"parameters": query.openapi_parameters()}
         router.add_api_route(
             f"/v1/models/{{name}}/{task.endpoint}",
-            _route(task),
+            endpoint,
             methods=["POST"],
             name=task.endpoint,
             response_model=inference_response(task),
             responses=_ERRORS,
-            openapi_extra=_upload_body(task.content_types),
+            openapi_extra=extra,
         )
     return router
 
