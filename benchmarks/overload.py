@@ -16,6 +16,11 @@ ratio to the peak of the same round, the p99 of its 503s, and the prober's /heal
 p99, then min / median / max over rounds. The targets: goodput >= 0.8 of peak, 503
 p99 <= 50 ms, /healthz p99 <= 50 ms. hey (Debian's ``hey``) runs on the same cores
 as the server, as a client on this machine would.
+
+It also reports where the cores went during the overload: hey's CPU per request and
+the server's (its whole process tree) per request, and the cores both used together.
+A refused client retries at once, so the 503s' latency is the number of clients
+divided by the refusals per second; those figures say what a given rate costs.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import csv
 import io
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -36,7 +42,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from serve_throughput import HOST, free_port, percentile, wait_ready
+from serve_throughput import HOST, free_port, percentile, process_cpu_s, wait_ready
 
 TARGETS = {"goodput": 0.8, "p99_503_ms": 50.0, "healthz_p99_ms": 50.0}
 
@@ -48,6 +54,12 @@ def start(data_dir: Path, port: int, queue: int, extra: dict[str, str]) -> subpr
     command = [sys.executable, "-c", "from dgserve.cli import main; main()", "serve", "--host", HOST,
                "--port", str(port), "--data-dir", str(data_dir)]  # fmt: skip
     return subprocess.Popen(command, env=env)
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's children that have been waited for (each hey run)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def hey(url: str, body: Path, clients: int, seconds: float) -> list[tuple[float, int]]:
@@ -131,11 +143,16 @@ def main() -> None:
                 stop, latencies = threading.Event(), []
                 prober = threading.Thread(target=probe, args=(port, stop, latencies))
                 prober.start()
+                hey_cpu, server_cpu, started = children_cpu_s(), process_cpu_s(server.pid), time.perf_counter()
                 try:
                     over = hey(url, body, args.clients * args.factor, args.seconds)
                 finally:
                     stop.set()
                     prober.join()
+                wall = time.perf_counter() - started
+                hey_cpu = children_cpu_s() - hey_cpu
+                after = process_cpu_s(server.pid)
+                server_cpu = None if after is None or server_cpu is None else after - server_cpu
                 ok = sum(s == 200 for _, s in over) / args.seconds
                 rejected = sorted(t for t, s in over if s == 503)
                 other = {s: sum(x == s for _, x in over) for s in {s for _, s in over} - {200, 503}}
@@ -147,6 +164,10 @@ def main() -> None:
                 print(f"round {round_}: peak {peak_rate:.1f}/s | overload {ok:.1f}/s ok, "
                       f"{len(rejected) / args.seconds:.0f}/s 503 (p99 {p99_503:.1f} ms), other {other or 'none'} | "
                       f"goodput {ok / peak_rate:.3f} of peak | /healthz p99 {health:.1f} ms ({len(latencies)} probes)")
+                if server_cpu is not None and over:
+                    print(f"  CPU during the overload: hey {1e6 * hey_cpu / len(over):.0f} us per request, server "
+                          f"{1e6 * server_cpu / len(over):.0f} us per request; together "
+                          f"{(hey_cpu + server_cpu) / wall:.2f} of {os.cpu_count()} cores")
             print(summary("goodput / peak", goodputs), f"[target >= {TARGETS['goodput']}]")
             print(summary("503 p99", p99s, " ms"), f"[target <= {TARGETS['p99_503_ms']:.0f} ms]")
             print(summary("/healthz p99", healthz, " ms"), f"[target <= {TARGETS['healthz_p99_ms']:.0f} ms]")
