@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 __all__ = ["METRIC_NAMES", "Metrics", "QueueStats", "metric_family_of"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # --- names ------------------------------------------------------------------------
 # As written in the exposition's TYPE lines and in PromQL (histograms add
@@ -150,7 +152,7 @@ class Metrics:
         # Each answered request's labelled children, looked up once per label set: labels()
         # validates and locks on every call, and under overload it ran for every refusal.
         self._request_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
-        # Children looked up once per label set, as above; these series are never removed.
+        # The same for these; none of these series is ever removed, so a cached child stays live.
         self._recording_children: dict[tuple[str, str], Any] = {}
         self._stage_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.requests = Counter(
@@ -231,10 +233,8 @@ class Metrics:
     ) -> None:
         """One answered request: its status code and how long it took."""
         key = (model, str(version), endpoint, str(status))
-        children = self._request_children.get(key)
-        if children is None:
-            children = (self.requests.labels(*key), self.request_duration.labels(*key[:3]))
-            self._request_children[key] = children
+        children = _child(self._request_children, key,
+                          lambda: (self.requests.labels(*key), self.request_duration.labels(*key[:3])))
         children[0].inc()
         children[1].observe(seconds)
 
@@ -300,10 +300,7 @@ class Metrics:
     def observe_recording(self, model: str, version: int | str, seconds: float) -> None:
         """One request's records were queued in the inspection store, in ``seconds``."""
         key = (model, str(version))
-        child = self._recording_children.get(key)
-        if child is None:
-            child = self._recording_children[key] = self.inspection_record.labels(*key)
-        child.observe(seconds)
+        _child(self._recording_children, key, lambda: self.inspection_record.labels(*key)).observe(seconds)
 
     def track_inspections(self, store: PendingStats) -> None:
         """Read the store's queued-record count whenever Prometheus scrapes."""
@@ -326,10 +323,8 @@ class Metrics:
         for image in images:
             for stage in image.of(StageConnectivity):
                 key = (model, v, stage.stage)
-                children = self._stage_children.get(key)
-                if children is None:
-                    children = (self.active_edge_fraction.labels(*key), self.skipped_nodes.labels(*key))
-                    self._stage_children[key] = children
+                children = _child(self._stage_children, key,
+                                  lambda: (self.active_edge_fraction.labels(*key), self.skipped_nodes.labels(*key)))
                 children[0].observe(stage.active_edge_fraction)
                 children[1].inc(stage.skipped_nodes)
 
@@ -370,6 +365,14 @@ class _BatchMetrics:
         if counter is None:
             counter = self._rejections[reason] = self._metrics.rejections.labels(self._model, self._version, reason)
         counter.inc()
+
+
+def _child(cache: dict[Any, T], key: Any, make: Callable[[], T]) -> T:
+    """``cache[key]``, made once: ``labels()`` validates and takes a lock on every call."""
+    child = cache.get(key)
+    if child is None:
+        child = cache[key] = make()
+    return child
 
 
 def _safe(read: Callable[[], float]) -> Callable[[], float]:
