@@ -150,6 +150,25 @@ def test_a_dead_process_is_replaced_and_sigterm_stops_every_one(tmp_path: Path) 
     assert not any(pid_running(p) for p in second)
 
 
+@pytest.mark.timeout(120)
+def test_sigterm_while_the_processes_start_is_a_clean_stop(tmp_path: Path) -> None:
+    """A child still starting ends by the SIGTERM it is passed (uvicorn re-raises it, or its
+    handlers are not in yet): that is what it was asked, so the supervisor exits 0."""
+    server = ServerProcess(tmp_path / "data", TWO).start(wait_ready=False)
+    try:
+        assert server.proc is not None
+        _wait_for(lambda: len(_children(server.proc.pid)) == 2, "two server processes")
+        children = _children(server.proc.pid)
+        assert "Application startup complete" not in server.log_text()  # still loading
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(timeout=60)
+    finally:
+        server.kill()
+    assert code == 0, server.log_text()
+    assert "ended with exit status" not in server.log_text()
+    assert not any(pid_running(p) for p in children)
+
+
 @pytest.mark.timeout(240)
 def test_killing_the_supervisor_takes_its_server_processes_with_it(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path / "data", TWO).start()

@@ -24,7 +24,7 @@ from dgserve.errors import InvalidAnalysisError, QueueFullError, ReadWorkerError
 from dgserve.inspection import InspectionStore, open_inspection_store, readers
 from dgserve.inspection.backend import Filters
 from dgserve.inspection.readers import ReaderPool
-from dgserve.inspection.readjobs import Job
+from dgserve.inspection.readjobs import CHUNK_BYTES, WINDOW, Job
 from test_store_contract_analysis import MODEL, make_records
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(180)]
@@ -92,10 +92,26 @@ async def test_export_and_summary(store: InspectionStore, pool: ReaderPool) -> N
     assert (await pool.result(Job("summary", filters, options))).startswith(b'{"model"')  # still serving
 
 
+async def _past_the_window(store: InspectionStore) -> dict[str, Any]:
+    """Listing options whose body is more than ``WINDOW`` chunks: its reader sends ``WINDOW``
+    chunks, then waits for a credit, so it is still mid-read after the first is taken.
+
+    The fixture's 300 records are one full chunk and a remainder, which a reader sends at
+    once, its end included: a read of those may be over before anything can interrupt it.
+    """
+    more = make_records(400, seed=1)
+    for record in more:
+        await store.put(record)
+    await store.flush()
+    lines = [json.dumps(r.to_dict()) for r in [*make_records(300), *more]]
+    assert sum(map(len, lines)) > (WINDOW + 0.5) * CHUNK_BYTES
+    return {"limit": len(lines), "include_connectivity": True, "format": "ndjson"}
+
+
 async def test_cancelled_read_frees_its_process(store: InspectionStore, pool: ReaderPool) -> None:
-    options = {"limit": 300, "include_connectivity": True, "format": "ndjson"}
+    options = await _past_the_window(store)
     chunks = pool.stream(Job("list", Filters(), options))
-    await anext(chunks)  # 300 records are several chunks: the rest is never taken
+    await anext(chunks)  # the reader is mid-read: the rest is never taken
     await chunks.aclose()  # type: ignore[attr-defined]
     (pid,) = pool.pids
     async with asyncio.timeout(30):
@@ -107,9 +123,9 @@ async def test_cancelled_read_frees_its_process(store: InspectionStore, pool: Re
 
 
 async def test_killed_process_is_replaced(store: InspectionStore, pool: ReaderPool) -> None:
-    options = {"limit": 300, "include_connectivity": True, "format": "ndjson"}
+    options = await _past_the_window(store)
     chunks = pool.stream(Job("list", Filters(), options))
-    await anext(chunks)
+    await anext(chunks)  # the reader is mid-read, waiting for a credit
     (pid,) = pool.pids
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(ReadWorkerError) as caught:

@@ -33,7 +33,8 @@ app (a test checks). It:
   would only loop;
 * passes SIGTERM and SIGINT on to every child, and waits for them. On SIGTERM each
   child drains as a single server does (``api/drain.py``); the port stops taking
-  connections when the last child closes its socket.
+  connections when the last child closes its socket. A child still starting ends by
+  the signal itself, which is a clean stop too: the exit status stays 0.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class _Supervisor:
         self.children: dict[int, BaseProcess] = {}
         self.start_failures = [0] * settings.server_processes
         self.signals: list[int] = []  # received, not yet passed on
+        self.passed_on: set[int] = set()  # a child that ends by one of these did as it was asked
         self.stopping = False
         self._stuck_at = float("inf")
         self.failed = False
@@ -147,6 +149,7 @@ class _Supervisor:
     def _pass_signals(self) -> None:
         while self.signals:
             sig = self.signals.pop(0)
+            self.passed_on.add(sig)
             if not self.stopping:
                 self._stop(f"{signal.Signals(sig).name} received")
             for child in self.children.values():
@@ -172,7 +175,12 @@ class _Supervisor:
         child.join()  # it has ended (its sentinel is ready): this reaps it and sets exitcode
         code = child.exitcode
         if self.stopping:
-            if code != 0:
+            if code is not None and code < 0 and -code in self.passed_on:
+                # Still starting when the signal came: uvicorn (or the default action, before
+                # uvicorn's handlers are in) ends it by the very signal it was passed.
+                log.info("server process %d (pid %s) stopped by %s before it served", index, child.pid,
+                         signal.Signals(-code).name)  # fmt: skip
+            elif code != 0:
                 log.warning("server process %d (pid %s) ended with exit status %s", index, child.pid, code)
                 self.failed = True
             return

@@ -36,14 +36,14 @@ from dgserve.inspection.backend import Filters, InspectionBackend, PageQuery
 from dgserve.inspection.codec import decode
 from dgserve.inspection.shared import GraphTextCache
 
-__all__ = ["WINDOW", "Job", "JobKind"]
+__all__ = ["CHUNK_BYTES", "WINDOW", "Job", "JobKind"]
 
 log = logging.getLogger(__name__)
 
 JobKind = Literal["list", "export", "summary", "summary_picture", "record_picture"]
 # Chunks sent ahead of the server taking them: one being forwarded, one being made.
 WINDOW = 2
-_CHUNK_BYTES = 256 * 1024  # a listing's lines are sent in chunks of about this size
+CHUNK_BYTES = 256 * 1024  # a listing's lines are sent in chunks of about this size
 _LIST_PAGE = 256  # rows per listing read, as InspectionStore's default page
 _EXPORT_PAGE = 4096  # rows per Parquet row group
 _GRAPH_CACHE_BYTES = 64 * 2**20
@@ -109,7 +109,7 @@ def _listing(job: Job, backend: InspectionBackend, graphs: GraphTextCache) -> It
             parts.append(line + "\n" if ndjson else ("," if count else "") + line)
             size += len(line)
             count += 1
-            if size >= _CHUNK_BYTES:
+            if size >= CHUNK_BYTES:
                 yield "".join(parts).encode()
                 parts, size = [], 0
         if len(rows) < query.limit:
