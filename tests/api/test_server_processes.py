@@ -150,6 +150,20 @@ def test_a_dead_process_is_replaced_and_sigterm_stops_every_one(tmp_path: Path) 
     assert not any(pid_running(p) for p in second)
 
 
+def _signal_stops_cleanly(server: ServerProcess, sig: signal.Signals) -> None:
+    """``sig`` to the supervisor: it exits 0, no child ended badly, and none is left."""
+    assert server.proc is not None
+    children = _children(server.proc.pid)
+    try:
+        server.proc.send_signal(sig)
+        code = server.proc.wait(timeout=60)
+    finally:
+        server.kill()
+    assert code == 0, server.log_text()
+    assert "ended with exit status" not in server.log_text()
+    assert not any(pid_running(p) for p in children)
+
+
 @pytest.mark.timeout(120)
 def test_sigterm_while_the_processes_start_is_a_clean_stop(tmp_path: Path) -> None:
     """A child still starting ends by the SIGTERM it is passed (uvicorn re-raises it, or its
@@ -158,15 +172,23 @@ def test_sigterm_while_the_processes_start_is_a_clean_stop(tmp_path: Path) -> No
     try:
         assert server.proc is not None
         _wait_for(lambda: len(_children(server.proc.pid)) == 2, "two server processes")
-        children = _children(server.proc.pid)
         assert "Application startup complete" not in server.log_text()  # still loading
-        server.proc.send_signal(signal.SIGTERM)
-        code = server.proc.wait(timeout=60)
+        _signal_stops_cleanly(server, signal.SIGTERM)
     finally:
         server.kill()
-    assert code == 0, server.log_text()
-    assert "ended with exit status" not in server.log_text()
-    assert not any(pid_running(p) for p in children)
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_every_process_cleanly(tmp_path: Path) -> None:
+    """SIGINT (Ctrl+C reaches the supervisor alone) is passed on; each child stops, and
+    the supervisor exits 0 (before, each child ended with status 1 on uvicorn's re-raised
+    SIGINT, and so did the supervisor)."""
+    server = ServerProcess(tmp_path / "data", TWO).start()
+    try:
+        assert server.proc is not None and len(_children(server.proc.pid)) == 2
+        _signal_stops_cleanly(server, signal.SIGINT)
+    finally:
+        server.kill()
 
 
 @pytest.mark.timeout(240)

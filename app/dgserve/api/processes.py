@@ -34,7 +34,8 @@ app (a test checks). It:
 * passes SIGTERM and SIGINT on to every child, and waits for them. On SIGTERM each
   child drains as a single server does (``api/drain.py``); the port stops taking
   connections when the last child closes its socket. A child still starting ends by
-  the signal itself, which is a clean stop too: the exit status stays 0.
+  the signal itself, and SIGINT ends a child's uvicorn with a ``KeyboardInterrupt``:
+  both are clean stops, and the exit status stays 0.
 """
 
 from __future__ import annotations
@@ -235,7 +236,12 @@ def _child_main(settings: Settings, runtime: Path, index: int, parent: int) -> N
     siblings = Siblings(runtime, index, settings.server_processes)
     # Bound, not listening: uvicorn's server listens once the app has started, so the
     # kernel sends this process no connection before then (see Siblings).
-    serve(settings, sockets=[_socket(settings.host, settings.port)], siblings=siblings)
+    try:
+        serve(settings, sockets=[_socket(settings.host, settings.port)], siblings=siblings)
+    except KeyboardInterrupt:
+        # The SIGINT the supervisor passed on (its own process group keeps a terminal's
+        # away): uvicorn re-raises it once it has stopped. Asked to stop, it stopped.
+        pass
 
 
 def _die_with(parent: int) -> None:
