@@ -90,6 +90,18 @@ def _all_serving(base: str) -> bool:
     return "dgserve_server_processes 2.0" in merged and bool(ready) and all(line.endswith(" 1.0") for line in ready)
 
 
+def _listening_sockets(port: int) -> int:
+    """TCP sockets in LISTEN (state 0A) on ``port``, from the kernel's tables."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)  # the header
+            for line in lines:
+                local, state = line.split()[1], line.split()[3]
+                count += state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
+    return count
+
+
 def _grpc_classify(port: int, png: bytes) -> str:
     """One OIP gRPC inference on a fresh channel (a new connection, hashed to either process)."""
     client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{port}")
@@ -107,7 +119,10 @@ def test_two_processes_share_the_port_the_store_and_the_metrics(tmp_path: Path) 
     with ServerProcess(tmp_path / "data", {**TWO, "DGSERVE_GRPC_PORT": str(grpc_port)}) as server:
         # /readyz is 200 once the first process serves; the second listens once it serves too.
         _wait_for(lambda: _all_serving(server.base), "both processes serving")
-        time.sleep(0.5)  # its listener opens just after its models are ready
+        # Its listener opens just after its models are ready: both sockets must listen
+        # before the connections are made, or the kernel hashes them all to the first.
+        port = int(server.base.rsplit(":", 1)[1])
+        _wait_for(lambda: _listening_sockets(port) == 2, "both processes listening")
         ids = _classify_many(server.base, _png())
         ids += [_grpc_classify(grpc_port, _png()) for _ in range(8)]  # both bound it (SO_REUSEPORT)
         found = re.search(r"metrics sockets are in ([^\s)]+)", server.log_text())

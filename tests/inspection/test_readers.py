@@ -164,6 +164,9 @@ async def test_busy_pool_answers_503(store: InspectionStore, pool: ReaderPool, m
     await busy.aclose()  # type: ignore[attr-defined]
 
 
+YIELD_S = 2.0  # long beside a summary read's own time, so the bounds below hold under load
+
+
 async def test_reads_wait_while_inference_is_busy(store: InspectionStore, location: str) -> None:
     """Before it starts and before each further chunk, a read waits until inference has been
     quiet for ``_QUIET_S``, up to ``yield_s`` each time; an idle server's read does not
@@ -177,7 +180,9 @@ async def test_reads_wait_while_inference_is_busy(store: InspectionStore, locati
     def go_quiet() -> None:
         state.update(busy=False, quiet_from=loop.time())
 
-    pool = ReaderPool(location, workers=1, idle_s=idle_s, yield_s=0.5)
+    # At the niceness of this process: a nice-19 reader on a shared, loaded machine gets
+    # too little CPU for the bounds below (the priority has its own test, above).
+    pool = ReaderPool(location, workers=1, idle_s=idle_s, yield_s=YIELD_S, niceness=0)
     options = {"group_by": "label", "kind": None, "top_k": 5, "head": {"model": MODEL}, "fmt": None}
     job = Job("summary", Filters(model=MODEL), options)
     try:
@@ -199,9 +204,9 @@ async def test_reads_wait_while_inference_is_busy(store: InspectionStore, locati
     finally:
         await pool.close()
     print(f"summary read: idle {quiet_s:.3f} s, busy {busy_s:.3f} s, busy for 0.2 s {freed_s:.3f} s")
-    assert quiet_s < 0.5 * 0.95  # no wait at all when inference is quiet
-    assert busy_s >= 2 * 0.5 * 0.95
-    assert freed_s < 2 * 0.5 * 0.95 and freed_s >= (0.2 + readers._QUIET_S) * 0.95
+    assert quiet_s < YIELD_S * 0.95  # no wait at all when inference is quiet
+    assert busy_s >= 2 * YIELD_S * 0.95
+    assert freed_s < 2 * YIELD_S * 0.95 and freed_s >= (0.2 + readers._QUIET_S) * 0.95
 
 
 async def test_a_read_cancelled_while_it_waits_holds_no_process(store: InspectionStore, location: str) -> None:

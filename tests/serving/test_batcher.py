@@ -111,16 +111,17 @@ async def test_partial_batch_released_after_max_delay() -> None:
 @pytest.mark.asyncio
 async def test_delay_counts_from_first_item_not_last() -> None:
     h = Recorder()
-    delay = 0.3
+    delay = 1.0  # long beside a loaded machine's scheduling stalls, so the two cases stay apart
     async with make([h], max_batch_size=8, max_delay_s=delay) as b:
         t0 = now()
         first = asyncio.ensure_future(b.submit(1))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        t2 = now()
         second = asyncio.ensure_future(b.submit(2))
         assert await asyncio.gather(first, second) == [2, 4]
     assert h.batches == [[1, 2]]
-    # Counting from the second item would release at ~0.4 s.
-    assert delay - 0.005 <= h.called_at[0] - t0 < 0.38
+    # Counting from the second item would release no earlier than t2 + delay.
+    assert delay - 0.005 <= h.called_at[0] - t0 and h.called_at[0] < t2 + delay
 
 
 @pytest.mark.asyncio
