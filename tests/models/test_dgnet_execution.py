@@ -212,6 +212,7 @@ def test_bundled_weights_load_and_modes_agree_on_real_images() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.usefixtures("full_precision")  # tests/conftest.py: TF32 would flip edges near their τ
 def test_auto_is_masked_on_cuda_and_agrees_with_cpu() -> None:
     torch.manual_seed(0)
     model = create_model("dgnet_resnet18_slim", num_classes=4, width=8).eval()

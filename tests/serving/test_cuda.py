@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,21 +23,12 @@ from dgserve.model_store import ModelStore
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.usefixtures("full_precision"),  # tests/conftest.py: no TF32
     pytest.mark.timeout(300),
 ]
 
 STORE = default_model_store()
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
-
-
-@pytest.fixture(autouse=True)
-def full_precision() -> Iterator[None]:
-    # TF32 (cuDNN's default on Ampere and later) moves results by ~1e-3: enough to
-    # reorder near-tied classes or flip an edge that sits on its threshold.
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _png(image: Image.Image) -> bytes:

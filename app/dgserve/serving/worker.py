@@ -128,6 +128,11 @@ class ModelWorker:
         # A stream per worker lets several instances on one GPU overlap their copies
         # and kernels instead of queueing on the device's default stream.
         self._stream = torch.cuda.Stream(device) if self._cuda else None
+        if self._stream is not None:
+            # The replica's weights were copied and laid out (set_memory_format above, the
+            # copy of an extra replica) on the default stream; the forwards on this one
+            # must not start before that work is done.
+            self._stream.wait_stream(torch.cuda.current_stream(device))
 
     async def __call__(self, items: list[InferenceItem]) -> list[ImageResult]:
         loop = asyncio.get_running_loop()
