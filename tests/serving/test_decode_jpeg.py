@@ -15,6 +15,7 @@ from dgserve.data.scenes import render_classification
 from dgserve.errors import ImageTooLargeError, InvalidImageError
 from dgserve.imaging import preprocess, preprocess_pixels
 from dgserve.model_store import Preprocessing
+from dgserve.serving import decode
 from dgserve.serving.decode import decode_image, decode_jpeg_pixels, decode_jpegs_pixels
 
 PRE = Preprocessing(input_size=(64, 64), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -94,6 +95,30 @@ def test_a_truncated_jpeg_in_a_batch_is_refused_by_its_part() -> None:
     truncated = encode(photo(seed=1))[:-len(good) // 2]  # its header is whole: PIL's check passes
     with pytest.raises(InvalidImageError) as caught:
         decode_jpegs_pixels([good, truncated, good], max_pixels=10**8, parts=["a", "b", "c"])
+    assert caught.value.part == "b"
+
+
+def test_a_device_decoder_failure_falls_back_to_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nvJPEG failing for its own reasons (start-up, device memory) is not the upload's
+    fault: the CPU decodes it, and only data the CPU cannot decode is refused, by its part.
+    ("meta" stands in for the GPU: the device decoder here always fails.)"""
+    real = decode._decode_jpegs
+    tried: list[str] = []
+
+    def device_decoder_down(encoded: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+        tried.append(str(device))
+        if str(device) != "cpu":
+            raise RuntimeError("nvjpeg: failed to create the decoder")
+        return real(encoded, device)
+
+    monkeypatch.setattr(decode, "_decode_jpegs", device_decoder_down)
+    good = encode(photo(seed=0))
+    [pixels] = decode_jpegs_pixels([good], max_pixels=10**8, device="meta")
+    assert pixels is not None and pixels.device.type == "meta" and pixels.shape == (3, 480, 640)
+    assert tried == ["meta", "cpu"]
+    truncated = encode(photo(seed=1))[:-len(good) // 2]
+    with pytest.raises(InvalidImageError) as caught:
+        decode_jpegs_pixels([good, truncated], max_pixels=10**8, device="meta", parts=["a", "b"])
     assert caught.value.part == "b"
 
 

@@ -298,17 +298,30 @@ def decode_jpegs_pixels(
     try:
         decoded = _decode_jpegs(encoded, device)
     except RuntimeError as exc:
-        # PIL read the headers, but some entropy-coded data is corrupt or truncated:
-        # one at a time, to name the part that is.
-        for i, data in zip(eligible, encoded, strict=True):
-            try:
-                _decode_jpegs([data], device)
-            except RuntimeError as one:
-                raise InvalidImageError(f"could not decode image data ({_describe(one)})", names[i]) from one
-        raise InvalidImageError(f"could not decode image data ({_describe(exc)})", names[eligible[0]]) from exc
+        if torch.device(device).type == "cpu":
+            raise _bad_part(encoded, [names[i] for i in eligible], exc) from exc
+        # nvJPEG fails for reasons of its own too (its start-up, device memory): libjpeg
+        # on the CPU tells those apart from bad data, which it names.
+        log.warning("decoding %d JPEGs on %s failed (%s); decoding them on the CPU",
+                    len(encoded), device, _describe(exc))  # fmt: skip
+        try:
+            decoded = [pixels.to(device) for pixels in _decode_jpegs(encoded, "cpu")]
+        except RuntimeError as on_cpu:
+            raise _bad_part(encoded, [names[i] for i in eligible], on_cpu) from on_cpu
     for i, pixels in zip(eligible, decoded, strict=True):
         out[i] = pixels
     return out
+
+
+def _bad_part(encoded: list[torch.Tensor], names: list[str | None], exc: RuntimeError) -> InvalidImageError:
+    """PIL read the headers, but some entropy-coded data is corrupt or truncated: decoded
+    one at a time on the CPU, to name the part that is."""
+    for data, name in zip(encoded, names, strict=True):
+        try:
+            _decode_jpegs([data], "cpu")
+        except RuntimeError as one:
+            return InvalidImageError(f"could not decode image data ({_describe(one)})", name)
+    return InvalidImageError(f"could not decode image data ({_describe(exc)})", names[0])
 
 
 def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
