@@ -320,12 +320,13 @@ async def test_expired_item_is_not_computed_even_before_its_timer_runs() -> None
     async with make([h], max_batch_size=1) as b:
         busy = asyncio.ensure_future(b.submit(1))
         await asyncio.wait_for(h.entered.wait(), WAIT)
-        late = asyncio.ensure_future(b.submit(3, deadline=now() + 0.01))
+        # Far enough ahead that a loaded machine still queues it in time.
+        late = asyncio.ensure_future(b.submit(3, deadline=now() + 0.5))
         await wait_until(lambda: b.queue_depth == 1)
         # Wake the worker, then stall the loop past the deadline: the worker's wakeup is
         # already queued, so it forms the next batch before the caller's timer can run.
         gate.set()
-        time.sleep(0.03)
+        time.sleep(0.6)
         with pytest.raises(DeadlineExceededError):
             await asyncio.wait_for(late, WAIT)
         assert await busy == 2
