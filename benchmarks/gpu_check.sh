@@ -71,7 +71,8 @@ if [[ "$DEVICE" == cuda ]]; then
   LAYOUT=(--rounds 1)  # fp32 again with NCHW convolutions: one round, against step 2's fp32 figures
   # Each step's limit (seconds); together 480 s, so the script ends within 8 minutes whatever happens.
   # The one-round layout step pays the same start-up (imports, CUDA, the model's store and load)
-  # as a three-round one, hence 70 s; the tests and the JPEG step took 9 s and 4 s on a CPU.
+  # as a three-round one, hence 70 s. (The CPU rehearsal took 9 s for the tests, 4 s for the
+  # JPEG step at its small sizes: docs/performance.md.)
   LIMIT_TESTS=75 LIMIT_SERVE=75 LIMIT_LAYOUT=70 LIMIT_JPEG=30 LIMIT_COST=80
 else
   # A smoke run: every step runs through, at sizes a 2-core machine finishes in minutes.
