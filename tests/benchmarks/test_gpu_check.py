@@ -31,6 +31,18 @@ def test_cuda_asked_without_a_usable_gpu_stops_before_any_step(tmp_path: Path) -
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no GPU")
+def test_a_listed_gpu_that_torch_cannot_use_is_no_cpu_run(tmp_path: Path) -> None:
+    """No --device: where nvidia-smi lists a GPU, a torch without CUDA must not fall back to the CPU."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-00000000)'\n")
+    fake.chmod(0o755)
+    run = _run(CHECK, "--results", str(tmp_path / "results"), PATH=f"{fake.parent}:{os.environ['PATH']}")
+    assert run.returncode == 2 and "nvidia-smi lists a GPU" in run.stderr
+    assert not (tmp_path / "results").exists()
+
+
 def test_an_interpreter_without_torch_is_named(tmp_path: Path) -> None:
     run = _run(CHECK, "--device", "cpu", "--results", str(tmp_path / "results"), PY=str(tmp_path / "no-python"))
     assert run.returncode == 2 and "cannot import torch" in run.stderr
