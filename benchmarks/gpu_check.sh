@@ -30,7 +30,7 @@ DEVICE=""
 RESULTS=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --device) DEVICE="$2"; DEVICE_ARG=1; shift 2 ;;
+    --device) DEVICE="$2"; shift 2 ;;
     --results) RESULTS="$2"; shift 2 ;;
     -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
@@ -42,6 +42,7 @@ if ! CUDA_SEEN=$("$PY" -c 'import torch; print("yes" if torch.cuda.is_available(
 fi
 GPU_LISTED=no
 command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU' && GPU_LISTED=yes
+ASKED=$DEVICE
 if [[ -z "$DEVICE" ]]; then
   DEVICE=$([[ "$CUDA_SEEN" == yes ]] && echo cuda || echo cpu)
 fi
@@ -49,7 +50,7 @@ if [[ "$DEVICE" != cpu && "$DEVICE" != cuda ]]; then
   echo "--device must be cpu or cuda, not $DEVICE" >&2; exit 2
 fi
 # A GPU that torch cannot use (a CPU-only build, a driver mismatch) must not pass as a CPU run.
-if [[ "$DEVICE" == cuda || ( "$GPU_LISTED" == yes && -z "${DEVICE_ARG:-}" ) ]] && [[ "$CUDA_SEEN" != yes ]]; then
+if [[ "$DEVICE" == cuda || ( "$GPU_LISTED" == yes && -z "$ASKED" ) ]] && [[ "$CUDA_SEEN" != yes ]]; then
   echo "nvidia-smi lists a GPU (or --device cuda was asked) but torch $("$PY" -c 'import torch; print(torch.__version__)') cannot use it" >&2
   exit 2
 fi

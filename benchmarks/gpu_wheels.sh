@@ -37,7 +37,7 @@ NAMES=(
 
 # The versions this checkout runs (and CI tests), read from its .venv.
 declare -A VERSION
-while IFS='==' read -r name _ version; do
+while IFS='=' read -r name _ version; do
   VERSION[${name,,}]=$version
 done < <("$VENV_PY" -m pip list --format=freeze 2>/dev/null | sed 's/_/-/g')
 

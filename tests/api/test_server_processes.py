@@ -97,7 +97,8 @@ def _listening_sockets(port: int) -> int:
         with open(table) as lines:
             next(lines)  # the header
             for line in lines:
-                local, state = line.split()[1], line.split()[3]
+                fields = line.split()
+                local, state = fields[1], fields[3]
                 count += state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
     return count
 
