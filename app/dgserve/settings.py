@@ -138,6 +138,14 @@ class Settings(BaseSettings):
     decode_threads: PositiveInt = Field(
         default_factory=_default_decode_threads, description="Threads that decode and resize images."
     )
+    compute_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much nicer (lower CPU priority, Linux) than the event loop the decode threads and the CPU "
+        "model workers run, so that reading requests, refusing and answering never wait behind a computation for a "
+        "core (dgserve.serving.threads). 0: the same priority.",
+    )
     warmup: bool = Field(True, description="Run one dummy batch through each worker before it is marked ready.")
 
     replica: str = Field(

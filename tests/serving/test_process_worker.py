@@ -185,3 +185,18 @@ def test_wire_items_carry_numpy_not_torch() -> None:
     wire = _to_wire(item)
     assert isinstance(wire.tensor, np.ndarray)
     assert torch.equal(_from_wire(wire).tensor, item.tensor)
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+async def test_a_cpu_child_runs_nicer_than_the_event_loop() -> None:
+    """DGSERVE_COMPUTE_NICE reaches a replica in a process as it does a worker thread."""
+    worker = ProcessModelWorker(STORE.root, "shapes-dgnet", 1, CPU, name="nice", threads=1, nice=6)
+    try:
+        await worker.start()
+        assert worker.pid is not None
+        assert os.getpriority(os.PRIO_PROCESS, worker.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 6)
+        assert len(await worker(photo_items("shapes-dgnet", 2))) == 2
+    finally:
+        worker.close()
+        worker.join()

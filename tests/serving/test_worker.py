@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -234,3 +235,21 @@ def test_convolutions_run_channels_last_unless_told_otherwise(model: str) -> Non
     for last, first in zip(answers["channels_last"], answers["contiguous"], strict=True):
         assert_close(last.predictions, first.predictions)
         assert_close(last.connectivity, first.connectivity)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_cpu_worker_and_decode_threads_run_nicer_than_the_event_loop(loaded: LoadedModel) -> None:
+    """DGSERVE_COMPUTE_NICE: the loop keeps its priority; the threads that compute drop theirs."""
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    loop_nice = nice()
+    worker = ModelWorker(loaded, CPU, name="nice", threads=1, nice=5)
+    pool = new_decode_pool(1, nice=7)
+    try:
+        assert worker._executor.submit(nice).result() == min(19, loop_nice + 5)
+        assert pool.submit(nice).result() == min(19, loop_nice + 7)
+        assert nice() == loop_nice
+    finally:
+        pool.shutdown()
+        worker.close()

@@ -35,7 +35,7 @@ from dgserve.errors import (
     UnsupportedMediaTypeError,
 )
 from dgserve.imaging import to_rgb
-from dgserve.serving.threads import pin_torch_threads
+from dgserve.serving.threads import compute_thread
 
 __all__ = [
     "ALLOWED_CONTENT_TYPES", "Decoded", "check_content_type", "decode_image", "decode_jpeg_pixels",
@@ -64,17 +64,18 @@ _PIL_FORMATS: Final[tuple[str, ...]] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TI
 # --- the pool -------------------------------------------------------------------
 
 
-def new_decode_pool(threads: int) -> ThreadPoolExecutor:
+def new_decode_pool(threads: int, nice: int = 0) -> ThreadPoolExecutor:
     """A pool for :func:`decode_image` and the preprocessing, ``threads`` wide.
 
     Each of its threads keeps torch to one intra-op thread. The pool runs beside the
     model workers, and a torch op in a decode thread would otherwise start an OpenMP
     team as wide as the machine: on a small host that oversubscribes the cores and
     stalls the workers' own teams at their barriers, slowing the model more than the
-    decode gains. One image's resize gains little from a team anyway.
+    decode gains. One image's resize gains little from a team anyway. ``nice``: how much
+    lower their CPU priority is than the event loop's (``serving/threads.py``).
     """
-    return ThreadPoolExecutor(threads, thread_name_prefix="dgserve-decode", initializer=pin_torch_threads,
-                              initargs=(1,))
+    return ThreadPoolExecutor(threads, thread_name_prefix="dgserve-decode", initializer=compute_thread,
+                              initargs=(1, nice))
 
 
 # --- content type ---------------------------------------------------------------

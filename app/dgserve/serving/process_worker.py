@@ -54,7 +54,7 @@ from dgserve.errors import DGServeError, RetryableError, ShuttingDownError, Work
 from dgserve.model_store import Manifest, ModelStore
 from dgserve.model_store.manifest import Precision
 from dgserve.models.connectivity import describe_graph
-from dgserve.serving.threads import pin_torch_threads
+from dgserve.serving.threads import lower_thread_priority, pin_torch_threads
 from dgserve.serving.worker import ImageResult, MemoryFormat, ModelWorker
 from dgserve.tasks import ImageInfo, InferenceItem, get_task
 
@@ -138,6 +138,7 @@ class ProcessModelWorker:
         *,
         name: str,
         threads: int | None,
+        nice: int = 0,
         precision: Precision | None = None,
         memory_format: MemoryFormat = "channels_last",
         malloc_keep_large_blocks: bool = True,
@@ -149,6 +150,7 @@ class ProcessModelWorker:
         self.device = device
         self.name = name
         self.threads = threads
+        self.nice = nice
         self.precision = precision
         self.memory_format = memory_format
         self.manifest: Manifest | None = None
@@ -245,7 +247,7 @@ class ProcessModelWorker:
         # parent's ``__main__`` (a test runner's, a user's script), which is not ours to run.
         ours, theirs = socket.socketpair()
         spec = json.dumps({"store": str(self.store_root), "model": self.model, "version": self.version,
-                           "device": str(self.device), "threads": self.threads, "precision": self.precision,
+                           "device": str(self.device), "threads": self.threads, "nice": self.nice, "precision": self.precision,
                            "memory_format": self.memory_format, "keep_large_blocks": self.malloc_keep_large_blocks,
                            "fd": theirs.fileno()})  # fmt: skip
         with theirs:
@@ -299,8 +301,9 @@ def _child_main(spec: dict[str, Any]) -> None:
     conn = multiprocessing.connection.Connection(spec["fd"])
     if spec.get("keep_large_blocks", True):
         keep_large_blocks()
-    if spec["threads"] is not None:
+    if spec["threads"] is not None:  # a CPU replica: as a worker thread would be (serving/threads.py)
         pin_torch_threads(spec["threads"])
+        lower_thread_priority(spec.get("nice", 0))
     device = torch.device(spec["device"])
     try:
         loaded = ModelStore(Path(spec["store"])).load(spec["model"], spec["version"], device)

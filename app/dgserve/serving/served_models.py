@@ -278,7 +278,8 @@ class ServedModels:
         threads = self._worker_threads(device)
         if self.settings.model_workers == "process":
             worker = ProcessModelWorker(self.store.root, served.name, served.version, device, name=name,
-                                        threads=threads, precision=self.settings.precision,
+                                        threads=threads, nice=self.settings.compute_nice,
+                                        precision=self.settings.precision,
                                         memory_format=self.settings.memory_format,
                                         malloc_keep_large_blocks=self.settings.malloc_keep_large_blocks)  # fmt: skip
             try:
@@ -288,8 +289,8 @@ class ServedModels:
                 raise
             return worker
         loaded = await asyncio.to_thread(self._replica, served, device)
-        return ModelWorker(loaded, device, name=name, threads=threads, precision=self.settings.precision,
-                           memory_format=self.settings.memory_format)
+        return ModelWorker(loaded, device, name=name, threads=threads, nice=self.settings.compute_nice,
+                           precision=self.settings.precision, memory_format=self.settings.memory_format)
 
     @staticmethod
     def _describe(worker: ModelWorker | ProcessModelWorker) -> tuple[Manifest, dict[str, Any]]:

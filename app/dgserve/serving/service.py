@@ -111,7 +111,7 @@ class ServingService:
         settings = self.settings
         if settings.malloc_keep_large_blocks:
             keep_large_blocks()  # before any replica allocates (process workers do the same)
-        self._decode_pool = new_decode_pool(settings.decode_threads)
+        self._decode_pool = new_decode_pool(settings.decode_threads, settings.compute_nice)
         store = open_inspection_store(
             settings.inspection_location,
             max_age_s=settings.inspection_max_age_s,

@@ -36,7 +36,7 @@ from dgserve.errors import UnsupportedPrecisionError
 from dgserve.model_store import LoadedModel, Manifest
 from dgserve.model_store.manifest import Precision
 from dgserve.models.connectivity import collect_connectivity, connectivity_sources
-from dgserve.serving.threads import pin_torch_threads
+from dgserve.serving.threads import compute_thread
 from dgserve.settings import MemoryFormat
 from dgserve.tasks import ImageInfo, InferenceItem, get_task
 
@@ -97,9 +97,12 @@ class ModelWorker:
         *,
         name: str,
         threads: int | None = None,
+        nice: int = 0,
         precision: Precision | None = None,
         memory_format: MemoryFormat = "channels_last",
     ) -> None:
+        """``threads`` and ``nice`` (CPU workers): the worker thread's torch threads and how much
+        lower its CPU priority is than the event loop's (``serving/threads.py``)."""
         self.loaded = loaded
         set_memory_format(loaded.model, memory_format)  # the replica is this worker's own
         # ``precision`` (DGSERVE_PRECISION) replaces the manifest's; the manifest kept
@@ -120,8 +123,8 @@ class ModelWorker:
         self._executor = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix=name,
-            initializer=None if threads is None else pin_torch_threads,
-            initargs=() if threads is None else (threads,),
+            initializer=None if threads is None else compute_thread,
+            initargs=() if threads is None else (threads, nice),
         )
         self._sources = connectivity_sources(loaded.model)
         self._cuda = device.type == "cuda"
