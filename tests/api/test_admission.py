@@ -121,7 +121,7 @@ async def test_liveness_is_answered_at_the_headers_as_the_app_answers_it(run_app
         admission = Admission(state.service, state.api_keys, state.drain, state.metrics)
         state.drain.draining = True  # liveness holds while draining, as the app's does
         early = refusal(admission, b"GET", b"/healthz", [(b"x-request-id", b"probe-1")])
-        assert early is not None and not early.pause
+        assert early is not None and not early.paced
         status, headers, body = await call(early)
         state.drain.draining = False
         through_app = await client.get("/healthz", headers={"x-request-id": "probe-1"})

@@ -17,13 +17,13 @@ and there (``Reservation``; the route's ``admit`` finds it in the scope). When t
 queue is full, the request is answered by a small ASGI callable instead of the app:
 the same 503, JSON body, ``Retry-After`` and ``X-Request-ID`` as the app's, counted
 in the same metrics, written to the socket by the protocol itself (no ASGI cycle, no
-task), the body (if any) read and thrown away. The protocol then reads nothing more
-from that connection for a moment (``REFUSAL_PAUSE_S``), so that a client retrying in a
+task), the body (if any) read and thrown away. A connection gets at most one such refusal
+per ``REFUSAL_INTERVAL_S`` (a sooner one is held until then), so that a client retrying in a
 tight loop cannot take the event loop from the requests being served.
 Everything else, including any doubt (an unknown model, an endpoint of another task,
 a bad API key, a drain under way), goes through the app, which gives its usual answer.
 
-``GET /healthz`` is answered the same way, without the pause: liveness asks whether the
+``GET /healthz`` is answered the same way, never held: liveness asks whether the
 event loop runs, and under overload a probe that had to wait for the app's middleware
 and routing behind a loop full of refusals took hundreds of milliseconds to say so.
 """
@@ -147,11 +147,11 @@ class Admission:
         body = json.dumps({"error": exc.message}).encode() if oip else error_body(exc.code, exc.message, request_id)
         extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
         observe = partial(self.metrics.observe_request, model, version, template, 503)
-        return EarlyAnswer(503, _json_headers(body, request_id, extra), body, observe, pause=True)
+        return EarlyAnswer(503, _json_headers(body, request_id, extra), body, observe, paced=True)
 
     def _alive(self, headers: Sequence[tuple[bytes, bytes]]) -> EarlyAnswer:
         observe = partial(self.metrics.observe_request, "", "", "/healthz", 200)  # as the app counts it
-        return EarlyAnswer(200, _json_headers(_ALIVE_BODY, _request_id(headers)), _ALIVE_BODY, observe, pause=False)
+        return EarlyAnswer(200, _json_headers(_ALIVE_BODY, _request_id(headers)), _ALIVE_BODY, observe, paced=False)
 
 
 def _request_id(headers: Sequence[tuple[bytes, bytes]]) -> str:
@@ -174,18 +174,18 @@ class EarlyAnswer:
     """An answer decided as the headers were parsed (a 503 for a full queue, or liveness),
     written straight to the socket by the protocol (``api/connections.py``); it is an ASGI
     app too, for a server that runs it as one. ``observe(seconds)`` counts it in the request
-    metrics (a refusal's rejection the batcher's observer has counted itself). ``pause``: the
-    connection's next request waits a moment (a refusal's client retrying at once)."""
+    metrics (a refusal's rejection the batcher's observer has counted itself). ``paced``: a
+    refusal, of which a connection gets one per ``REFUSAL_INTERVAL_S`` (a client retrying at once)."""
 
     def __init__(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, observe: Callable[[float], None],
-        pause: bool,
+        paced: bool,
     ) -> None:  # fmt: skip
         self.status = status
         self.headers = headers
         self.body = body
         self.observe = observe
-        self.pause = pause
+        self.paced = paced
         self.started = time.perf_counter()
 
     def response(self, keep_alive: bool) -> bytes:

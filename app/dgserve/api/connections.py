@@ -59,9 +59,9 @@ LINGER_IDLE_S = 5.0
 LINGER_MAX_BYTES = 256 * 2**20
 # A refused connection's request is a few hundred bytes: wait that long for it at most.
 _REFUSED_LINGER_S = 1.0
-# After a 503 for a full queue, how long a connection's next request stays unread (the
-# admission gate's refusals, api/admission.py).
-REFUSAL_PAUSE_S = 0.02
+# A connection gets at most one 503 for a full queue (the admission gate's refusals,
+# api/admission.py) in this many seconds: a refusal due sooner is held until then.
+REFUSAL_INTERVAL_S = 0.04
 
 
 class _Unwatched:
@@ -82,6 +82,22 @@ class _Answered:
     def __init__(self) -> None:
         self.disconnected = False
         self.keep_alive = True
+
+
+class _Held(_Answered):
+    """Stands in for the cycle of a refusal held back (``REFUSAL_INTERVAL_S``) as for an app
+    that has not answered yet: uvicorn queues a pipelined request behind it and, on
+    shutdown, clears ``keep_alive``; the body it reads for it is thrown away."""
+
+    response_started = False  # a body timeout meanwhile answers 408 instead (``_time_out_body``)
+    body = property(lambda self: b"", lambda self, value: None)  # uvicorn's on_body appends to it
+
+    def __init__(self, keep_alive: bool) -> None:
+        super().__init__()
+        self.keep_alive = keep_alive
+        self.response_complete = False
+        self.more_body = True
+
 
 _Phase = Literal["headers", "body", "idle", "draining", "lingering"]
 
@@ -138,6 +154,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._linger_bytes = 0
         self._message_done = True
         self._lost = False
+        self._refused_at = -REFUSAL_INTERVAL_S  # when this connection's last refusal went out
         self._guarded = _Transport(transport, self)
         super().connection_made(self._guarded)  # type: ignore[arg-type]
         cap = self.limits.max_connections
@@ -190,13 +207,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             app = self.app
             chosen = self.gate(self.parser.get_method(), self.url, self.headers, app, self.scope["state"])
             if isinstance(chosen, EarlyAnswer):
-                self._answer_now(chosen)  # nothing ahead of it on this connection: answer now
-                return
-            self.app = chosen
-            try:
-                super().on_headers_complete()
-            finally:
-                self.app = app
+                # Nothing ahead of it on this connection: answer now, or hold a refusal back.
+                if self._answer_now(chosen):
+                    return
+            else:
+                self.app = chosen
+                try:
+                    super().on_headers_complete()
+                finally:
+                    self.app = app
         if not self._message_done:
             self._phase = "body"
             self._arm(self.limits.body_timeout_s)
@@ -241,32 +260,46 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     # --- answering at the headers --------------------------------------------------------
 
-    def _answer_now(self, answer: EarlyAnswer) -> None:
-        """Write the gate's answer now, with no ASGI cycle; after a refusal, pause reading for a moment."""
+    def _answer_now(self, answer: EarlyAnswer) -> bool:
+        """Write the gate's answer with no ASGI cycle: now (True), or a refusal when it is due (False).
+
+        A client that retries a refusal at once would otherwise send its requests back
+        into the event loop as fast as the loop refuses them, and under overload that loop
+        is what the accepted requests need. So a connection gets at most one refusal per
+        ``REFUSAL_INTERVAL_S``; one due sooner is held until then. The request is still
+        read and checked at once: one that finds room in the queue is served without
+        waiting, and a refusal's latency is the interval, not a wait for the loop.
+        """
         keep_alive = self.parser.get_http_version() == "1.1" and self.parser.should_keep_alive()
+        due = self._refused_at + REFUSAL_INTERVAL_S if answer.paced else 0.0
+        if due > self.loop.time():
+            held = _Held(keep_alive)
+            self.cycle = held  # type: ignore[assignment]
+            self.loop.call_at(due, self._write_held, answer, held)
+            return False
         self.cycle = _Answered()  # type: ignore[assignment]  # uvicorn's on_body and on_message_complete skip it
-        real = self._guarded.real
-        real.write(answer.response(keep_alive))
+        self._write(answer, keep_alive)
+        return True
+
+    def _write_held(self, answer: EarlyAnswer, held: _Held) -> None:
+        if self._lost or self._guarded.is_closing():
+            return
+        held.response_complete = True
+        self._write(answer, held.keep_alive)  # uvicorn's shutdown clears keep_alive meanwhile
+
+    def _write(self, answer: EarlyAnswer, keep_alive: bool) -> None:
+        self._guarded.real.write(answer.response(keep_alive))
         answer.observe(time.perf_counter() - answer.started)
+        if answer.paced:
+            self._refused_at = self.loop.time()
         if not keep_alive:
-            # The body has not been read yet (the parser reaches it after this callback):
-            # closing now would reset a client still sending it, so read it away first.
+            # The body may not have been read yet (the parser reaches it after the headers'
+            # callback): closing now would reset a client still sending it; read it away first.
             self._linger(LINGER_S)
             return
-        # As after any answer: uvicorn's keep-alive timer, and this class's draining of a
-        # body the app never read.
+        # As after any answer: uvicorn's keep-alive timer and pipelined requests, and this
+        # class's draining of a body nobody read.
         self.on_response_complete()
-        if not answer.pause:
-            return
-        # A client that retries at once would otherwise send its next request straight
-        # back into the event loop; under overload that loop is what the accepted
-        # requests need. The pause is short next to the 503's Retry-After.
-        real.pause_reading()
-        self.loop.call_later(REFUSAL_PAUSE_S, self._resume_after_refusal)
-
-    def _resume_after_refusal(self) -> None:
-        if not self._lost and not self._guarded.is_closing() and not self.flow.read_paused:
-            self._guarded.real.resume_reading()
 
     # --- closing ------------------------------------------------------------------------
 
