@@ -143,8 +143,8 @@ class Settings(BaseSettings):
         ge=0,
         le=19,
         description="How much nicer (lower CPU priority, Linux) than the event loop the decode threads and the CPU "
-        "model workers run, so that reading requests, refusing and answering never wait behind a computation for a "
-        "core (dgserve.serving.threads). 0: the same priority.",
+        "model workers run, so that the loop, which reads requests, refuses and answers, gets a core first when it "
+        "wakes (dgserve.serving.threads). 0: the same priority.",
     )
     warmup: bool = Field(True, description="Run one dummy batch through each worker before it is marked ready.")
 

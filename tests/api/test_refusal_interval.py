@@ -172,7 +172,37 @@ async def test_a_held_refusal_at_shutdown_goes_out_and_closes_the_connection(int
     await _until(lambda: len(transport.statuses()) == 2)
     last = transport.writes[-1][1]
     assert b"connection: close" in last.lower()
-    await _until(lambda: transport.closed or transport.eof)
+    assert transport.closed  # its body was all read: nothing to linger for
+
+
+async def test_a_pipelined_upload_started_after_a_held_refusal_keeps_its_own_timers(interval: float) -> None:
+    """The next request's phase is its own once it starts: a shutdown then waits for its
+    upload and answer rather than cutting it off as a body left over from the refusal."""
+    protocol, transport = _connect()
+    protocol.data_received(_post("/full"))
+    room = _post("/room")
+    protocol.data_received(_post("/full") + room[:-10])  # held; /room behind it, 10 bytes short
+    await _until(lambda: len(transport.statuses()) == 2)
+    protocol.shutdown()
+    assert not transport.closed
+    protocol.data_received(room[-10:])
+    await _until(lambda: len(transport.statuses()) == 3)
+    assert transport.statuses() == [503, 503, 200]
+
+
+async def test_a_held_refusal_that_cannot_be_written_closes_the_connection(
+    interval: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    protocol, transport = _connect()
+    protocol.data_received(_post("/full"))
+    protocol.data_received(_post("/full"))
+    transport.write = _refuse_to_write  # type: ignore[method-assign]
+    await _until(lambda: transport.closed)
+    assert "held refusal could not be written" in caplog.text
+
+
+def _refuse_to_write(data: bytes) -> None:
+    raise RuntimeError("write failed")
 
 
 async def test_a_held_refusal_whose_body_stops_coming_gets_the_408_instead(monkeypatch: pytest.MonkeyPatch) -> None:

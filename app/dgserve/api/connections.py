@@ -33,12 +33,15 @@ Each guard answers a way a client can hold the server without sending a request:
 
 The guards are a subclass of uvicorn's httptools protocol (the one ``uvicorn[standard]``
 picks): it keeps uvicorn's parsing and ASGI cycle, and adds one timer per connection.
+It also writes the answers the admission gate gives at the headers (``api/admission.py``),
+at most one refusal per connection per ``REFUSAL_INTERVAL_S``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import http
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,10 +50,13 @@ from typing import Any, Literal
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from dgserve.api.admission import EarlyAnswer
+from dgserve.api.early_cycles import Answered, Held
 from dgserve.api.errors import error_body
 from dgserve.randomness import request_id as new_request_id
 
 __all__ = ["LINGER_IDLE_S", "LINGER_MAX_BYTES", "LINGER_S", "ConnectionLimits", "protocol_class"]
+
+log = logging.getLogger(__name__)
 
 # nginx's lingering_time and lingering_timeout; the byte cap bounds what one client can
 # make the server read for nothing (a 64 MiB upload refused with 413 still reads back).
@@ -62,41 +68,6 @@ _REFUSED_LINGER_S = 1.0
 # A connection gets at most one 503 for a full queue (the admission gate's refusals,
 # api/admission.py) in this many seconds: a refusal due sooner is held until then.
 REFUSAL_INTERVAL_S = 0.04
-
-
-class _Unwatched:
-    """The ``message_event`` of an answered request: nobody waits on it, so setting it does nothing."""
-
-    def set(self) -> None:
-        pass
-
-
-class _Answered:
-    """Stands in for the cycle of a request answered at its headers (no ASGI cycle ran):
-    uvicorn reads ``response_complete`` and, when the connection is lost, sets
-    ``disconnected`` and ``message_event``, which nobody waits on here."""
-
-    response_complete = True
-    message_event = _Unwatched()  # not an asyncio.Event made per refusal for nobody
-
-    def __init__(self) -> None:
-        self.disconnected = False
-        self.keep_alive = True
-
-
-class _Held(_Answered):
-    """Stands in for the cycle of a refusal held back (``REFUSAL_INTERVAL_S``) as for an app
-    that has not answered yet: uvicorn queues a pipelined request behind it and, on
-    shutdown, clears ``keep_alive``; the body it reads for it is thrown away."""
-
-    response_started = False  # a body timeout meanwhile answers 408 instead (``_time_out_body``)
-    body = property(lambda self: b"", lambda self, value: None)  # uvicorn's on_body appends to it
-
-    def __init__(self, keep_alive: bool) -> None:
-        super().__init__()
-        self.keep_alive = keep_alive
-        self.response_complete = False
-        self.more_body = True
 
 
 _Phase = Literal["headers", "body", "idle", "draining", "lingering"]
@@ -242,9 +213,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._arm(self.limits.header_timeout_s)
 
     def on_response_complete(self) -> None:
+        next_started = bool(self.pipeline)  # uvicorn starts the next pipelined request's cycle
         super().on_response_complete()
-        if self._guarded.is_closing():
-            return
+        if self._guarded.is_closing() or next_started:
+            return  # the phase and timer are that request's, set as it was parsed
         if not self._message_done:
             # Answered before the body was read (413, 401, 503...): uvicorn reads the rest
             # and throws it away so the connection can be used again; bounded like a linger.
@@ -273,19 +245,23 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         keep_alive = self.parser.get_http_version() == "1.1" and self.parser.should_keep_alive()
         due = self._refused_at + REFUSAL_INTERVAL_S if answer.paced else 0.0
         if due > self.loop.time():
-            held = _Held(keep_alive)
+            held = Held(keep_alive)
             self.cycle = held  # type: ignore[assignment]
             self.loop.call_at(due, self._write_held, answer, held)
             return False
-        self.cycle = _Answered()  # type: ignore[assignment]  # uvicorn's on_body and on_message_complete skip it
+        self.cycle = Answered()  # type: ignore[assignment]  # uvicorn's on_body and on_message_complete skip it
         self._write(answer, keep_alive)
         return True
 
-    def _write_held(self, answer: EarlyAnswer, held: _Held) -> None:
+    def _write_held(self, answer: EarlyAnswer, held: Held) -> None:
         if self._lost or self._guarded.is_closing():
             return
         held.response_complete = True
-        self._write(answer, held.keep_alive)  # uvicorn's shutdown clears keep_alive meanwhile
+        try:
+            self._write(answer, held.keep_alive)  # uvicorn's shutdown clears keep_alive meanwhile
+        except Exception:  # raised in a timer, it would leave the client waiting
+            log.exception("a held refusal could not be written")
+            self._close_now()
 
     def _write(self, answer: EarlyAnswer, keep_alive: bool) -> None:
         self._guarded.real.write(answer.response(keep_alive))
@@ -293,9 +269,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if answer.paced:
             self._refused_at = self.loop.time()
         if not keep_alive:
-            # The body may not have been read yet (the parser reaches it after the headers'
-            # callback): closing now would reset a client still sending it; read it away first.
-            self._linger(LINGER_S)
+            # A body not read yet (the parser reaches it after the headers' callback) is read
+            # away first: closing at once would reset a client still sending it.
+            if self._message_done:
+                self._close_now()
+            else:
+                self._linger(LINGER_S)
             return
         # As after any answer: uvicorn's keep-alive timer and pipelined requests, and this
         # class's draining of a body nobody read.
