@@ -54,7 +54,7 @@ from dgserve.errors import DGServeError, RetryableError, ShuttingDownError, Work
 from dgserve.model_store import Manifest, ModelStore
 from dgserve.model_store.manifest import Precision
 from dgserve.models.connectivity import describe_graph
-from dgserve.serving.threads import lower_thread_priority, pin_torch_threads
+from dgserve.serving.threads import compute_thread
 from dgserve.serving.worker import ImageResult, MemoryFormat, ModelWorker
 from dgserve.tasks import ImageInfo, InferenceItem, get_task
 
@@ -247,9 +247,9 @@ class ProcessModelWorker:
         # parent's ``__main__`` (a test runner's, a user's script), which is not ours to run.
         ours, theirs = socket.socketpair()
         spec = json.dumps({"store": str(self.store_root), "model": self.model, "version": self.version,
-                           "device": str(self.device), "threads": self.threads, "nice": self.nice, "precision": self.precision,
-                           "memory_format": self.memory_format, "keep_large_blocks": self.malloc_keep_large_blocks,
-                           "fd": theirs.fileno()})  # fmt: skip
+                           "device": str(self.device), "threads": self.threads, "nice": self.nice,
+                           "precision": self.precision, "memory_format": self.memory_format,
+                           "keep_large_blocks": self.malloc_keep_large_blocks, "fd": theirs.fileno()})  # fmt: skip
         with theirs:
             process = subprocess.Popen(
                 [sys.executable, "-m", "dgserve.serving.process_worker", spec],
@@ -302,8 +302,7 @@ def _child_main(spec: dict[str, Any]) -> None:
     if spec.get("keep_large_blocks", True):
         keep_large_blocks()
     if spec["threads"] is not None:  # a CPU replica: as a worker thread would be (serving/threads.py)
-        pin_torch_threads(spec["threads"])
-        lower_thread_priority(spec.get("nice", 0))
+        compute_thread(spec["threads"], spec.get("nice", 0))
     device = torch.device(spec["device"])
     try:
         loaded = ModelStore(Path(spec["store"])).load(spec["model"], spec["version"], device)
