@@ -70,6 +70,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--min-time", type=float, default=0.3, help="seconds per variant per round (sets the iterations)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (0: torch's default; 1 keeps a shared machine's timings steadier)")
+    p.add_argument("--compile", action="store_true",
+                   help="time every variant through torch.compile (inductor), the backbone too; DG-Net runs masked, "
+                        "as execution auto does under compile (DGSERVE_TORCH_COMPILE)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops for `open`")
     p.add_argument("--malloc", choices=["kept", "default"], default="kept",
                    help="kept: glibc keeps large blocks, as the server does (dgserve.allocator); default: glibc's own")
@@ -88,6 +91,7 @@ class Variant:
     times: list[float] = field(default_factory=list)
     active: float = 1.0  # mean active-edge fraction
     skipped: float = 0.0  # mean fraction of blocks skipped
+    run: Callable[[Tensor], object] | None = None  # what is timed: the model, or its compiled form
 
     def prepare(self) -> None:
         if self.execution is None:
@@ -193,7 +197,10 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> None:
     dg, plain, full_x, real = load(name, args, device)
     for model in (dg, plain):
         set_memory_format(model, args.memory_format)
-    executions = args.executions.split(",")
+    executions = ["masked"] if args.compile else args.executions.split(",")  # what auto runs under compile
+    # One compiled wrapper per module: the variants of one model share its graphs (τ is a
+    # parameter, read at run time, so changing it recompiles nothing).
+    runs = {id(m): torch.compile(m) if args.compile else m for m in (dg, plain)}
     stored_taus = [stage.tau.detach().clone() for _, stage in dg_stages(dg)]
     for b in (int(s) for s in args.batch_sizes.split(",")):
         x = full_x[:b]
@@ -207,21 +214,24 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> None:
             variants += [Variant(f"{key}/{mode}", dg, mode, taus) for key, taus in close.items()]
         with torch.inference_mode():
             for v in variants:
+                v.run = runs[id(v.model)]
                 observe(v, x)
                 v.prepare()
-                for _ in range(2):  # warm-up
-                    v.model(x)
+                for _ in range(2):  # warm-up (and, with --compile, the compile)
+                    v.run(x)
             base = variants[1]
             base.prepare()
-            once = min(timed(lambda: base.model(x), 1, device) for _ in range(3))
+            assert base.run is not None
+            once = min(timed(lambda: base.run(x), 1, device) for _ in range(3))  # type: ignore[misc]
             iters = max(3, int(args.min_time / max(once, 1e-6)))
             for r in range(args.rounds):
                 for v in variants if r % 2 == 0 else variants[::-1]:
                     v.prepare()
-                    v.times.append(timed(lambda v=v: v.model(x), iters, device))
+                    v.times.append(timed(lambda v=v: v.run(x), iters, device))  # type: ignore[misc]
             if args.profile:
                 profile(base, x, device)
-        print(f"\n## {name}, batch {b}, {device.type}, {args.rounds} rounds × {iters} forwards per variant")
+        compiled = ", compiled" if args.compile else ""
+        print(f"\n## {name}, batch {b}, {device.type}{compiled}, {args.rounds} rounds × {iters} forwards per variant")
         print("| variant | ms/forward min/med/max | MFLOPs (MACs) | active edges | blocks skipped "
               "| vs plain | speed-up vs open | FLOP speed-up | ratio |")
         print("|---|---|---|---|---|---|---|---|---|")

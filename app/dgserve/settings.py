@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         description="Forward precision of every model (torch.autocast), replacing each manifest's precision: "
         "fp32, bf16 (CPU or CUDA) or fp16 (CUDA only; a CPU worker refuses to load). Outputs stay float32.",
     )
+    torch_compile: bool | None = Field(
+        None,
+        description="Compile every model's forward with torch.compile (inductor), replacing each manifest's "
+        "torch_compile. Compiling happens while the model loads (it needs a C++ compiler on a CPU host) and adds "
+        "tens of seconds there; DG-Net then runs its masked execution, which has no host reads to break the graph.",
+    )
     memory_format: MemoryFormat = Field(
         "channels_last",
         description="Layout of every model's 2-D convolution weights, which their feature maps follow: channels_last "

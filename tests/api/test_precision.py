@@ -1,16 +1,23 @@
 """DGSERVE_PRECISION through the app: GET /v1/models shows it, bf16 answers like fp32,
-and fp16 on a CPU fails that model's load with a clear error instead of serving."""
+and fp16 on a CPU fails that model's load with a clear error instead of serving; and
+DGSERVE_TORCH_COMPILE, shown the same way, compiled at load, answering like the eager forward."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import torch
 
 from dgserve.settings import Settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))
+from answers import assert_close  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
 
@@ -54,3 +61,21 @@ async def test_fp16_on_the_cpu_fails_the_load_and_says_why(
         assert version["error"]["code"] == "unsupported_precision"
         assert "fp16 needs a CUDA device" in version["error"]["message"]
         assert (await client.get("/readyz")).status_code == 503
+
+
+async def test_torch_compile_is_shown_compiles_at_load_even_without_warm_up_and_answers_as_eager(
+    run_app: Running, make_settings: Callable[..., Settings], image: Encode
+) -> None:
+    body = image("JPEG", (64, 64), seed=3)
+    async with run_app(make_settings(devices="cpu")) as (_, client):
+        [version] = (await client.get("/v1/models/clf")).json()["versions"]
+        assert version["torch_compile"] is False
+        eager = await _classify(client, body)
+    # DGSERVE_WARMUP=false: a compiled model warms up all the same, or its first requests would compile.
+    async with run_app(make_settings(devices="cpu", torch_compile=True, warmup=False, max_batch_size=4)) as (_, client):
+        [version] = (await client.get("/v1/models/clf")).json()["versions"]
+        assert version["torch_compile"] is True
+        with torch.compiler.set_stance("fail_on_recompile"):
+            compiled = await _classify(client, body)
+    assert_close(compiled["predictions"], eager["predictions"])
+    assert_close(compiled["connectivity"], eager["connectivity"])

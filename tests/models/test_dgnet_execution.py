@@ -253,3 +253,22 @@ def test_skipping_keeps_feature_maps_channels_last(name: str) -> None:
         hook.remove()
     assert layouts and all(layouts)
     assert assert_same_runs(model, varied_images(6)) > 0, "no block was skipped; the test would not test skipping"
+
+
+def test_auto_runs_masked_under_torch_compile() -> None:
+    """Skip's per-block host reads cannot be traced into one graph: ``fullgraph`` would refuse
+    them. Under torch.compile, ``auto`` runs masked, with the skip mode's outputs and records."""
+    torch.manual_seed(0)
+    model = create_model("dgnet_resnet18_slim", num_classes=4, width=8).eval()
+    randomise_routers(model)
+    x = varied_images(4)
+    out_skip, adj_skip, ran_skip = run_mode(model, x, "skip")
+    assert sum(int((~r).sum()) for r in ran_skip) > 0, "no block was skipped; the test would not test skipping"
+    set_execution(model, "auto")
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        out = compiled(x)
+    torch.testing.assert_close(out, out_skip, atol=1e-5, rtol=1e-5)
+    for (_, stage), adj, ran in zip(dg_stages(model), adj_skip, ran_skip, strict=True):
+        assert stage.last_executed is not None and torch.equal(stage.last_executed, ran)
+        torch.testing.assert_close(stage.last_adjacency, adj, atol=1e-6, rtol=1e-5)

@@ -253,3 +253,33 @@ def test_cpu_worker_and_decode_threads_run_nicer_than_the_event_loop(loaded: Loa
     finally:
         pool.shutdown()
         worker.close()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("model", BUNDLED)
+def test_a_compiled_worker_answers_as_the_eager_one_and_never_compiles_while_serving(model: str) -> None:
+    """DGSERVE_TORCH_COMPILE: the warm-up compiles every graph the batch sizes up to the largest
+    need, the answers agree with the eager forward's, and a task whose forward cannot compile
+    (detection) runs eagerly and says so in its manifest."""
+    eager = ModelWorker(STORE.load(model), CPU, name=f"{model}-eager", threads=1)
+    compiled = ModelWorker(STORE.load(model), CPU, name=f"{model}-compiled", threads=1,
+                           torch_compile=True, max_batch_size=4)  # fmt: skip
+    try:
+        if not compiled.task.compiles:
+            assert not compiled.manifest.torch_compile
+            assert compiled._forward is compiled.loaded.model
+            return
+        assert compiled.manifest.torch_compile and not eager.manifest.torch_compile
+        compiled._executor.submit(compiled.run_warm_up).result()
+        batch = photo_items(model, 4)
+        with torch.compiler.set_stance("fail_on_recompile"):  # every size from 1 to 4 is warm
+            answers = {size: compiled._executor.submit(compiled.infer_batch, batch[:size]).result()
+                       for size in (3, 1, 4, 2)}  # fmt: skip
+        expected = eager.infer_batch(batch)
+        for size, results in answers.items():
+            for ours, theirs in zip(results, expected[:size], strict=True):
+                assert_close(ours.predictions, theirs.predictions)
+                assert_close(ours.connectivity, theirs.connectivity)
+    finally:
+        eager.close()
+        compiled.close()

@@ -164,6 +164,9 @@ class ModelVersionInfo(BaseModel):
     precision: Literal["fp32", "bf16", "fp16"] | None = Field(
         None, description="the forward's autocast precision (the manifest's, or DGSERVE_PRECISION's)"
     )
+    torch_compile: bool | None = Field(
+        None, description="whether the forward runs through torch.compile (the manifest's, or DGSERVE_TORCH_COMPILE's)"
+    )
     batching: BatchingInfo | None = Field(None, description="effective values (manifest + overrides)")
     devices: list[str] = Field(default_factory=list, description="one entry per worker")
     queue_depth: int | None = None

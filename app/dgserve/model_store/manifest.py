@@ -129,6 +129,11 @@ class Manifest(_Strict):
         "fp32", exclude_if=lambda v: v == "fp32",
         description="forward dtype under torch.autocast: fp32, bf16 (CPU or CUDA) or fp16 (CUDA only)",
     )
+    # Left out when off, for the same reason.
+    torch_compile: bool = Field(
+        False, exclude_if=lambda v: not v,
+        description="run the forward through torch.compile (inductor), compiled while the model loads",
+    )
     description: str = ""
     created_at: AwareDatetime
 

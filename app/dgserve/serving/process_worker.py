@@ -141,6 +141,8 @@ class ProcessModelWorker:
         nice: int = 0,
         precision: Precision | None = None,
         memory_format: MemoryFormat = "channels_last",
+        torch_compile: bool | None = None,
+        max_batch_size: int | None = None,
         malloc_keep_large_blocks: bool = True,
     ) -> None:
         self.store_root = store_root
@@ -153,6 +155,8 @@ class ProcessModelWorker:
         self.nice = nice
         self.precision = precision
         self.memory_format = memory_format
+        self.torch_compile = torch_compile
+        self.max_batch_size = max_batch_size
         self.manifest: Manifest | None = None
         self.graph: dict[str, Any] | None = None
         self.pid: int | None = None
@@ -249,6 +253,7 @@ class ProcessModelWorker:
         spec = json.dumps({"store": str(self.store_root), "model": self.model, "version": self.version,
                            "device": str(self.device), "threads": self.threads, "nice": self.nice,
                            "precision": self.precision, "memory_format": self.memory_format,
+                           "torch_compile": self.torch_compile, "max_batch_size": self.max_batch_size,
                            "keep_large_blocks": self.malloc_keep_large_blocks, "fd": theirs.fileno()})  # fmt: skip
         with theirs:
             process = subprocess.Popen(
@@ -307,7 +312,12 @@ def _child_main(spec: dict[str, Any]) -> None:
     try:
         loaded = ModelStore(Path(spec["store"])).load(spec["model"], spec["version"], device)
         worker = ModelWorker(loaded, device, name=f"{spec['model']}-v{spec['version']}", threads=None,
-                             precision=spec.get("precision"), memory_format=spec["memory_format"])  # fmt: skip
+                             precision=spec.get("precision"), memory_format=spec["memory_format"],
+                             torch_compile=spec.get("torch_compile"), max_batch_size=spec.get("max_batch_size"))  # fmt: skip
+        if worker.manifest.torch_compile:
+            # Compiled before the child says it is ready, so a child started again after a
+            # crash is as warm as the first one, whatever DGSERVE_WARMUP says.
+            worker.run_warm_up()
         conn.send_bytes(_dumps(_Ready(worker.manifest, describe_graph(loaded.model), os.getpid())))
     except Exception as exc:  # the parent raises it as the load's failure
         conn.send_bytes(_dumps(_Failed.of(exc)))

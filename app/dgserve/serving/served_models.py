@@ -231,7 +231,8 @@ class ServedModels:
                 for _ in range(self.settings.instances_per_device):
                     served.workers.append(await self._worker(served, device))
             served.manifest, served.graph = self._describe(served.workers[0])
-            if self.settings.warmup:
+            # A compiled forward compiles in its warm-up: without one the first requests would wait for it.
+            if self.settings.warmup or served.manifest.torch_compile:
                 for worker in served.workers:
                     await worker.warm_up()
         except ValidationError as exc:
@@ -281,6 +282,8 @@ class ServedModels:
                                         threads=threads, nice=self.settings.compute_nice,
                                         precision=self.settings.precision,
                                         memory_format=self.settings.memory_format,
+                                        torch_compile=self.settings.torch_compile,
+                                        max_batch_size=served.batching.max_batch_size,
                                         malloc_keep_large_blocks=self.settings.malloc_keep_large_blocks)  # fmt: skip
             try:
                 await worker.start()
@@ -290,7 +293,8 @@ class ServedModels:
             return worker
         loaded = await asyncio.to_thread(self._replica, served, device)
         return ModelWorker(loaded, device, name=name, threads=threads, nice=self.settings.compute_nice,
-                           precision=self.settings.precision, memory_format=self.settings.memory_format)
+                           precision=self.settings.precision, memory_format=self.settings.memory_format,
+                           torch_compile=self.settings.torch_compile, max_batch_size=served.batching.max_batch_size)
 
     @staticmethod
     def _describe(worker: ModelWorker | ProcessModelWorker) -> tuple[Manifest, dict[str, Any]]:

@@ -40,7 +40,7 @@ from dgserve.serving.threads import compute_thread
 from dgserve.settings import MemoryFormat
 from dgserve.tasks import ImageInfo, InferenceItem, get_task
 
-__all__ = ["ImageResult", "MemoryFormat", "ModelWorker", "autocast_dtype", "set_memory_format"]
+__all__ = ["ImageResult", "MemoryFormat", "ModelWorker", "autocast_dtype", "set_memory_format", "warm_up_sizes"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,33 @@ def set_memory_format(model: nn.Module, memory_format: MemoryFormat) -> None:
     torch.nn.utils.convert_conv2d_weight_memory_format(model, _MEMORY_FORMATS[memory_format])
 
 
+def warm_up_sizes(manifest: Manifest, max_batch_size: int | None = None) -> tuple[int, ...]:
+    """The batch sizes a worker's warm-up runs: one, and for a compiled forward also two and the largest.
+
+    torch.compile specialises its first graph on the batch size it sees. A second size
+    makes it compile once more with the batch dimension dynamic (size one keeps its own
+    graph: PyTorch specialises dimensions of size 0 and 1). Kernels can still split the
+    range: oneDNN's CPU convolution guards on batches of 2–15, so without the largest
+    batch here the first batch of 16 would compile for seconds while serving.
+    """
+    if not manifest.torch_compile:
+        return (1,)
+    return tuple(sorted({1, 2, max_batch_size or manifest.batching.max_batch_size}))
+
+
+def effective_manifest(manifest: Manifest, precision: Precision | None, torch_compile: bool | None) -> Manifest:
+    """``manifest`` with the server's overrides (DGSERVE_PRECISION, DGSERVE_TORCH_COMPILE) applied.
+
+    The manifest a worker keeps says what actually runs, so GET /v1/models shows it.
+    """
+    update: dict[str, Any] = {}
+    if precision is not None and precision != manifest.precision:
+        update["precision"] = precision
+    if torch_compile is not None and torch_compile != manifest.torch_compile:
+        update["torch_compile"] = torch_compile
+    return manifest.model_copy(update=update) if update else manifest
+
+
 @dataclass(frozen=True, slots=True)
 class ImageResult:
     """What the model made of one image."""
@@ -100,22 +127,28 @@ class ModelWorker:
         nice: int = 0,
         precision: Precision | None = None,
         memory_format: MemoryFormat = "channels_last",
+        torch_compile: bool | None = None,
+        max_batch_size: int | None = None,
     ) -> None:
         """``threads`` and ``nice`` (CPU workers): the worker thread's torch threads and how much
-        lower its CPU priority is than the event loop's (``serving/threads.py``)."""
+        lower its CPU priority is than the event loop's (``serving/threads.py``). ``precision``
+        and ``torch_compile``, when given, replace the manifest's. ``max_batch_size``: the
+        largest batch it will be given, when not the manifest's (the warm-up runs it)."""
         self.loaded = loaded
+        self.max_batch_size = max_batch_size
         set_memory_format(loaded.model, memory_format)  # the replica is this worker's own
-        # ``precision`` (DGSERVE_PRECISION) replaces the manifest's; the manifest kept
-        # here says what actually runs, so GET /v1/models shows the effective value.
-        effective = precision or loaded.manifest.precision
-        self._autocast = autocast_dtype(effective, device)  # refuses fp16 off CUDA before any thread starts
-        self.manifest: Manifest = (
-            loaded.manifest if effective == loaded.manifest.precision
-            else loaded.manifest.model_copy(update={"precision": effective})
-        )
+        self.task = get_task(loaded.manifest.task)
+        wanted = loaded.manifest.torch_compile if torch_compile is None else torch_compile
+        if wanted and not self.task.compiles:
+            log.warning("%s: runs eagerly: torch.compile cannot serve a %s model's forward", name, self.task.name)
+        self.manifest: Manifest = effective_manifest(loaded.manifest, precision, wanted and self.task.compiles)
+        self._autocast = autocast_dtype(self.manifest.precision, device)  # refuses fp16 off CUDA before any thread starts
+        # Compiled lazily, in the worker thread, by the first forwards (the warm-up's). The
+        # compiled module shares the replica's parameters and state: the routing records
+        # still land on ``loaded.model``, where the connectivity is collected.
+        self._forward: nn.Module = torch.compile(loaded.model) if self.manifest.torch_compile else loaded.model
         self.device = device
         self.name = name
-        self.task = get_task(loaded.manifest.task)
         # One thread per replica: the replica's forward state is not thread-safe, and
         # the event loop must never run a forward itself.
         # torch's OpenMP team size is a per-thread setting: pinned in the worker's own
@@ -142,15 +175,20 @@ class ModelWorker:
         return await loop.run_in_executor(self._executor, self.infer_batch, items)
 
     async def warm_up(self) -> float:
-        """Run one dummy batch (results discarded); returns the seconds it took."""
+        """Run dummy batches (results discarded; ``warm_up_sizes``); returns the seconds they took."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        await loop.run_in_executor(self._executor, self.run_warm_up)
+        return time.perf_counter() - started
+
+    def run_warm_up(self) -> None:
+        """``warm_up``'s batches, in the calling thread (the worker's, or a process worker's child)."""
         height, width = self.manifest.preprocessing.input_size
         # Through the task's own preparation, so the batch is shaped like a real one.
         tensor, context = self.task.prepare(Image.new("RGB", (width, height)), self.manifest.preprocessing)
         dummy = InferenceItem(tensor, ImageInfo(None, width, height), self.task.Options(), context)
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        await loop.run_in_executor(self._executor, self.infer_batch, [dummy])
-        return time.perf_counter() - started
+        for size in warm_up_sizes(self.manifest, self.max_batch_size):
+            self.infer_batch([dummy] * size)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -160,7 +198,7 @@ class ModelWorker:
     def infer_batch(self, items: Sequence[InferenceItem]) -> list[ImageResult]:
         with torch.inference_mode(), self._device_context():
             with self._precision_context():
-                predictions = self.task.predict(self.loaded.model, items, self.manifest, self._to_device)
+                predictions = self.task.predict(self._forward, items, self.manifest, self._to_device)
             # Outside autocast: the records are read back (and digested) as float32.
             records = collect_connectivity(self.loaded.model, len(items), self._sources)
         results = []

@@ -120,6 +120,11 @@ class Task(abc.ABC):
     and maps nothing back onto the upload's pixels: then a JPEG may be decoded at a reduced scale that
     still covers the resize (``DGSERVE_JPEG_DRAFT``). A task that maps boxes or masks back needs the
     full-size image and leaves this off."""
+    compiles: ClassVar[bool] = True
+    """Whether torch.compile can serve the task's forward (DGSERVE_TORCH_COMPILE) with a few graphs
+    compiled at load. A task whose model loops over a batch's images in Python, or whose shapes
+    depend on the data, would compile anew for batch after batch while serving: it turns this off,
+    and its models run eagerly whatever the setting says."""
 
     # --- manifest -----------------------------------------------------------------
 

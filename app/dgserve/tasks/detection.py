@@ -75,6 +75,9 @@ class Detection(Task):
     collate: ClassVar[Callable[[Sequence[Any]], Any] | None] = staticmethod(collate_batch)
     metric: ClassVar[tuple[str, str]] = ("mAP50", "mAP@0.5")
     routing_groups: ClassVar[str] = "class of the scene's largest object"
+    # torchvision's detectors loop over a batch's images in Python and NMS keeps a
+    # data-dependent number of boxes: torch.compile recompiled for every batch size.
+    compiles: ClassVar[bool] = False
 
     # --- manifest -----------------------------------------------------------------
 

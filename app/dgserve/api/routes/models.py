@@ -80,6 +80,7 @@ def _version_info(served: ServedModel) -> ModelVersionInfo:
             preprocessing=manifest.preprocessing.model_dump(),
             thresholds=manifest.thresholds.model_dump(),
             precision=manifest.precision,
+            torch_compile=manifest.torch_compile,
         )
     if served.batching is not None:
         info["batching"] = BatchingInfo(**served.batching.model_dump())

@@ -137,7 +137,11 @@ class DGStage(nn.Module):
         return [getattr(self, name) for name in self.block_names]
 
     def forward(self, x: Tensor) -> Tensor:
-        masked = self.execution == "masked" or (self.execution == "auto" and x.device.type == "cuda")
+        # Under torch.compile, skip's per-block host reads would break the graph at every
+        # block, so a compiled forward runs masked too.
+        masked = self.execution == "masked" or (
+            self.execution == "auto" and (x.device.type == "cuda" or torch.compiler.is_compiling())
+        )
         result, gated = self._forward_masked(x) if masked else self._forward_skip(x)
         self._record(gated, x.shape[0], x.device)
         return result
