@@ -255,16 +255,17 @@ def test_skipping_keeps_feature_maps_channels_last(name: str) -> None:
     assert assert_same_runs(model, varied_images(6)) > 0, "no block was skipped; the test would not test skipping"
 
 
-def test_auto_runs_masked_under_torch_compile() -> None:
+@pytest.mark.parametrize("execution", ["auto", "skip"])
+def test_every_execution_runs_masked_under_torch_compile(execution: str) -> None:
     """Skip's per-block host reads cannot be traced into one graph: ``fullgraph`` would refuse
-    them. Under torch.compile, ``auto`` runs masked, with the skip mode's outputs and records."""
+    them. Under torch.compile every mode runs masked, with the skip mode's outputs and records."""
     torch.manual_seed(0)
     model = create_model("dgnet_resnet18_slim", num_classes=4, width=8).eval()
     randomise_routers(model)
     x = varied_images(4)
     out_skip, adj_skip, ran_skip = run_mode(model, x, "skip")
     assert sum(int((~r).sum()) for r in ran_skip) > 0, "no block was skipped; the test would not test skipping"
-    set_execution(model, "auto")
+    set_execution(model, execution)  # type: ignore[arg-type]
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         out = compiled(x)

@@ -271,10 +271,10 @@ def test_a_compiled_worker_answers_as_the_eager_one_and_never_compiles_while_ser
             return
         assert compiled.manifest.torch_compile and not eager.manifest.torch_compile
         compiled._executor.submit(compiled.run_warm_up).result()
-        batch = photo_items(model, 4)
-        with torch.compiler.set_stance("fail_on_recompile"):  # every size from 1 to 4 is warm
+        batch = photo_items(model, 17)
+        with torch.compiler.set_stance("fail_on_recompile"):  # every size is warm, either side of 16
             answers = {size: compiled._executor.submit(compiled.infer_batch, batch[:size]).result()
-                       for size in (3, 1, 4, 2)}  # fmt: skip
+                       for size in (3, 1, 17, 4, 15, 2)}  # fmt: skip
         expected = eager.infer_batch(batch)
         for size, results in answers.items():
             for ours, theirs in zip(results, expected[:size], strict=True):

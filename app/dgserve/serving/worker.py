@@ -77,18 +77,24 @@ def set_memory_format(model: nn.Module, memory_format: MemoryFormat) -> None:
     torch.nn.utils.convert_conv2d_weight_memory_format(model, _MEMORY_FORMATS[memory_format])
 
 
+# oneDNN's CPU convolution guards on batches of 2–15: a compiled forward has one graph
+# below this size and another from it up.
+_CONV_BATCH_SPLIT = 16
+
+
 def warm_up_sizes(manifest: Manifest, max_batch_size: int | None = None) -> tuple[int, ...]:
-    """The batch sizes a worker's warm-up runs: one, and for a compiled forward also two and the largest.
+    """The batch sizes a worker's warm-up runs: one; for a compiled forward also 2, 16 and the largest.
 
     torch.compile specialises its first graph on the batch size it sees. A second size
     makes it compile once more with the batch dimension dynamic (size one keeps its own
     graph: PyTorch specialises dimensions of size 0 and 1). Kernels can still split the
-    range: oneDNN's CPU convolution guards on batches of 2–15, so without the largest
-    batch here the first batch of 16 would compile for seconds while serving.
+    range: without a batch of 16 here the first one while serving compiled for seconds.
+    16 is run even when batches are smaller, since a task may run the model on more
+    inputs than images (a video's other clips).
     """
     if not manifest.torch_compile:
         return (1,)
-    return tuple(sorted({1, 2, max_batch_size or manifest.batching.max_batch_size}))
+    return tuple(sorted({1, 2, _CONV_BATCH_SPLIT, max_batch_size or manifest.batching.max_batch_size}))
 
 
 def effective_manifest(manifest: Manifest, precision: Precision | None, torch_compile: bool | None) -> Manifest:
@@ -146,7 +152,13 @@ class ModelWorker:
         # Compiled lazily, in the worker thread, by the first forwards (the warm-up's). The
         # compiled module shares the replica's parameters and state: the routing records
         # still land on ``loaded.model``, where the connectivity is collected.
-        self._forward: nn.Module = torch.compile(loaded.model) if self.manifest.torch_compile else loaded.model
+        self._forward: nn.Module = loaded.model
+        if self.manifest.torch_compile:
+            # Dynamo keys its cache on the forward's code, shared by every replica of a model
+            # class (each takes up to 4 graphs: see warm_up_sizes). Past the limit it would run
+            # the rest eagerly without a word, so room is made for a few dozen replicas.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._forward = torch.compile(loaded.model)  # type: ignore[assignment]
         self.device = device
         self.name = name
         # One thread per replica: the replica's forward state is not thread-safe, and

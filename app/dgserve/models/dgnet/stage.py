@@ -138,9 +138,12 @@ class DGStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Under torch.compile, skip's per-block host reads would break the graph at every
-        # block, so a compiled forward runs masked too.
-        masked = self.execution == "masked" or (
-            self.execution == "auto" and (x.device.type == "cuda" or torch.compiler.is_compiling())
+        # block and recompile for each new set of images a block runs on, so a compiled
+        # forward runs masked whatever the execution says.
+        masked = (
+            self.execution == "masked"
+            or torch.compiler.is_compiling()
+            or (self.execution == "auto" and x.device.type == "cuda")
         )
         result, gated = self._forward_masked(x) if masked else self._forward_skip(x)
         self._record(gated, x.shape[0], x.device)
