@@ -137,14 +137,10 @@ class DGStage(nn.Module):
         return [getattr(self, name) for name in self.block_names]
 
     def forward(self, x: Tensor) -> Tensor:
-        # Under torch.compile, skip's per-block host reads would break the graph at every
-        # block and recompile for each new set of images a block runs on, so a compiled
-        # forward runs masked whatever the execution says.
-        masked = (
-            self.execution == "masked"
-            or torch.compiler.is_compiling()
-            or (self.execution == "auto" and x.device.type == "cuda")
-        )
+        # Under torch.compile skip's host reads would break the graph at every block and
+        # recompile per routing pattern, so a compiled forward runs masked in every mode.
+        auto_masked = self.execution == "auto" and x.device.type == "cuda"
+        masked = self.execution == "masked" or auto_masked or torch.compiler.is_compiling()
         result, gated = self._forward_masked(x) if masked else self._forward_skip(x)
         self._record(gated, x.shape[0], x.device)
         return result
