@@ -91,7 +91,6 @@ class Variant:
     times: list[float] = field(default_factory=list)
     active: float = 1.0  # mean active-edge fraction
     skipped: float = 0.0  # mean fraction of blocks skipped
-    run: Callable[[Tensor], object] | None = None  # what is timed: the model, or its compiled form
 
     def prepare(self) -> None:
         if self.execution is None:
@@ -214,20 +213,18 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> None:
             variants += [Variant(f"{key}/{mode}", dg, mode, taus) for key, taus in close.items()]
         with torch.inference_mode():
             for v in variants:
-                v.run = runs[id(v.model)]
                 observe(v, x)
                 v.prepare()
                 for _ in range(2):  # warm-up (and, with --compile, the compile)
-                    v.run(x)
+                    runs[id(v.model)](x)
             base = variants[1]
             base.prepare()
-            assert base.run is not None
-            once = min(timed(lambda: base.run(x), 1, device) for _ in range(3))  # type: ignore[misc]
+            once = min(timed(lambda: runs[id(base.model)](x), 1, device) for _ in range(3))
             iters = max(3, int(args.min_time / max(once, 1e-6)))
             for r in range(args.rounds):
                 for v in variants if r % 2 == 0 else variants[::-1]:
                     v.prepare()
-                    v.times.append(timed(lambda v=v: v.run(x), iters, device))  # type: ignore[misc]
+                    v.times.append(timed(lambda v=v: runs[id(v.model)](x), iters, device))
             if args.profile:
                 profile(base, x, device)
         compiled = ", compiled" if args.compile else ""
