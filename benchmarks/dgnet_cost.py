@@ -34,6 +34,7 @@ from the store (``--store``) loads its weights and preprocessing.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -52,7 +53,7 @@ from dgserve.models.dgnet import dg_stages, set_execution
 from dgserve.models.dgnet.backbones import TORCHVISION_BUILDERS, build_plain
 from dgserve.models.registry import create_model, list_models
 from dgserve.models.widths import slim_resnet18
-from dgserve.serving.worker import set_memory_format
+from dgserve.serving.worker import configure_compiling_thread, set_memory_format
 from dgserve.settings import default_model_store
 
 
@@ -71,8 +72,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (0: torch's default; 1 keeps a shared machine's timings steadier)")
     p.add_argument("--compile", action="store_true",
-                   help="time every variant through torch.compile (inductor), the backbone too; DG-Net runs masked, "
-                        "as execution auto does under compile (DGSERVE_TORCH_COMPILE)")
+                   help="time every variant through torch.compile (inductor), the backbone too, weights frozen into "
+                        "the graph; DG-Net runs masked, as execution auto does under compile (DGSERVE_TORCH_COMPILE)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops for `open`")
     p.add_argument("--malloc", choices=["kept", "default"], default="kept",
                    help="kept: glibc keeps large blocks, as the server does (dgserve.allocator); default: glibc's own")
@@ -197,9 +198,20 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> None:
     for model in (dg, plain):
         set_memory_format(model, args.memory_format)
     executions = ["masked"] if args.compile else args.executions.split(",")  # what auto runs under compile
-    # One compiled wrapper per module: the variants of one model share its graphs (τ is a
-    # parameter, read at run time, so changing it recompiles nothing).
-    runs = {id(m): torch.compile(m) if args.compile else m for m in (dg, plain)}
+    if args.compile:
+        configure_compiling_thread()  # as a serving worker compiles: weights frozen into the graph
+    # One compiled wrapper per module. Compiled, the weights are frozen into the graph, τ
+    # with them, so each DG-Net variant compiles its own copy with its own τ.
+    runs: dict[int, Callable[[Tensor], object]] = {}
+
+    def run(v: Variant) -> Callable[[Tensor], object]:
+        if id(v.model) not in runs:
+            runs[id(v.model)] = torch.compile(v.model) if args.compile else v.model
+        return runs[id(v.model)]
+
+    def own(model: nn.Module) -> nn.Module:
+        return copy.deepcopy(model) if args.compile else model
+
     stored_taus = [stage.tau.detach().clone() for _, stage in dg_stages(dg)]
     for b in (int(s) for s in args.batch_sizes.split(",")):
         x = full_x[:b]
@@ -207,24 +219,24 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> None:
         open_taus = [torch.full_like(t, -1.0) for t in stored_taus]
         close = {f"close-{q}": close_taus(dg, x, float(q)) for q in args.close.split(",") if q}
         for mode in executions:
-            variants.append(Variant(f"open/{mode}", dg, mode, open_taus))
+            variants.append(Variant(f"open/{mode}", own(dg), mode, open_taus))
             if real:
-                variants.append(Variant(f"routed/{mode}", dg, mode, stored_taus))
-            variants += [Variant(f"{key}/{mode}", dg, mode, taus) for key, taus in close.items()]
+                variants.append(Variant(f"routed/{mode}", own(dg), mode, stored_taus))
+            variants += [Variant(f"{key}/{mode}", own(dg), mode, taus) for key, taus in close.items()]
         with torch.inference_mode():
             for v in variants:
                 observe(v, x)
                 v.prepare()
                 for _ in range(2):  # warm-up (and, with --compile, the compile)
-                    runs[id(v.model)](x)
+                    run(v)(x)
             base = variants[1]
             base.prepare()
-            once = min(timed(lambda: runs[id(base.model)](x), 1, device) for _ in range(3))
+            once = min(timed(lambda: run(base)(x), 1, device) for _ in range(3))
             iters = max(3, int(args.min_time / max(once, 1e-6)))
             for r in range(args.rounds):
                 for v in variants if r % 2 == 0 else variants[::-1]:
                     v.prepare()
-                    v.times.append(timed(lambda v=v: runs[id(v.model)](x), iters, device))
+                    v.times.append(timed(lambda v=v: run(v)(x), iters, device))
             if args.profile:
                 profile(base, x, device)
         compiled = ", compiled" if args.compile else ""

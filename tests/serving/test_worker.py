@@ -283,3 +283,34 @@ def test_a_compiled_worker_answers_as_the_eager_one_and_never_compiles_while_ser
     finally:
         eager.close()
         compiled.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_compiled_worker_freezes_its_weights_into_the_graph() -> None:
+    """Inductor's freezing is on in a compiling worker's thread: the weights are constants of
+    the compiled graph, and each batch norm is folded into the convolution before it, so a
+    batch norm statistic changed after the warm-up is not seen by the compiled forward, and
+    is by the eager one. A served replica's weights never change; this shows that the graph
+    holds its own folded copy. Dynamo's raised cache limit holds in that thread too."""
+    model = "shapes-dgnet"
+    compiled = ModelWorker(STORE.load(model), CPU, name="frozen", threads=1, torch_compile=True, max_batch_size=2)
+    try:
+        compiled._executor.submit(compiled.run_warm_up).result()
+        batch = photo_items(model, 2)
+        before = compiled._executor.submit(compiled.infer_batch, batch).result()
+        with torch.no_grad():
+            compiled.loaded.model.bn1.running_mean.add_(10.0)  # the stem's batch norm
+        after = compiled._executor.submit(compiled.infer_batch, batch).result()
+        assert_close([r.predictions for r in after], [r.predictions for r in before])
+        # torch keeps these settings per thread: they hold where the forward runs.
+        assert compiled._executor.submit(lambda: torch._dynamo.config.recompile_limit).result() >= 64
+        eager = ModelWorker(compiled.loaded, CPU, name="eager", threads=1)
+        try:
+            moved = eager.infer_batch(batch)
+        finally:
+            eager.close()
+        top = [(r.predictions[0]["label"], r.predictions[0]["score"]) for r in before]
+        assert all(abs(p.predictions[0]["score"] - score) > 1e-3 or p.predictions[0]["label"] != label
+                   for p, (label, score) in zip(moved, top, strict=True)), "the eager forward sees the new mean"
+    finally:
+        compiled.close()

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +41,10 @@ from dgserve.serving.threads import compute_thread
 from dgserve.settings import MemoryFormat
 from dgserve.tasks import ImageInfo, InferenceItem, get_task
 
-__all__ = ["ImageResult", "MemoryFormat", "ModelWorker", "autocast_dtype", "set_memory_format", "warm_up_sizes"]
+__all__ = [
+    "ImageResult", "MemoryFormat", "ModelWorker", "autocast_dtype", "configure_compiling_thread", "set_memory_format",
+    "warm_up_sizes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,34 @@ def warm_up_sizes(manifest: Manifest, max_batch_size: int | None = None) -> tupl
     if not manifest.torch_compile:
         return (1,)
     return tuple(sorted({1, 2, _CONV_BATCH_SPLIT, max_batch_size or manifest.batching.max_batch_size}))
+
+
+_compiling = threading.local()
+
+
+def configure_compiling_thread() -> None:
+    """Set, in the calling thread, how a served forward compiles: once per thread.
+
+    torch keeps dynamo's and inductor's settings per thread, so they are set in the thread
+    that runs the forward (a worker's, a process worker child's), not where it was built.
+
+    * Dynamo keys its cache on the forward's code, shared by every replica of a model class
+      (each takes up to 4 graphs: see ``warm_up_sizes``). Past its limit of 8 it would run
+      the rest eagerly without a word, so room is made for a few dozen replicas.
+    * Inductor treats the weights as constants (``freezing``): a served model's weights never
+      change after it loads, and every forward runs under ``inference_mode``. It then folds
+      each batch norm into the convolution before it and lays the convolution weights out
+      once for oneDNN instead of at every forward. DG-Net ResNet-50's compiled forward took
+      16 % less time at batch 1 and 11 % less at batch 8 (docs/performance.md). A weight
+      changed after the compile would not be seen, which a served replica never does.
+    """
+    if getattr(_compiling, "configured", False):
+        return
+    import torch._inductor.config  # inductor's own import: only where a worker compiles
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._inductor.config.freezing = True
+    _compiling.configured = True
 
 
 def effective_manifest(manifest: Manifest, precision: Precision | None, torch_compile: bool | None) -> Manifest:
@@ -154,10 +186,6 @@ class ModelWorker:
         # still land on ``loaded.model``, where the connectivity is collected.
         self._forward: nn.Module = loaded.model
         if self.manifest.torch_compile:
-            # Dynamo keys its cache on the forward's code, shared by every replica of a model
-            # class (each takes up to 4 graphs: see warm_up_sizes). Past the limit it would run
-            # the rest eagerly without a word, so room is made for a few dozen replicas.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._forward = torch.compile(loaded.model)  # type: ignore[assignment]
         self.device = device
         self.name = name
@@ -208,6 +236,8 @@ class ModelWorker:
     # --- runs in the worker thread ---------------------------------------------
 
     def infer_batch(self, items: Sequence[InferenceItem]) -> list[ImageResult]:
+        if self.manifest.torch_compile:
+            configure_compiling_thread()
         with torch.inference_mode(), self._device_context():
             with self._precision_context():
                 predictions = self.task.predict(self._forward, items, self.manifest, self._to_device)
