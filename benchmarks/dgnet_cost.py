@@ -214,6 +214,7 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> None:
 
     stored_taus = [stage.tau.detach().clone() for _, stage in dg_stages(dg)]
     for b in (int(s) for s in args.batch_sizes.split(",")):
+        runs.clear()  # the last batch size's copies and graphs go
         x = full_x[:b]
         variants = [Variant("plain", plain, None)]
         open_taus = [torch.full_like(t, -1.0) for t in stored_taus]
@@ -238,7 +239,7 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> None:
                     v.prepare()
                     v.times.append(timed(lambda v=v: run(v)(x), iters, device))
             if args.profile:
-                profile(base, x, device)
+                profile(base.name, run(base), x, device)
         compiled = ", compiled" if args.compile else ""
         print(f"\n## {name}, batch {b}, {device.type}{compiled}, {args.rounds} rounds × {iters} forwards per variant")
         print("| variant | ms/forward min/med/max | MFLOPs (MACs) | active edges | blocks skipped "
@@ -262,16 +263,16 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> None:
             print(row + f"{spread(speed)} | {flop_speed:.3f} | {spread([s / flop_speed for s in speed])} |")
 
 
-def profile(v: Variant, x: Tensor, device: torch.device) -> None:
+def profile(name: str, forward: Callable[[Tensor], object], x: Tensor, device: torch.device) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
         for _ in range(5):
-            v.model(x)
+            forward(x)
         sync(device)
-    print(f"\n### torch.profiler, {v.name}, batch {x.shape[0]}: top ops by self time")
+    print(f"\n### torch.profiler, {name}, batch {x.shape[0]}: top ops by self time")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 

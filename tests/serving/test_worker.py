@@ -303,7 +303,7 @@ def test_a_compiled_worker_freezes_its_weights_into_the_graph() -> None:
         after = compiled._executor.submit(compiled.infer_batch, batch).result()
         assert_close([r.predictions for r in after], [r.predictions for r in before])
         # torch keeps these settings per thread: they hold where the forward runs.
-        assert compiled._executor.submit(lambda: torch._dynamo.config.recompile_limit).result() >= 64
+        assert compiled._executor.submit(lambda: torch._dynamo.config.recompile_limit).result() >= 256
         eager = ModelWorker(compiled.loaded, CPU, name="eager", threads=1)
         try:
             moved = eager.infer_batch(batch)

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -101,32 +100,38 @@ def warm_up_sizes(manifest: Manifest, max_batch_size: int | None = None) -> tupl
     return tuple(sorted({1, 2, _CONV_BATCH_SPLIT, max_batch_size or manifest.batching.max_batch_size}))
 
 
-_compiling = threading.local()
+# Dynamo's cache holds graphs per forward's code, shared by every model whose forward is the
+# same function (torchvision's ResNet.forward serves several bundled models); a frozen graph
+# is pinned to its replica's weights, so each replica adds its own 3-4 (``warm_up_sizes``).
+_RECOMPILE_LIMIT = 256
+_ACCUMULATED_RECOMPILE_LIMIT = 1024
 
 
 def configure_compiling_thread() -> None:
-    """Set, in the calling thread, how a served forward compiles: once per thread.
+    """Set, in the calling thread, how a served forward compiles (cheap when already set).
 
-    torch keeps dynamo's and inductor's settings per thread, so they are set in the thread
-    that runs the forward (a worker's, a process worker child's), not where it was built.
+    torch keeps dynamo's and inductor's settings per thread (and per context), so they are
+    set where the forward runs (a worker's thread, a process worker child's), not where
+    the worker was built, and checked at every batch rather than remembered.
 
-    * Dynamo keys its cache on the forward's code, shared by every replica of a model class
-      (each takes up to 4 graphs: see ``warm_up_sizes``). Past its limit of 8 it would run
-      the rest eagerly without a word, so room is made for a few dozen replicas.
     * Inductor treats the weights as constants (``freezing``): a served model's weights never
       change after it loads, and every forward runs under ``inference_mode``. It then folds
       each batch norm into the convolution before it and lays the convolution weights out
       once for oneDNN instead of at every forward. DG-Net ResNet-50's compiled forward took
       16 % less time at batch 1 and 11 % less at batch 8 (docs/performance.md). A weight
-      changed after the compile would not be seen, which a served replica never does.
+      changed after the compile would not be seen, which a served replica never does. The
+      price: each replica compiles its own graphs, where unfrozen replicas shared them.
+    * Past dynamo's limit of 8 graphs per forward's code it would run the rest eagerly
+      without a word, so room is made for dozens of replicas.
     """
-    if getattr(_compiling, "configured", False):
-        return
     import torch._inductor.config  # inductor's own import: only where a worker compiles
 
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    torch._inductor.config.freezing = True
-    _compiling.configured = True
+    dynamo, inductor = torch._dynamo.config, torch._inductor.config
+    if inductor.freezing and dynamo.recompile_limit >= _RECOMPILE_LIMIT:
+        return
+    inductor.freezing = True
+    dynamo.recompile_limit = max(dynamo.recompile_limit, _RECOMPILE_LIMIT)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, _ACCUMULATED_RECOMPILE_LIMIT)
 
 
 def effective_manifest(manifest: Manifest, precision: Precision | None, torch_compile: bool | None) -> Manifest:
