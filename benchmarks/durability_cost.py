@@ -1,7 +1,7 @@
 """What answering only once the records are committed costs (issue 13, finding 3), as same-run ratios.
 
     .venv/bin/python benchmarks/durability_cost.py [--clients 32] [--requests 3000] [--rounds 5]
-                                                   [--processes 1] [--batch-size 32]
+                                                   [--processes auto] [--batch-size 32]
 
 Two real servers with the bundled shapes-dgnet run side by side, each on its own port
 and data directory: one with ``DGSERVE_INSPECTION_DURABILITY=sync`` (the default: an
@@ -13,7 +13,8 @@ p99. Only one server is loaded at a time; the idle one costs nothing noticeable.
 
 The summary is sync's throughput as a ratio to async's in the same round, and the same
 for p99, min / median / max over rounds. The target: sync loses at most 5 % (a ratio
-of at least 0.95). ``--processes`` sets ``DGSERVE_SERVER_PROCESSES`` for both.
+of at least 0.95). ``--processes`` sets ``DGSERVE_SERVER_PROCESSES`` for both (default: the
+server's own default, ``auto``).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--warmup", type=int, default=600, help="untimed requests per server first")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--processes", type=int, default=1, help="DGSERVE_SERVER_PROCESSES for both servers")
+    parser.add_argument("--processes", default="auto", help="DGSERVE_SERVER_PROCESSES for both servers")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     print(f"shapes-dgnet, {args.clients} clients, {args.requests} requests per run, {args.processes} server "

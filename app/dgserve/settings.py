@@ -18,9 +18,17 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 import dgserve
 from dgserve.cores import available_cores
 
-__all__ = ["BatchingOverride", "MemoryFormat", "Settings", "default_model_store"]
+__all__ = ["AUTO_SERVER_PROCESSES", "BatchingOverride", "MemoryFormat", "Settings", "default_model_store"]
 
 MemoryFormat = Literal["channels_last", "contiguous"]
+
+# What DGSERVE_SERVER_PROCESSES=auto starts on a host with 2 or more cores. One process
+# runs its event loop, decoding and a Python-heavy forward on one GIL: on 2 cores it
+# served the smallest model at 0.59 of what 2 processes served, and under 25x overload
+# kept 0.66-0.72 of its peak where 2 kept 1.24-1.31 (docs/performance.md, "Two server
+# processes by default"). More than 2 was not measured to pay, and each process holds
+# its own copy of every model, so more is the user's choice.
+AUTO_SERVER_PROCESSES = 2
 
 
 def default_model_store() -> Path:
@@ -67,11 +75,12 @@ class Settings(BaseSettings):
         "all", description="Load every stored version of each model, or only the highest."
     )
 
-    server_processes: PositiveInt = Field(
-        1,
+    server_processes: PositiveInt | Literal["auto"] = Field(
+        "auto",
         description="HTTP server processes sharing the port, each a whole server with its own batchers and "
         "model replicas (its own GIL), sharing the inspection store; /metrics merges them. A supervisor "
-        "restarts one that dies and passes SIGTERM on, so each drains.",
+        'restarts one that dies and passes SIGTERM on, so each drains. "auto": 2 where this process may use '
+        "2 or more cores (its affinity and its container's CPU quota), else 1.",
     )
     devices: str = Field("auto", description='"auto" (every GPU, else CPU), "cpu", or e.g. "cuda:0,cuda:1".')
     instances_per_device: PositiveInt = Field(
@@ -287,6 +296,13 @@ class Settings(BaseSettings):
             if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
                 raise ValueError(f"{item!r} is not a device; use auto, cpu, cuda or cuda:N")
         return value
+
+    @property
+    def server_process_count(self) -> int:
+        """``server_processes`` as a number, "auto" resolved (see ``AUTO_SERVER_PROCESSES``)."""
+        if self.server_processes == "auto":
+            return min(AUTO_SERVER_PROCESSES, available_cores())
+        return self.server_processes
 
     @property
     def inspection_commit_wait_s(self) -> float:

@@ -30,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from processes import pid_running  # noqa: E402
 from server_process import ServerProcess, free_port  # noqa: E402
 
+from dgserve.cores import available_cores  # noqa: E402
 from dgserve.data.scenes import render_classification  # noqa: E402
+from dgserve.settings import AUTO_SERVER_PROCESSES  # noqa: E402
 
 CLIENTS, PER_CLIENT = 16, 6
 TWO = {"DGSERVE_SERVER_PROCESSES": "2", "DGSERVE_SHUTDOWN_GRACE_S": "0.5", "DGSERVE_DRAIN_TIMEOUT_S": "5"}
@@ -90,19 +92,6 @@ def _all_serving(base: str) -> bool:
     return "dgserve_server_processes 2.0" in merged and bool(ready) and all(line.endswith(" 1.0") for line in ready)
 
 
-def _listening_sockets(port: int) -> int:
-    """TCP sockets in LISTEN (state 0A) on ``port``, from the kernel's tables."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as lines:
-            next(lines)  # the header
-            for line in lines:
-                fields = line.split()
-                local, state = fields[1], fields[3]
-                count += state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
-    return count
-
-
 def _grpc_classify(port: int, png: bytes) -> str:
     """One OIP gRPC inference on a fresh channel (a new connection, hashed to either process)."""
     client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{port}")
@@ -122,8 +111,7 @@ def test_two_processes_share_the_port_the_store_and_the_metrics(tmp_path: Path) 
         _wait_for(lambda: _all_serving(server.base), "both processes serving")
         # Its listener opens just after its models are ready: both sockets must listen
         # before the connections are made, or the kernel hashes them all to the first.
-        port = int(server.base.rsplit(":", 1)[1])
-        _wait_for(lambda: _listening_sockets(port) == 2, "both processes listening")
+        _wait_for(lambda: server.listeners() == 2, "both processes listening")
         ids = _classify_many(server.base, _png())
         ids += [_grpc_classify(grpc_port, _png()) for _ in range(8)]  # both bound it (SO_REUSEPORT)
         found = re.search(r"metrics sockets are in ([^\s)]+)", server.log_text())
@@ -138,6 +126,21 @@ def test_two_processes_share_the_port_the_store_and_the_metrics(tmp_path: Path) 
     assert sum(own) == _requests_served(merged) == CLIENTS * PER_CLIENT
     assert "dgserve_server_processes 2.0" in merged
     assert unreadable == [], "an id answered by either process reads back through the shared store"
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(available_cores() < AUTO_SERVER_PROCESSES, reason="auto is one process on one core")
+def test_the_default_serves_from_two_processes_where_two_cores_are_available(tmp_path: Path) -> None:
+    """``DGSERVE_SERVER_PROCESSES`` unset is ``auto``: two processes on this machine's cores."""
+    env = {k: v for k, v in TWO.items() if k != "DGSERVE_SERVER_PROCESSES"}
+    server = ServerProcess(tmp_path / "data", env)
+    del server.env["DGSERVE_SERVER_PROCESSES"]  # the test default (one process) too: what a user gets
+    with server:  # starts it
+        assert server.proc is not None
+        assert len(_children(server.proc.pid)) == AUTO_SERVER_PROCESSES
+        _wait_for(lambda: _all_serving(server.base), "both processes serving")
+        assert len(_classify_many(server.base, _png())) == CLIENTS * PER_CLIENT
+    assert "from 2 processes" in server.log_text()
 
 
 @pytest.mark.timeout(240)

@@ -37,3 +37,27 @@ def test_inspection_store_defaults_to_sqlite_under_the_data_dir(monkeypatch: pyt
     assert Settings(data_dir=Path("/var/x")).inspection_location == Path("/var/x/inspections.sqlite3")
     monkeypatch.setenv("DGSERVE_INSPECTION_URL", "sqlite:////srv/records.db")
     assert Settings().inspection_location == "sqlite:////srv/records.db"
+
+
+@pytest.mark.parametrize(("cores", "processes"), [(1, 1), (2, 2), (16, 2)])
+def test_auto_server_processes_are_two_where_two_cores_are_available(
+    monkeypatch: pytest.MonkeyPatch, cores: int, processes: int
+) -> None:
+    """The default: one GIL per core up to ``AUTO_SERVER_PROCESSES``, never more processes than cores."""
+    monkeypatch.delenv("DGSERVE_SERVER_PROCESSES", raising=False)
+    monkeypatch.setattr("dgserve.settings.available_cores", lambda: cores)
+    settings = Settings()
+    assert settings.server_processes == "auto"
+    assert settings.server_process_count == processes
+    assert Settings(server_processes=3).server_process_count == 3  # a number is taken as given
+
+
+def test_server_processes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DGSERVE_SERVER_PROCESSES", "3")
+    assert Settings().server_processes == 3
+    monkeypatch.setenv("DGSERVE_SERVER_PROCESSES", "auto")
+    assert Settings().server_processes == "auto"
+    for bad in ("0", "many"):
+        monkeypatch.setenv("DGSERVE_SERVER_PROCESSES", bad)
+        with pytest.raises(ValueError, match="server_processes"):
+            Settings()

@@ -548,7 +548,8 @@ def test_cpu_overlay_runs_without_gpu_or_database(kubectl: str) -> None:
     assert "nvidia.com/gpu" not in json.dumps(objects), "no GPU limit, request or toleration"
     assert settings["DGSERVE_DEVICES"] == "cpu"
     requests = c["resources"]["requests"]
-    assert int(settings["DGSERVE_TORCH_THREADS"]) == int(requests["cpu"]), "torch threads sized to the pod's CPU"
+    threads = int(settings["DGSERVE_SERVER_PROCESSES"]) * int(settings["DGSERVE_TORCH_THREADS"])
+    assert threads == int(requests["cpu"]), "torch threads, over every server process, sized to the pod's CPU"
     gpu = container(pod_spec(build(kubectl, "gpu")), "dgserve")["resources"]["requests"]
     assert _bytes(requests["memory"]) <= _bytes(gpu["memory"]), "smaller requests than the GPU pods"
     assert deployment["spec"]["replicas"] == 1

@@ -80,7 +80,9 @@ def configure_logging(settings: Settings) -> None:
 def run(settings: Settings) -> None:
     """Serve ``settings``' models until interrupted: in this process, or in several."""
     configure_logging(settings)
-    if settings.server_processes > 1:
+    # "auto" becomes a number here, once, so every process sees how many share the host.
+    settings = settings.model_copy(update={"server_processes": settings.server_process_count})
+    if settings.server_process_count > 1:
         sys.exit(serve_processes(settings))
     from dgserve.api.server import serve  # the app, torch and all: only where it serves
 
@@ -88,8 +90,8 @@ def run(settings: Settings) -> None:
 
 
 def serve_processes(settings: Settings) -> int:
-    """Run ``settings.server_processes`` servers on one port until a signal; the exit status."""
-    count = settings.server_processes
+    """Run ``settings.server_process_count`` servers on one port until a signal; the exit status."""
+    count = settings.server_process_count
     reserved = _socket(settings.host, settings.port)  # port 0: the port the children all take
     port = reserved.getsockname()[1]
     runtime = Path(tempfile.mkdtemp(prefix="dgserve-"))
@@ -107,7 +109,7 @@ class _Supervisor:
         self.settings = settings
         self.runtime = runtime
         self.children: dict[int, BaseProcess] = {}
-        self.start_failures = [0] * settings.server_processes
+        self.start_failures = [0] * settings.server_process_count
         self.signals: list[int] = []  # received, not yet passed on
         self.passed_on: set[int] = set()  # a child that ends by one of these did as it was asked
         self.stopping = False
@@ -123,7 +125,7 @@ class _Supervisor:
         wakeup_writer.setblocking(False)
         previous_fd = signal.set_wakeup_fd(wakeup_writer.fileno())
         try:
-            for index in range(self.settings.server_processes):
+            for index in range(self.settings.server_process_count):
                 self._start(index)
             while self.children:
                 self._pass_signals()
@@ -233,7 +235,7 @@ def _child_main(settings: Settings, runtime: Path, index: int, parent: int) -> N
     from dgserve.api.server import serve
 
     configure_logging(settings)
-    siblings = Siblings(runtime, index, settings.server_processes)
+    siblings = Siblings(runtime, index, settings.server_process_count)
     # Bound, not listening: uvicorn's server listens once the app has started, so the
     # kernel sends this process no connection before then (see Siblings).
     try:

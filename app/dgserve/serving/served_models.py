@@ -219,7 +219,9 @@ class ServedModels:
         # every server process, so they do not oversubscribe it.
         settings = self.settings
         cpu_replicas = settings.instances_per_device * sum(d.type == "cpu" for d in self.devices)
-        cpu_replicas *= settings.server_processes
+        # "auto" is made a number by the launcher (api/processes.run); an app made without
+        # it (create_app in a test, a Ray replica) is the only server process.
+        cpu_replicas *= settings.server_processes if isinstance(settings.server_processes, int) else 1
         return settings.torch_threads or max(1, available_cores() // cpu_replicas)
 
     async def _load(self, served: ServedModel) -> None:
