@@ -66,8 +66,11 @@ LINGER_MAX_BYTES = 256 * 2**20
 # A refused connection's request is a few hundred bytes: wait that long for it at most.
 _REFUSED_LINGER_S = 1.0
 # A connection gets at most one 503 for a full queue (the admission gate's refusals,
-# api/admission.py) in this many seconds: a refusal due sooner is held until then.
-REFUSAL_INTERVAL_S = 0.04
+# api/admission.py) in this many seconds: a refusal due sooner is held until then. A
+# refusal's latency is this plus the loop's lateness (about 10 ms at the p99 under 25x
+# overload with 2 server processes): 40 ms put the 503s' p99 at 48.5-51.2 ms, 35 ms at
+# 44-47 ms with goodput as high (docs/performance.md, "Two server processes by default").
+REFUSAL_INTERVAL_S = 0.035
 
 
 _Phase = Literal["headers", "body", "idle", "draining", "lingering"]
