@@ -4,8 +4,8 @@ kill it.
 
 ``ServerProcess(env).start()`` starts it serving the bundled ``shapes-dgnet`` (the
 smallest model) and waits for ``/readyz``; ``kill()`` is ``kill -9``, ``kill_all()`` is
-``kill -9`` of every process it started; ``stop()`` asks it to shut down. The log goes to
-a file, shown when it fails to start.
+``kill -9`` of every process it started, server processes included; ``stop()`` asks it
+to shut down. The log goes to a file, shown when it fails to start.
 
 It runs one server process (``DGSERVE_SERVER_PROCESSES=1``) unless ``env`` says otherwise:
 most tests are about one server's behaviour, and ``auto`` would start two on this
@@ -14,7 +14,9 @@ machine. Tests of several processes, and of the default, ask for them.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,10 +25,50 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["ServerProcess", "free_port"]
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from processes import pid_running  # noqa: E402
+
+__all__ = ["ServerProcess", "free_port", "requests_answered", "server_children"]
 
 READY_TIMEOUT_S = 180.0
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, parents first."""
+    tree, i = [pid], 0
+    while i < len(tree):
+        for task in Path(f"/proc/{tree[i]}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                tree += [int(c) for c in (task / "children").read_text().split()]
+        i += 1
+    return tree
+
+
+def server_children(supervisor: int) -> list[int]:
+    """The server processes a supervisor started (multiprocessing's resource tracker is a
+    child too, and not one)."""
+    pids = [int(c) for t in Path(f"/proc/{supervisor}/task").iterdir() for c in (t / "children").read_text().split()]
+    return sorted(p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes())
+
+
+def _own_metrics(sock_path: Path) -> str:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(sock_path))
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def requests_answered(exposition: str, endpoint: str = "/v1/models/{name}/classify") -> float:
+    """``dgserve_requests_total`` of ``endpoint`` in a Prometheus exposition."""
+    return sum(
+        s.value for f in text_string_to_metric_families(exposition) for s in f.samples
+        if s.name == "dgserve_requests_total" and s.labels.get("endpoint") == endpoint
+    )  # fmt: skip
+
 
 
 def free_port() -> int:
@@ -101,10 +143,47 @@ class ServerProcess:
             self.proc.wait()
 
     def kill_all(self) -> None:
-        """``kill -9`` of its whole session at once: the supervisor and every server process."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        """``kill -9`` of the whole tree at once: the supervisor, each server process (each in
+        a process group of its own) and their children. All are stopped first, so none runs
+        a handler (a server process's SIGTERM on its parent's death) before the SIGKILL."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        tree = _descendants(self.proc.pid)
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        self.proc.wait()
+        deadline = time.monotonic() + 30
+        while any(pid_running(pid) for pid in tree[1:]):
+            assert time.monotonic() < deadline, f"still running after kill -9: {tree}"
+            time.sleep(0.05)
+
+    def connections_per_process(self) -> list[int]:
+        """Established connections on its port that each server process holds, from the
+        kernel's tables and each process's open sockets."""
+        assert self.proc is not None
+        established: set[str] = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as lines:
+                next(lines)  # the header
+                for line in lines:
+                    fields = line.split()
+                    if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == self.port:
+                        established.add(f"socket:[{fields[9]}]")
+        counts = []
+        for pid in server_children(self.proc.pid) or [self.proc.pid]:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir() if fd.is_symlink()]
+            counts.append(sum(link in established for link in links))
+        return counts
+
+    def requests_per_process(self) -> list[float]:
+        """Requests each server process has answered, from its own metrics over its socket
+        in the supervisor's runtime directory (several processes only)."""
+        found = re.search(r"metrics sockets are in ([^\s)]+)", self.log_text())
+        assert found is not None, self.log_text()
+        sockets = sorted(Path(found[1]).glob("metrics-*.sock"))
+        return [requests_answered(_own_metrics(path)) for path in sockets]
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

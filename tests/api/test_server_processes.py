@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -23,12 +21,11 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from processes import pid_running  # noqa: E402
-from server_process import ServerProcess, free_port  # noqa: E402
+from server_process import ServerProcess, free_port, requests_answered, server_children  # noqa: E402
 
 from dgserve.cores import available_cores  # noqa: E402
 from dgserve.data.scenes import render_classification  # noqa: E402
@@ -43,28 +40,6 @@ def _png() -> bytes:
     buf = io.BytesIO()
     render_classification(3, 3, 64)[0].save(buf, "PNG")
     return buf.getvalue()
-
-
-def _children(supervisor: int) -> list[int]:
-    """The server processes (multiprocessing's resource tracker is a child too, and not one)."""
-    pids = [int(c) for t in Path(f"/proc/{supervisor}/task").iterdir() for c in (t / "children").read_text().split()]
-    return sorted(p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes())
-
-
-def _requests_served(exposition: str) -> float:
-    return sum(
-        s.value for f in text_string_to_metric_families(exposition) for s in f.samples
-        if s.name == "dgserve_requests_total" and s.labels.get("endpoint") == "/v1/models/{name}/classify"
-    )  # fmt: skip
-
-
-def _own_metrics(sock_path: Path) -> str:
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.connect(str(sock_path))
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode()
 
 
 def _classify_many(base: str, png: bytes) -> list[str]:
@@ -114,16 +89,14 @@ def test_two_processes_share_the_port_the_store_and_the_metrics(tmp_path: Path) 
         _wait_for(lambda: server.listeners() == 2, "both processes listening")
         ids = _classify_many(server.base, _png())
         ids += [_grpc_classify(grpc_port, _png()) for _ in range(8)]  # both bound it (SO_REUSEPORT)
-        found = re.search(r"metrics sockets are in ([^\s)]+)", server.log_text())
-        assert found is not None, server.log_text()
-        own = [_requests_served(_own_metrics(Path(found[1]) / f"metrics-{i}.sock")) for i in range(2)]
+        own = server.requests_per_process()
         merged = httpx.get(f"{server.base}/metrics", timeout=10).text
         with httpx.Client(base_url=server.base, timeout=30) as http:
             unreadable = [i for i in ids if http.get(f"/v1/inspections/{i}").status_code != 200]
-    print(f"requests served by each process: {own}; merged {_requests_served(merged)}")
+    print(f"requests served by each process: {own}; merged {requests_answered(merged)}")
     assert len(ids) == len(set(ids)) == CLIENTS * PER_CLIENT + 8
     assert all(n > 0 for n in own), "the kernel spreads the connections over both processes"
-    assert sum(own) == _requests_served(merged) == CLIENTS * PER_CLIENT
+    assert sum(own) == requests_answered(merged) == CLIENTS * PER_CLIENT
     assert "dgserve_server_processes 2.0" in merged
     assert unreadable == [], "an id answered by either process reads back through the shared store"
 
@@ -137,7 +110,7 @@ def test_the_default_serves_from_two_processes_where_two_cores_are_available(tmp
     del server.env["DGSERVE_SERVER_PROCESSES"]  # the test default (one process) too: what a user gets
     with server:  # starts it
         assert server.proc is not None
-        assert len(_children(server.proc.pid)) == AUTO_SERVER_PROCESSES
+        assert len(server_children(server.proc.pid)) == AUTO_SERVER_PROCESSES
         _wait_for(lambda: _all_serving(server.base), "both processes serving")
         assert len(_classify_many(server.base, _png())) == CLIENTS * PER_CLIENT
     assert "from 2 processes" in server.log_text()
@@ -149,17 +122,17 @@ def test_a_dead_process_is_replaced_and_sigterm_stops_every_one(tmp_path: Path) 
     server = ServerProcess(tmp_path / "data", TWO).start()
     try:
         assert server.proc is not None
-        first = _children(server.proc.pid)
+        first = server_children(server.proc.pid)
         assert len(first) == 2
         # The supervisor stays small: torch is loaded in the server processes only.
         assert b"libtorch" not in Path(f"/proc/{server.proc.pid}/maps").read_bytes()
         assert b"libtorch" in Path(f"/proc/{first[0]}/maps").read_bytes()
         os.kill(first[0], signal.SIGKILL)
-        _wait_for(lambda: len(set(_children(server.proc.pid)) - set(first)) == 1, "replacement process")
+        _wait_for(lambda: len(set(server_children(server.proc.pid)) - set(first)) == 1, "replacement process")
         # The survivor serves while the replacement loads, and both once it listens.
         _wait_for(lambda: _all_serving(server.base), "the replacement serving")
         assert len(_classify_many(server.base, png)) == CLIENTS * PER_CLIENT
-        second = _children(server.proc.pid)
+        second = server_children(server.proc.pid)
         server.proc.send_signal(signal.SIGTERM)
         code = server.proc.wait(timeout=30)
     finally:
@@ -169,10 +142,29 @@ def test_a_dead_process_is_replaced_and_sigterm_stops_every_one(tmp_path: Path) 
     assert not any(pid_running(p) for p in second)
 
 
+@pytest.mark.timeout(240)
+def test_the_orphans_of_a_dead_process_are_waited_for(tmp_path: Path) -> None:
+    """A server process killed with its model process running: the model process, whose pipe
+    closes, exits, and the supervisor (their subreaper, as PID 1 in a container) waits for
+    it, so it does not stay a zombie."""
+    server = ServerProcess(tmp_path / "data", {**TWO, "DGSERVE_MODEL_WORKERS": "process"}).start()
+    try:
+        assert server.proc is not None
+        _wait_for(lambda: _all_serving(server.base), "both processes serving")
+        victim = server_children(server.proc.pid)[0]
+        orphans = [int(c) for t in Path(f"/proc/{victim}/task").iterdir() for c in (t / "children").read_text().split()]
+        assert orphans, "each server process has its model process"
+        os.kill(victim, signal.SIGKILL)
+        _wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in orphans), "the orphans reaped", timeout_s=30)
+        _wait_for(lambda: _all_serving(server.base), "the replacement serving")
+    finally:
+        server.kill_all()
+
+
 def _signal_stops_cleanly(server: ServerProcess, sig: signal.Signals) -> None:
     """``sig`` to the supervisor: it exits 0, no child ended badly, and none is left."""
     assert server.proc is not None
-    children = _children(server.proc.pid)
+    children = server_children(server.proc.pid)
     try:
         server.proc.send_signal(sig)
         code = server.proc.wait(timeout=60)
@@ -190,7 +182,7 @@ def test_sigterm_while_the_processes_start_is_a_clean_stop(tmp_path: Path) -> No
     server = ServerProcess(tmp_path / "data", TWO).start(wait_ready=False)
     try:
         assert server.proc is not None
-        _wait_for(lambda: len(_children(server.proc.pid)) == 2, "two server processes")
+        _wait_for(lambda: len(server_children(server.proc.pid)) == 2, "two server processes")
         assert "Application startup complete" not in server.log_text()  # still loading
         _signal_stops_cleanly(server, signal.SIGTERM)
     finally:
@@ -204,7 +196,7 @@ def test_ctrl_c_stops_every_process_cleanly(tmp_path: Path) -> None:
     SIGINT, and so did the supervisor)."""
     server = ServerProcess(tmp_path / "data", TWO).start()
     try:
-        assert server.proc is not None and len(_children(server.proc.pid)) == 2
+        assert server.proc is not None and len(server_children(server.proc.pid)) == 2
         _signal_stops_cleanly(server, signal.SIGINT)
     finally:
         server.kill()
@@ -214,7 +206,7 @@ def test_ctrl_c_stops_every_process_cleanly(tmp_path: Path) -> None:
 def test_killing_the_supervisor_takes_its_server_processes_with_it(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path / "data", TWO).start()
     assert server.proc is not None
-    children = _children(server.proc.pid)
+    children = server_children(server.proc.pid)
     server.kill()  # kill -9: no handler runs in the supervisor
     # Each child gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and drains: grace 0.5 s, nothing in flight.
     _wait_for(lambda: not any(pid_running(p) for p in children), "children gone", timeout_s=30)

@@ -1,6 +1,6 @@
 """An inspection id handed to a client survives ``kill -9`` of the server, on every backend.
 
-A real ``dgserve serve`` answers 200 classify requests from 8 clients at once (so answers
+A real ``dgserve serve`` answers 200 classify requests from 16 clients at once (so answers
 share commits), is killed with SIGKILL right after the last answer, and is started
 again on the same store: every one of the 200 ids reads back. That is the default,
 ``DGSERVE_INSPECTION_DURABILITY=sync``: each answer waits for its record's commit. It
@@ -26,7 +26,8 @@ from server_process import ServerProcess  # noqa: E402
 from dgserve.data.scenes import render_classification
 
 REQUESTS = 200
-CLIENTS = 8
+CLIENTS = 16
+WARM = 48
 
 
 def _sqlite(request: pytest.FixtureRequest) -> str:
@@ -77,7 +78,11 @@ def test_every_acknowledged_id_survives_kill_9(
                 return response.json()["results"][0]["id"], response.headers["x-inspection-committed"]
 
             with ThreadPoolExecutor(CLIENTS) as pool:
-                answers = list(pool.map(classify, range(REQUESTS)))
+                answers = list(pool.map(classify, range(WARM)))  # opens the clients' connections
+                if processes > 1:  # the kernel hashed them over the processes: each must hold some
+                    spread = first.connections_per_process()
+                    assert len(spread) == processes and all(spread), spread
+                answers += pool.map(classify, range(WARM, REQUESTS))
         first.kill_all()  # at once after the last answer: nothing gets to flush
     finally:
         first.kill_all()
