@@ -1,18 +1,23 @@
-"""The cores a process may use: affinity, and CPU quotas read from cgroup v1 and v2 files.
+"""The cores a process may use: affinity, and CPU quotas read from cgroup v1 and v2 files;
+and the GPUs it would see.
 
 The parsing is checked on cgroup trees written to a temporary directory in both layouts;
 one test reads back a quota set through the kernel's own cgroup files, where the machine lets it.
+GPUs: the real NVML where this machine has one (none here: 0), and ``CUDA_VISIBLE_DEVICES``'s
+narrowing over a stand-in for the driver's count, which no machine without GPUs can give.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import types
 import uuid
 from pathlib import Path
 
 import pytest
 
-from dgserve.cores import available_cores, cgroup_quota
+from dgserve.cores import available_cores, cgroup_quota, visible_gpus
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -106,3 +111,37 @@ def test_a_quota_set_through_the_kernel_is_read_back(tmp_path: Path) -> None:
         assert available_cores(proc_cgroup=proc, root=mount.parent) == 1  # the machine has 2 or more
     finally:
         group.rmdir()  # no process was ever in it
+
+
+def test_visible_gpus_is_what_nvml_counts_and_none_without_a_driver() -> None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        expected = pynvml.nvmlDeviceGetCount()
+        pynvml.nvmlShutdown()
+    except Exception:  # this machine: no driver
+        expected = 0
+    assert visible_gpus({}) == expected
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == 0
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == 0
+
+
+@pytest.mark.parametrize(
+    ("visible", "count"),
+    [(None, 4), ("0,1", 2), ("2", 1), ("0,-1,2", 1), ("0,,1", 1), ("0,1,2,3,4,5", 4), ("GPU-5d1c", 1), ("", 0)],
+)
+def test_cuda_visible_devices_narrows_the_driver_count(
+    monkeypatch: pytest.MonkeyPatch, visible: str | None, count: int
+) -> None:
+    driver = types.SimpleNamespace(nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetCount=lambda: 4)
+    monkeypatch.setitem(sys.modules, "pynvml", driver)
+    assert visible_gpus({} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}) == count
+
+
+def test_a_failing_driver_counts_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail() -> None:
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    monkeypatch.setitem(sys.modules, "pynvml", types.SimpleNamespace(nvmlInit=fail, nvmlShutdown=fail))
+    assert visible_gpus({}) == 0

@@ -16,15 +16,20 @@ from ``available_cores()``:
 
 rounded down, as Go's automaxprocs does: 1.5 CPUs give 1 thread, which never waits on the
 quota, where 2 threads would stall every period. Never less than 1.
+
+``visible_gpus()`` counts the NVIDIA GPUs the process would compute on, for the supervisor
+of several server processes, which imports no torch: NVML's count (nvidia-ml-py), narrowed
+by ``CUDA_VISIBLE_DEVICES`` as the CUDA runtime narrows it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["available_cores", "cgroup_quota"]
+__all__ = ["available_cores", "cgroup_quota", "visible_gpus"]
 
 _PROC_CGROUP = Path("/proc/self/cgroup")
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -37,6 +42,31 @@ def available_cores(*, proc_cgroup: Path = _PROC_CGROUP, root: Path = _CGROUP_RO
     if quota is not None:
         cores = min(cores, math.floor(quota))
     return max(1, cores)
+
+
+def visible_gpus(environ: Mapping[str, str] = os.environ) -> int:
+    """NVIDIA GPUs this process would see, without torch or a CUDA context; 0 without a driver.
+
+    ``CUDA_VISIBLE_DEVICES``, when set, lists the GPUs CUDA shows, up to its first entry that
+    names none (empty, or negative such as ``-1``).
+    """
+    listed: int | None = None
+    if (visible := environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+        entries = [e.strip() for e in visible.split(",")]
+        listed = next((i for i, e in enumerate(entries) if not e or e.startswith("-")), len(entries))
+        if listed == 0:
+            return 0
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            count = int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library, no device: nothing to compute on
+        return 0
+    return count if listed is None else min(count, listed)
 
 
 def cgroup_quota(*, proc_cgroup: Path = _PROC_CGROUP, root: Path = _CGROUP_ROOT) -> float | None:

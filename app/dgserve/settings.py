@@ -16,18 +16,21 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import dgserve
-from dgserve.cores import available_cores
+from dgserve.cores import available_cores, visible_gpus
 
 __all__ = ["AUTO_SERVER_PROCESSES", "BatchingOverride", "MemoryFormat", "Settings", "default_model_store"]
 
 MemoryFormat = Literal["channels_last", "contiguous"]
 
-# What DGSERVE_SERVER_PROCESSES=auto starts on a host with 2 or more cores. One process
-# runs its event loop, decoding and a Python-heavy forward on one GIL: on 2 cores it
-# served the smallest model at 0.59 of what 2 processes served, and under 25x overload
-# kept 0.66-0.72 of its peak where 2 kept 1.24-1.31 (docs/performance.md, "Two server
-# processes by default"). More than 2 was not measured to pay, and each process holds
-# its own copy of every model, so more is the user's choice.
+# What DGSERVE_SERVER_PROCESSES=auto starts where the models compute on the CPU and 2 or
+# more cores are there. One process runs its event loop, decoding and a Python-heavy
+# forward on one GIL: on 2 cores it served the smallest model at 0.57-0.63 of what 2
+# served, and under 25x overload kept 0.62-0.74 of its peak where 2 kept 1.2-1.5
+# (docs/performance.md, "Two server processes by default"). More than 2 was not measured
+# to pay, and each process holds its own copy of every model, so more is the user's
+# choice. On a GPU, auto is 1: each process would hold its own CUDA context and copy of
+# every model in the GPU's memory, which nothing here measured; Triton and TorchServe
+# likewise start one instance per GPU unless told otherwise.
 AUTO_SERVER_PROCESSES = 2
 
 
@@ -79,8 +82,9 @@ class Settings(BaseSettings):
         "auto",
         description="HTTP server processes sharing the port, each a whole server with its own batchers and "
         "model replicas (its own GIL), sharing the inspection store; /metrics merges them. A supervisor "
-        'restarts one that dies and passes SIGTERM on, so each drains. "auto": 2 where this process may use '
-        "2 or more cores (its affinity and its container's CPU quota), else 1.",
+        'restarts one that dies and passes SIGTERM on, so each drains. "auto": 1 where the models compute '
+        "on a GPU; else 2 where this process may use 2 or more cores (its affinity and its container's CPU "
+        "quota), else 1.",
     )
     devices: str = Field("auto", description='"auto" (every GPU, else CPU), "cpu", or e.g. "cuda:0,cuda:1".')
     instances_per_device: PositiveInt = Field(
@@ -300,9 +304,10 @@ class Settings(BaseSettings):
     @property
     def server_process_count(self) -> int:
         """``server_processes`` as a number, "auto" resolved (see ``AUTO_SERVER_PROCESSES``)."""
-        if self.server_processes == "auto":
-            return min(AUTO_SERVER_PROCESSES, available_cores())
-        return self.server_processes
+        if self.server_processes != "auto":
+            return self.server_processes
+        on_gpu = "cuda" in self.devices or (self.devices == "auto" and visible_gpus() > 0)
+        return 1 if on_gpu else min(AUTO_SERVER_PROCESSES, available_cores())
 
     @property
     def inspection_commit_wait_s(self) -> float:

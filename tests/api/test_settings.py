@@ -45,11 +45,27 @@ def test_auto_server_processes_are_two_where_two_cores_are_available(
 ) -> None:
     """The default: one GIL per core up to ``AUTO_SERVER_PROCESSES``, never more processes than cores."""
     monkeypatch.delenv("DGSERVE_SERVER_PROCESSES", raising=False)
+    monkeypatch.delenv("DGSERVE_DEVICES", raising=False)
     monkeypatch.setattr("dgserve.settings.available_cores", lambda: cores)
+    monkeypatch.setattr("dgserve.settings.visible_gpus", lambda: 0)
     settings = Settings()
     assert settings.server_processes == "auto"
     assert settings.server_process_count == processes
     assert Settings(server_processes=3).server_process_count == 3  # a number is taken as given
+
+
+def test_auto_server_processes_are_one_where_the_models_compute_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One CUDA context and one copy of each model per GPU, unless asked for more."""
+    monkeypatch.delenv("DGSERVE_SERVER_PROCESSES", raising=False)
+    monkeypatch.setattr("dgserve.settings.available_cores", lambda: 16)
+    monkeypatch.setattr("dgserve.settings.visible_gpus", lambda: 0)
+    assert Settings(devices="cuda:0").server_process_count == 1
+    assert Settings(devices="cpu,cuda:1").server_process_count == 1
+    assert Settings(devices="auto").server_process_count == 2  # auto on a host without a GPU is the CPU
+    monkeypatch.setattr("dgserve.settings.visible_gpus", lambda: 8)
+    assert Settings(devices="auto").server_process_count == 1
+    assert Settings(devices="cpu").server_process_count == 2  # the GPUs are there, and not used
+    assert Settings(devices="auto", server_processes=4).server_process_count == 4
 
 
 def test_server_processes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
