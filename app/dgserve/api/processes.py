@@ -31,6 +31,10 @@ app (a test checks). It:
   ``_START_FAILURES`` times in a row, stops the server with exit status 1: that is a
   broken configuration (a key it refuses, a port it cannot bind), and restarting it
   would only loop;
+* waits for the orphans of a child that died (its reader and model processes, which
+  exit when their pipes to it close). It asks to be their parent
+  (``PR_SET_CHILD_SUBREAPER``), as it would be as PID 1 in a container, where nobody
+  else would wait for them and they would stay zombies;
 * passes SIGTERM and SIGINT on to every child, and waits for them. On SIGTERM each
   child drains as a single server does (``api/drain.py``); the port stops taking
   connections when the last child closes its socket. A child still starting ends by
@@ -66,6 +70,7 @@ log = logging.getLogger(__name__)
 _START_FAILURES = 3
 _RESTART_PAUSE_S = 1.0
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 # Past each child's own limits (grace, drain timeout, uvicorn's backstop), a child still
 # running is stuck: it is killed.
 _STUCK_S = 60.0
@@ -124,6 +129,7 @@ class _Supervisor:
         wakeup.setblocking(False)
         wakeup_writer.setblocking(False)
         previous_fd = signal.set_wakeup_fd(wakeup_writer.fileno())
+        _prctl(_PR_SET_CHILD_SUBREAPER, 1)
         try:
             for index in range(self.settings.server_process_count):
                 self._start(index)
@@ -136,6 +142,7 @@ class _Supervisor:
                 for index, child in list(self.children.items()):
                     if child.sentinel in ready:
                         self._ended(index, child)
+                self._reap_orphans()
                 if self.stopping and time.monotonic() > self._stuck_at:
                     self._kill_stuck()
             return 1 if self.failed else 0
@@ -200,6 +207,21 @@ class _Supervisor:
         time.sleep(_RESTART_PAUSE_S)
         self._start(index)
 
+    def _reap_orphans(self) -> None:
+        """Wait for every ended process that is not one of the server processes (each of
+        those is waited for by ``_ended``, through multiprocessing)."""
+        while True:
+            own = {child.pid for child in self.children.values()}
+            try:
+                # WNOWAIT: look first, so a server process that has just ended is left to _ended.
+                ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:  # no child at all
+                return
+            if ended is None or ended.si_pid in own:
+                return
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(ended.si_pid, 0)
+
     def _kill_stuck(self) -> None:
         for index, child in self.children.items():
             log.error("server process %d (pid %s) did not stop; killing it", index, child.pid)
@@ -248,7 +270,12 @@ def _child_main(settings: Settings, runtime: Path, index: int, parent: int) -> N
 
 def _die_with(parent: int) -> None:
     """SIGTERM this process when the supervisor dies, so no server outlives it (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # it died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _prctl(option: int, value: int) -> None:
+    """Linux's prctl(2); nothing elsewhere."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(option, value)
