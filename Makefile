@@ -38,7 +38,7 @@ ray-test: install
 	DGSERVE_RAY_E2E=1 $(BIN)/python -m pytest tests/ray -s
 
 # A real server under mixed load, overload bursts included, for 10 minutes (DURATION=seconds to
-# change it, SOAK_ARGS for more, e.g. --server-env DGSERVE_SERVER_PROCESSES=2); fails on RSS growth
+# change it, SOAK_ARGS for more, e.g. --server-env DGSERVE_SERVER_PROCESSES=1); fails on RSS growth
 # over 5 %, an answer neither 2xx nor 503, or a lost request. Not part of `make test`; see
 # docs/performance.md.
 .PHONY: soak

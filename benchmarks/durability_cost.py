@@ -59,8 +59,8 @@ def main() -> None:
     parser.add_argument("--processes", default="auto", help="DGSERVE_SERVER_PROCESSES for both servers")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
-    print(f"shapes-dgnet, {args.clients} clients, {args.requests} requests per run, {args.processes} server "
-          f"process(es), batch {args.batch_size} / 5 ms; load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+    print(f"shapes-dgnet, {args.clients} clients, {args.requests} requests per run, DGSERVE_SERVER_PROCESSES="
+          f"{args.processes}, batch {args.batch_size} / 5 ms; load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         ports = {mode: free_port() for mode in MODES}
         servers: dict[str, subprocess.Popen[bytes]] = {}

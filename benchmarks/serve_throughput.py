@@ -192,24 +192,62 @@ def start_server(root: Path, data_dir: Path, port: int, args: argparse.Namespace
 
 
 def wait_ready(base: str, server: subprocess.Popen[bytes], timeout: float = 600) -> None:
-    """Until ``/readyz`` is 200 and every server process serves every model.
+    """Until ``/readyz`` is 200 and every server process serves every model and listens.
 
-    With several server processes (``DGSERVE_SERVER_PROCESSES``) the first answers
-    ``/readyz`` once it serves, while the others may still be loading and not yet
-    listening; ``/metrics`` merges their ``dgserve_model_ready`` by the minimum.
+    With several server processes (``DGSERVE_SERVER_PROCESSES``, 2 by default on 2 cores)
+    the first answers ``/readyz`` once it serves, while the others may still be loading:
+    a process whose app has not started is left out of the merged ``/metrics``, so it
+    waits until ``dgserve_server_processes`` counts every process the supervisor started,
+    and until each has opened its listener (the kernel spreads connections only over
+    the listeners it has when they are made).
     """
+    port = int(base.rsplit(":", 1)[1])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"server exited with {server.returncode}")
         try:
-            if httpx.get(f"{base}/readyz").status_code == 200 and all_serving(httpx.get(f"{base}/metrics").text):
-                time.sleep(0.5)  # the last process's listener opens just after its models are ready
-                return
+            if httpx.get(f"{base}/readyz").status_code == 200:
+                metrics, expected = httpx.get(f"{base}/metrics").text, server_processes(server.pid)
+                if all_serving(metrics) and merged_processes(metrics) == expected and listeners(port) >= expected:
+                    return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
     raise TimeoutError("server did not become ready")
+
+
+def server_processes(pid: int) -> int:
+    """Server processes under ``dgserve serve``'s ``pid``: the children it spawned (their own
+    reader and model processes are theirs), or itself."""
+    try:
+        children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    except OSError:
+        return 1
+    return sum(_is_spawned_child(c) for c in children) or 1
+
+
+def _is_spawned_child(pid: int) -> bool:
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def merged_processes(metrics: str) -> int:
+    """``dgserve_server_processes`` of a scrape (a single server exposes none: 1)."""
+    lines = [line for line in metrics.splitlines() if line.startswith("dgserve_server_processes ")]
+    return int(float(lines[0].split()[1])) if lines else 1
+
+
+def listeners(port: int) -> int:
+    """TCP sockets in LISTEN on ``port``, from the kernel's tables."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)  # the header
+            count += sum(f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port for f in map(str.split, lines))
+    return count
 
 
 def all_serving(metrics: str) -> bool:

@@ -156,7 +156,7 @@ def main() -> int:
     parser.add_argument("--overload-clients", type=int, default=200, help="connections of each overload burst")
     parser.add_argument("--overload-every", type=float, default=60.0, help="seconds between overload bursts")
     parser.add_argument("--server-env", action="append", default=[], metavar="DGSERVE_KEY=VALUE",
-                        help="a server setting, repeatable (e.g. DGSERVE_SERVER_PROCESSES=2)")
+                        help="a server setting, repeatable (e.g. DGSERVE_SERVER_PROCESSES=1)")
     args = parser.parse_args()
     warmup = args.warmup if args.warmup is not None else min(60.0, args.duration / 4)
     with tempfile.TemporaryDirectory() as tmp:
