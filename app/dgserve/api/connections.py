@@ -67,10 +67,12 @@ LINGER_MAX_BYTES = 256 * 2**20
 _REFUSED_LINGER_S = 1.0
 # A connection gets at most one 503 for a full queue (the admission gate's refusals,
 # api/admission.py) in this many seconds: a refusal due sooner is held until then. A
-# refusal's latency is this plus the loop's lateness (about 10 ms at the p99 under 25x
-# overload with 2 server processes): 40 ms put the 503s' p99 at 48.5-51.2 ms, 35 ms at
-# 44-47 ms with goodput as high (docs/performance.md, "Two server processes by default").
-REFUSAL_INTERVAL_S = 0.035
+# refusal's latency is this plus the loop's lateness at its p99 under 25x overload with 2
+# server processes, 10-17 ms depending on the hour. 40 ms put the 503s' p99 at 48.5-51.2
+# ms, 35 ms at 44-47 ms in a fast hour and 48-52 ms in a slow one, 30 ms at 43-47 ms in
+# the slow one, with goodput as high each time (docs/performance.md, "Two server
+# processes by default"). Shorter refuses more often, which costs goodput in the end.
+REFUSAL_INTERVAL_S = 0.03
 
 
 _Phase = Literal["headers", "body", "idle", "draining", "lingering"]
