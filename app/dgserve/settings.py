@@ -25,7 +25,7 @@ MemoryFormat = Literal["channels_last", "contiguous"]
 # What DGSERVE_SERVER_PROCESSES=auto starts where the models compute on the CPU and 2 or
 # more cores are there. One process runs its event loop, decoding and a Python-heavy
 # forward on one GIL: on 2 cores it served the smallest model at 0.57-0.63 of what 2
-# served, and under 25x overload kept 0.62-0.74 of its peak where 2 kept 1.2-1.5
+# served, and under 25x overload kept 0.62-0.74 of its peak where 2 kept 0.9-1.5
 # (docs/performance.md, "Two server processes by default"). More than 2 was not measured
 # to pay, and each process holds its own copy of every model, so more is the user's
 # choice. On a GPU, auto is 1: each process would hold its own CUDA context and copy of
