@@ -208,7 +208,7 @@ def wait_ready(base: str, server: subprocess.Popen[bytes], timeout: float = 600)
             raise RuntimeError(f"server exited with {server.returncode}")
         try:
             if httpx.get(f"{base}/readyz").status_code == 200:
-                metrics, expected = httpx.get(f"{base}/metrics").text, server_processes(server.pid)
+                metrics, expected = httpx.get(f"{base}/metrics").text, len(server_children(server.pid)) or 1
                 if all_serving(metrics) and merged_processes(metrics) == expected and listeners(port) >= expected:
                     return
         except httpx.TransportError:
@@ -217,14 +217,15 @@ def wait_ready(base: str, server: subprocess.Popen[bytes], timeout: float = 600)
     raise TimeoutError("server did not become ready")
 
 
-def server_processes(pid: int) -> int:
-    """Server processes under ``dgserve serve``'s ``pid``: the children it spawned (their own
-    reader and model processes are theirs), or itself."""
+def server_children(pid: int) -> list[int]:
+    """The server processes a supervisor (``dgserve serve``'s ``pid``) spawned, none for a
+    single server; their own reader and model processes are theirs, and multiprocessing's
+    resource tracker is not one."""
     try:
         children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
     except OSError:
-        return 1
-    return sum(_is_spawned_child(c) for c in children) or 1
+        return []
+    return sorted(c for c in children if _is_spawned_child(c))
 
 
 def _is_spawned_child(pid: int) -> bool:

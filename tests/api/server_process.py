@@ -28,29 +28,13 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 from processes import pid_running  # noqa: E402
+from serve_throughput import listeners, server_children, tree_pids  # noqa: E402
 
 __all__ = ["ServerProcess", "free_port", "requests_answered", "server_children"]
 
 READY_TIMEOUT_S = 180.0
-
-
-def _descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it, parents first."""
-    tree, i = [pid], 0
-    while i < len(tree):
-        for task in Path(f"/proc/{tree[i]}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                tree += [int(c) for c in (task / "children").read_text().split()]
-        i += 1
-    return tree
-
-
-def server_children(supervisor: int) -> list[int]:
-    """The server processes a supervisor started (multiprocessing's resource tracker is a
-    child too, and not one)."""
-    pids = [int(c) for t in Path(f"/proc/{supervisor}/task").iterdir() for c in (t / "children").read_text().split()]
-    return sorted(p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes())
 
 
 def _own_metrics(sock_path: Path) -> str:
@@ -121,17 +105,8 @@ class ServerProcess:
             time.sleep(0.2)
 
     def listeners(self) -> int:
-        """TCP sockets in LISTEN (state 0A) on its port, from the kernel's tables: one per
-        server process that has opened its listener."""
-        count = 0
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with open(table) as lines:
-                next(lines)  # the header
-                for line in lines:
-                    fields = line.split()
-                    local, state = fields[1], fields[3]
-                    count += state == "0A" and int(local.rsplit(":", 1)[1], 16) == self.port
-        return count
+        """Sockets listening on its port: one per server process that has opened its listener."""
+        return listeners(self.port)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
@@ -148,7 +123,7 @@ class ServerProcess:
         a handler (a server process's SIGTERM on its parent's death) before the SIGKILL."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        tree = _descendants(self.proc.pid)
+        tree = tree_pids(self.proc.pid)  # the supervisor first
         for sig in (signal.SIGSTOP, signal.SIGKILL):
             for pid in tree:
                 with contextlib.suppress(ProcessLookupError):
