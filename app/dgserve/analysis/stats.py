@@ -16,7 +16,9 @@ per id, since a stage has few distinct patterns however many images pass.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -48,14 +50,10 @@ def stats_size(layout: Layout) -> int:
 
 def stats_of(layout: Layout, raw: np.ndarray) -> np.ndarray:
     """``(images, stats_size)`` float64 contributions from ``(images, raw_size)`` features."""
-    parts: list[np.ndarray] = []
-    for index, slot in enumerate(layout.slots):
-        values = layout.raw(raw, index).astype(np.float64)
-        if slot.statistic == "edges":
-            parts += [(values != 0).astype(np.float64), values, values * values]
-        else:
-            parts.append(values)
-    return np.concatenate(parts, axis=1) if parts else np.zeros((len(raw), 0))
+    values = raw.astype(np.float64)
+    # Every statistic of every slot in one gather, not a few small arrays per slot: a
+    # write of a few records pays this per transaction, and per-slot numpy calls were most of it.
+    return np.concatenate([values, values != 0, values * values], axis=1)[:, _plan(layout).gather]
 
 
 def stats_offsets(layout: Layout) -> list[int]:
@@ -69,20 +67,55 @@ def stats_offsets(layout: Layout) -> list[int]:
 
 def pattern_id(slot: Slot, bits: bytes) -> int:
     """A signed 64-bit name for one pattern of ``slot`` (signed: SQL integers are)."""
-    digest = hashlib.blake2b(repr(slot.shape).encode() + bits, digest_size=8).digest()
+    return _pattern_id(slot.shape, bits)
+
+
+@functools.lru_cache(maxsize=4096)  # a stage has few distinct patterns: most writes hash none
+def _pattern_id(shape: tuple[int, ...], bits: bytes) -> int:
+    digest = hashlib.blake2b(repr(shape).encode() + bits, digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
 
 
-def _patterns(layout: Layout, raw: np.ndarray) -> Iterable[tuple[int, np.ndarray, list[int], list[bytes]]]:
-    """Per "edges" slot: ``(slot index, each image's index into the uniques, unique ids, unique bits)``."""
-    for index, slot in enumerate(layout.slots):
-        if slot.statistic != "edges":
-            continue
-        packed = np.packbits(layout.raw(raw, index) != 0, axis=1)
-        rows = np.ascontiguousarray(packed).view(np.dtype((np.void, packed.shape[1]))).reshape(-1)
-        uniques, inverse = np.unique(rows, return_inverse=True)
-        bits = [u.tobytes() for u in uniques]
-        yield index, inverse.reshape(-1), [pattern_id(slot, b) for b in bits], bits
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What ``stats_of`` and ``partials`` need of a layout, worked out once per layout."""
+
+    size: int  # stats_size
+    # Columns of [values | open | squares] (each raw_size wide) in stats order.
+    gather: np.ndarray
+    edges: tuple[int, ...]  # the index of every "edges" slot
+
+
+# By digest: hashing a Layout itself costs more than the lookup saves. Layouts are few (one
+# per model version); the bound only keeps a long-lived process from collecting them.
+_PLANS: dict[str, _Plan] = {}
+_MAX_PLANS = 256
+
+
+def _plan(layout: Layout) -> _Plan:
+    plan = _PLANS.get(layout.digest)
+    if plan is None:
+        n = layout.raw_size
+        columns: list[np.ndarray] = []
+        for start, slot in zip(layout.offsets, layout.slots, strict=True):
+            own = np.arange(start, start + slot.raw_size)
+            columns += [own + n, own, own + 2 * n] if slot.statistic == "edges" else [own]
+        gather = np.concatenate(columns) if columns else np.zeros(0, np.intp)
+        edges = tuple(i for i, s in enumerate(layout.slots) if s.statistic == "edges")
+        plan = _Plan(stats_size(layout), gather, edges)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[layout.digest] = plan
+    return plan
+
+
+def _patterns(layout: Layout, raw: np.ndarray, index: list[int]) -> Iterable[tuple[int, Counter[tuple[int, bytes]]]]:
+    """Per "edges" slot: ``(slot index, images per (key index, packed open bits))``."""
+    for slot_index in _plan(layout).edges:
+        packed = np.ascontiguousarray(np.packbits(layout.raw(raw, slot_index) != 0, axis=1))
+        # One bytes object per image, made in C; counted in C by Counter.
+        rows: list[bytes] = packed.view(np.dtype((np.void, packed.shape[1]))).reshape(-1).tolist()
+        yield slot_index, Counter(zip(index, rows, strict=True))
 
 
 @dataclass(slots=True)
@@ -121,17 +154,17 @@ def partials(rows: Sequence[Row], bucket_us: int) -> tuple[dict[Key, Partial], d
         layout = group[0][4]
         raw = layout.decode([r[5] for r in group])
         keys: dict[Key, int] = {}
-        index = np.array([keys.setdefault((r[0], r[1] - r[1] % bucket_us, r[2], r[3], layout.digest), len(keys))
-                          for r in group])  # fmt: skip
-        sums = np.zeros((len(keys), stats_size(layout)))
+        index = [keys.setdefault((r[0], r[1] - r[1] % bucket_us, r[2], r[3], layout.digest), len(keys)) for r in group]
+        sums = np.zeros((len(keys), _plan(layout).size))
         np.add.at(sums, index, stats_of(layout, raw))
         counts = np.bincount(index, minlength=len(keys))
         found = [Partial(int(counts[i]), sums[i]) for i in range(len(keys))]
-        for slot, inverse, ids, bits in _patterns(layout, raw):
-            bits_of.update(zip(ids, bits, strict=True))
-            pairs, n = np.unique(index * len(ids) + inverse, return_counts=True)
-            for pair, count in zip(pairs.tolist(), n.tolist(), strict=True):
-                found[pair // len(ids)].patterns[(slot, ids[pair % len(ids)])] = count
+        for slot_index, counted in _patterns(layout, raw, index):
+            slot = layout.slots[slot_index]
+            for (key_index, bits), n in counted.items():
+                pid = pattern_id(slot, bits)
+                bits_of[pid] = bits
+                found[key_index].patterns[(slot_index, pid)] = n
         out.update(zip(keys, found, strict=True))
     return out, bits_of
 
