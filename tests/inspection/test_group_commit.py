@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Mapping, Sequence
 
 import pytest
@@ -43,3 +44,28 @@ async def test_concurrent_commits_share_transactions(
     assert sum(transactions) == ANSWERS
     print(f"{ANSWERS} waiting answers committed in {len(transactions)} transactions: {transactions}")
     assert len(transactions) < ANSWERS / 4
+
+
+async def test_a_commit_that_outlasts_its_timeout_answers_false_and_the_record_still_lands(
+    make_backend: Callable[[], InspectionBackend], started: Callable[..., object]
+) -> None:
+    backend = make_backend()
+    release = threading.Event()
+    write = backend.write_batch
+
+    def slow(records: Sequence[StoredRecord], graphs: Mapping[str, str]) -> None:
+        release.wait(timeout=30)  # storage that is slow, not failing
+        write(records, graphs)
+
+    backend.write_batch = slow  # type: ignore[method-assign]
+    store: InspectionStore = await started(InspectionStore(backend))  # type: ignore[misc]
+    record = _record(1)
+    assert await store.put(record)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    assert not await store.commit(timeout_s=0.2)
+    assert 0.15 <= loop.time() - began < 5
+    release.set()
+    await store.flush()
+    assert (await store.get(record.id)).prediction == {"n": 1}
+    assert await store.commit(timeout_s=30)  # nothing left to wait for
