@@ -206,8 +206,9 @@ class Metrics:
         )
         self.inspection_record = Histogram(
             INSPECTION_RECORD_SECONDS,
-            "Per request: time to hand its images' inspection records to the store's write-behind "
-            "queue (grows when the store falls behind; never part of the compute time).",
+            "Per request: time to queue its images' inspection records and wait for their commit "
+            "(only the queueing with DGSERVE_INSPECTION_DURABILITY=async; grows when the store "
+            "falls behind; never part of the compute time).",
             _MODEL_LABELS, buckets=LATENCY_BUCKETS_S, registry=r,
         )
         self.inspection_pending = Gauge(
@@ -298,7 +299,8 @@ class Metrics:
     # --- inspection records -------------------------------------------------------------
 
     def observe_recording(self, model: str, version: int | str, seconds: float) -> None:
-        """One request's records were queued in the inspection store, in ``seconds``."""
+        """One request's records were queued in the inspection store and, unless written
+        behind, committed, in ``seconds``."""
         key = (model, str(version))
         _child(self._recording_children, key, lambda: self.inspection_record.labels(*key)).observe(seconds)
 
