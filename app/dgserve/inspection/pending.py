@@ -255,11 +255,7 @@ class PendingQueue:
         if self._failing:
             return False
         try:
-            # Not wait_for: it runs flush() as a task of its own, a turn of the event loop
-            # before the writer hears of this flush and another two before the answer
-            # resumes, and every answer waits for a commit.
-            async with asyncio.timeout(timeout_s):
-                await self.flush()
+            await asyncio.wait_for(self.flush(), timeout_s)
         except TimeoutError:
             return False
         return True
@@ -303,14 +299,13 @@ class PendingQueue:
             wait_s = self._due_in(loop.time())
             if wait_s > 0:
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait_s):  # woken a turn sooner than through wait_for
-                        await self._wake.wait()
+                    await asyncio.wait_for(self._wake.wait(), wait_s)
                 continue
 
             batch = list(itertools.islice(self._queue, self._batching.batch_size))
             graphs = {digest: text for p in batch for digest, text in p.graphs.items()}
             try:
-                await loop.run_in_executor(None, self._write_and_report, loop, batch, graphs)
+                await asyncio.to_thread(self._write, [p.row for p in batch], graphs)
             except Exception as exc:
                 failures += 1
                 self._failing = True
@@ -336,24 +331,15 @@ class PendingQueue:
                 )
                 await asyncio.sleep(delay)
                 continue
-            failures, self._failing = 0, False  # _committed has already run: it was called first
-
-    def _write_and_report(self, loop: asyncio.AbstractEventLoop, batch: list[Pending], graphs: dict[str, str]) -> None:
-        """In a worker thread: write ``batch``, then have the loop mark it committed."""
-        self._write([p.row for p in batch], graphs)
-        # Straight to the loop, queued before the executor resolves the writer's future, so
-        # the answers waiting on this commit resume a turn of the event loop sooner.
-        loop.call_soon_threadsafe(self._committed, batch)
-
-    def _committed(self, batch: list[Pending]) -> None:
-        for written in batch:
-            self._queue.popleft()
-            self._bytes -= written.nbytes
-            # A newer put of the same id is still queued: keep serving that one.
-            if self._by_id.get(written.row.id) is written:
-                del self._by_id[written.row.id]
-        self._durable_seq = batch[-1].seq
-        self._pulse()
+            failures, self._failing = 0, False
+            for written in batch:
+                self._queue.popleft()
+                self._bytes -= written.nbytes
+                # A newer put of the same id is still queued: keep serving that one.
+                if self._by_id.get(written.row.id) is written:
+                    del self._by_id[written.row.id]
+            self._durable_seq = batch[-1].seq
+            self._pulse()
 
     def _on_done(self, task: asyncio.Task[None]) -> None:
         if self._dropping:
