@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from dgserve.analysis.layout import Layout, Slot, _make_layout
+from dgserve.analysis.layout import Layout, Slot, parse_layout
 from dgserve.analysis.stats import Row, partials, pattern_id
 
 HOUR_US = 3600 * 1_000_000
 
-DGNET_LIKE = _make_layout((
-    Slot("stages", "layer1", "adjacency", "edges", (3, 3)),
-    Slot("stages", "layer1", "executed", "frequency", (3,)),
-    Slot("stages", "layer1", "active_edge_fraction", "mean", ()),
-    Slot("stages", "layer2", "adjacency", "edges", (4, 4)),
-))  # fmt: skip
-GLORE_LIKE = _make_layout((Slot("glore", "unit", "projection", "shares", (5,)),
-                           Slot("stages", "only", "adjacency", "edges", (2, 2))))  # fmt: skip
+
+def _layout(*slots: tuple[str, str, str, str, list[int]]) -> Layout:
+    return parse_layout(json.dumps(slots))
+
+
+DGNET_LIKE = _layout(
+    ("stages", "layer1", "adjacency", "edges", [3, 3]),
+    ("stages", "layer1", "executed", "frequency", [3]),
+    ("stages", "layer1", "active_edge_fraction", "mean", []),
+    ("stages", "layer2", "adjacency", "edges", [4, 4]),
+)
+GLORE_LIKE = _layout(("glore", "unit", "projection", "shares", [5]), ("stages", "only", "adjacency", "edges", [2, 2]))
 
 
 def _own_stats(layout: Layout, features: np.ndarray) -> np.ndarray:
