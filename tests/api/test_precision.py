@@ -72,7 +72,7 @@ async def test_torch_compile_is_shown_compiles_at_load_even_without_warm_up_and_
         assert version["torch_compile"] is False
         eager = await _classify(client, body)
     # DGSERVE_WARMUP=false: a compiled model warms up all the same, or its first requests would compile.
-    async with run_app(make_settings(devices="cpu", torch_compile=True, warmup=False, max_batch_size=4)) as (_, client):
+    async with run_app(make_settings(devices="cpu", torch_compile=True, warmup=False, max_batch_size=1)) as (_, client):
         [version] = (await client.get("/v1/models/clf")).json()["versions"]
         assert version["torch_compile"] is True
         with torch.compiler.set_stance("fail_on_recompile"):

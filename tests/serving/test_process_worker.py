@@ -205,13 +205,14 @@ async def test_a_cpu_child_runs_nicer_than_the_event_loop() -> None:
 @pytest.mark.asyncio
 async def test_a_compiling_child_answers_as_an_eager_thread_worker() -> None:
     """DGSERVE_TORCH_COMPILE reaches the child, whose manifest then says the forward is compiled."""
+    # Batches of one: one graph to compile in the child (tests/serving/test_worker.py serves more).
     remote = ProcessModelWorker(STORE.root, "shapes-dgnet", 1, CPU, name="compiled", threads=1,
-                                torch_compile=True, max_batch_size=2)  # fmt: skip
+                                torch_compile=True, max_batch_size=1)  # fmt: skip
     local = ModelWorker(STORE.load("shapes-dgnet", 1), CPU, name="eager", threads=1)
     try:
         await remote.start()
         assert remote.manifest is not None and remote.manifest.torch_compile
-        batch = photo_items("shapes-dgnet")
+        batch = photo_items("shapes-dgnet", 1)
         theirs = await remote(batch)
         for r, o in zip(theirs, local.infer_batch(batch), strict=True):
             assert_close(r.predictions, o.predictions)

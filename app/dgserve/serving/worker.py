@@ -80,29 +80,29 @@ def set_memory_format(model: nn.Module, memory_format: MemoryFormat) -> None:
     torch.nn.utils.convert_conv2d_weight_memory_format(model, _MEMORY_FORMATS[memory_format])
 
 
-# oneDNN's CPU convolution guards on batches of 2–15: a compiled forward has one graph
-# below this size and another from it up.
-_CONV_BATCH_SPLIT = 16
-
-
 def warm_up_sizes(manifest: Manifest, max_batch_size: int | None = None) -> tuple[int, ...]:
-    """The batch sizes a worker's warm-up runs: one; for a compiled forward also 2, 16 and the largest.
+    """The batch sizes a worker's warm-up runs: one; for a compiled forward also 2 and the largest.
 
     torch.compile specialises its first graph on the batch size it sees. A second size
     makes it compile once more with the batch dimension dynamic (size one keeps its own
-    graph: PyTorch specialises dimensions of size 0 and 1). Kernels can still split the
-    range: without a batch of 16 here the first one while serving compiled for seconds.
-    16 is run even when batches are smaller, since a task may run the model on more
-    inputs than images (a video's other clips).
+    graph: PyTorch specialises dimensions of size 0 and 1). oneDNN's convolutions then
+    split that range at 16: one graph serves batches of 2 to 15, another 16 and up. The
+    largest batch compiles the second whenever a batch can reach it, also where a task
+    runs the model on more inputs than images (a video's other clips), since the largest
+    batch makes the largest forward. So 1, 2 and the largest leave nothing to compile
+    while serving (``tests/serving/test_worker.py`` serves sizes on both sides of 16
+    under ``fail_on_recompile``), and a model served in small batches compiles two graphs,
+    not three.
     """
     if not manifest.torch_compile:
         return (1,)
-    return tuple(sorted({1, 2, _CONV_BATCH_SPLIT, max_batch_size or manifest.batching.max_batch_size}))
+    largest = max_batch_size or manifest.batching.max_batch_size
+    return tuple(sorted({size for size in (1, 2, largest) if size <= largest}))
 
 
 # Dynamo's cache holds graphs per forward's code, shared by every model whose forward is the
 # same function (torchvision's ResNet.forward serves several bundled models); a frozen graph
-# is pinned to its replica's weights, so each replica adds its own 3-4 (``warm_up_sizes``).
+# is pinned to its replica's weights, so each replica adds its own 2-3 (``warm_up_sizes``).
 _RECOMPILE_LIMIT = 256
 _ACCUMULATED_RECOMPILE_LIMIT = 1024
 
