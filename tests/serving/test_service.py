@@ -120,7 +120,11 @@ async def test_with_storage_failing_answers_go_out_at_once_marked_uncommitted(se
     store._queue._write = refuse  # the backend starts refusing writes
     served, _ = service.admit("shapes-dgnet", None, CLASSIFY)
     items = await service.prepare(served, [Upload(None, png(5), "image/png")], ClassificationOptions())
+    # The first answer waits out its commit wait through the retries; a short one keeps the test short.
+    waiting = service.settings
+    service.settings = waiting.model_copy(update={"inspection_commit_timeout_s": 1.0})
     [first] = await service.infer(served, items, service.deadline(None))  # waits for the write that fails
+    service.settings = waiting
     assert not first.committed and first.id is not None and failures
     started = asyncio.get_running_loop().time()
     [second] = await service.infer(served, items, service.deadline(None))
