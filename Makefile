@@ -37,6 +37,12 @@ kube-test: install
 ray-test: install
 	DGSERVE_RAY_E2E=1 $(BIN)/python -m pytest tests/ray -s
 
+# torch.compile of every bundled model, checked against its eager answers (minutes: CI compiles
+# the DG-Net only); run it after changing serving/worker.py's compiling or a bundled model.
+.PHONY: compile-test
+compile-test: install
+	DGSERVE_COMPILE_ALL=1 $(BIN)/python -m pytest tests/serving/test_worker.py -k compiled
+
 # A real server under mixed load, overload bursts included, for 10 minutes (DURATION=seconds to
 # change it, SOAK_ARGS for more, e.g. --server-env DGSERVE_SERVER_PROCESSES=1); fails on RSS growth
 # over 5 %, an answer neither 2xx nor 503, or a lost request. Not part of `make test`; see

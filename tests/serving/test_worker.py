@@ -26,7 +26,7 @@ from dgserve.serving.worker import ImageResult, MemoryFormat, ModelWorker, warm_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from answers import BUNDLED, STORE, assert_close, photo_items  # noqa: E402
-from dgserve.tasks import ImageInfo, InferenceItem
+from dgserve.tasks import ImageInfo, InferenceItem, get_task
 from dgserve.tasks.classification import ClassificationOptions
 from dgserve.tasks.detection import DetectionOptions
 
@@ -260,10 +260,25 @@ def test_cpu_worker_and_decode_threads_run_nicer_than_the_event_loop(loaded: Loa
 # the others below it (two), since each graph costs 15-30 s to compile on 2 cores.
 _LARGEST = {"shapes-dgnet": 17}
 _SERVED = {17: (3, 1, 17, 16, 15, 2), 4: (3, 1, 4, 2)}
+# With inductor's cache cold, compiling one bundled model takes 40-110 s here. CI compiles the
+# DG-Net, whose masked execution under compile is this project's own, and the models that do
+# not compile (detection) show that they run eagerly; `make compile-test` compiles every one.
+_COMPILE_ALL = os.environ.get("DGSERVE_COMPILE_ALL") == "1"
+
+
+def _compiled_cases() -> list[Any]:
+    cases: list[Any] = []
+    for model in BUNDLED:
+        compiles = get_task(STORE.resolve(model).manifest.task).compiles
+        if _COMPILE_ALL or model in _LARGEST or not compiles:
+            cases.append(model)
+        else:
+            cases.append(pytest.param(model, marks=pytest.mark.skip(reason="slow: DGSERVE_COMPILE_ALL=1 (make compile-test)")))
+    return cases
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("model", BUNDLED)
+@pytest.mark.parametrize("model", _compiled_cases())
 def test_a_compiled_worker_answers_as_the_eager_one_and_never_compiles_while_serving(model: str) -> None:
     """DGSERVE_TORCH_COMPILE: the warm-up compiles every graph the batch sizes up to the largest
     need, the answers agree with the eager forward's, and a task whose forward cannot compile
