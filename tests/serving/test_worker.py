@@ -317,6 +317,19 @@ def test_the_warm_up_runs_one_batch_eager_and_one_two_and_the_largest_compiled()
     assert warm_up_sizes(compiled, 2) == (1, 2)
     assert warm_up_sizes(compiled, 1) == (1,)
     assert warm_up_sizes(compiled) == (1, 2, manifest.batching.max_batch_size)
+    # A video of 3 clips runs its 2 other clips through the model in one call: 10 videos make 20 inputs.
+    assert warm_up_sizes(compiled, 10, inputs_per_image=2) == (1, 2, 20)
+    assert warm_up_sizes(compiled, 1, inputs_per_image=2) == (1, 2)
+
+
+def test_the_video_task_says_how_many_inputs_an_image_makes() -> None:
+    video = get_task("video_classification")
+    pre = STORE.resolve("shapes-video").manifest.preprocessing
+    assert pre.clips is not None
+    three = pre.model_copy(update={"clips": pre.clips.model_copy(update={"num_clips": 3})})
+    assert video.model_inputs_per_image(three) == 2
+    assert video.model_inputs_per_image(pre) == max(1, pre.clips.num_clips - 1)
+    assert get_task("classification").model_inputs_per_image(pre) == 1
 
 
 @pytest.mark.timeout(300)

@@ -80,23 +80,23 @@ def set_memory_format(model: nn.Module, memory_format: MemoryFormat) -> None:
     torch.nn.utils.convert_conv2d_weight_memory_format(model, _MEMORY_FORMATS[memory_format])
 
 
-def warm_up_sizes(manifest: Manifest, max_batch_size: int | None = None) -> tuple[int, ...]:
+def warm_up_sizes(manifest: Manifest, max_batch_size: int | None = None, inputs_per_image: int = 1) -> tuple[int, ...]:
     """The batch sizes a worker's warm-up runs: one; for a compiled forward also 2 and the largest.
 
     torch.compile specialises its first graph on the batch size it sees. A second size
     makes it compile once more with the batch dimension dynamic (size one keeps its own
     graph: PyTorch specialises dimensions of size 0 and 1). oneDNN's convolutions then
-    split that range at 16: one graph serves batches of 2 to 15, another 16 and up. The
-    largest batch compiles the second whenever a batch can reach it, also where a task
-    runs the model on more inputs than images (a video's other clips), since the largest
-    batch makes the largest forward. So 1, 2 and the largest leave nothing to compile
-    while serving (``tests/serving/test_worker.py`` serves sizes on both sides of 16
-    under ``fail_on_recompile``), and a model served in small batches compiles two graphs,
-    not three.
+    split that range at 16: one graph serves batches of 2 to 15, another 16 and up, and
+    the largest batch compiles it wherever a batch can reach it. The largest is the
+    largest batch the model sees: ``max_batch_size`` images times ``inputs_per_image``
+    (a video's other clips go through the model in one call; the warm-up's blank images
+    give one input each). So 1, 2 and the largest leave nothing to compile while serving
+    (``tests/serving/test_worker.py`` serves sizes on both sides of 16 under
+    ``fail_on_recompile``), and a model served in small batches compiles two graphs.
     """
     if not manifest.torch_compile:
         return (1,)
-    largest = max_batch_size or manifest.batching.max_batch_size
+    largest = (max_batch_size or manifest.batching.max_batch_size) * inputs_per_image
     return tuple(sorted({size for size in (1, 2, largest) if size <= largest}))
 
 
@@ -232,7 +232,8 @@ class ModelWorker:
         # Through the task's own preparation, so the batch is shaped like a real one.
         tensor, context = self.task.prepare(Image.new("RGB", (width, height)), self.manifest.preprocessing)
         dummy = InferenceItem(tensor, ImageInfo(None, width, height), self.task.Options(), context)
-        for size in warm_up_sizes(self.manifest, self.max_batch_size):
+        per_image = self.task.model_inputs_per_image(self.manifest.preprocessing)
+        for size in warm_up_sizes(self.manifest, self.max_batch_size, per_image):
             self.infer_batch([dummy] * size)
 
     def close(self) -> None:

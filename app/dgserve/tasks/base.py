@@ -154,6 +154,11 @@ class Task(abc.ABC):
 
     # --- serving --------------------------------------------------------------------
 
+    def model_inputs_per_image(self, pre: Preprocessing) -> int:
+        """The most inputs one model call of ``predict`` makes per image: the compiled warm-up
+        (``serving.worker.warm_up_sizes``) must reach the largest batch the model will see."""
+        return 1
+
     @abc.abstractmethod
     def prepare(self, img: Image.Image, pre: Preprocessing) -> tuple[Tensor, Any]:
         """A decoded RGB image to ``(model input, context for predict)``; runs in the decode pool."""

@@ -112,6 +112,10 @@ class VideoClassification(Classification):
     def prepare_tensor(self, tensor: Tensor) -> tuple[Tensor, Any]:
         return tensor.unsqueeze(0), None  # one clip
 
+    def model_inputs_per_image(self, pre: Preprocessing) -> int:
+        # predict runs the model on every video's other clips in one call.
+        return max(1, _sampling(pre).num_clips - 1)
+
     def predict(
         self, model: nn.Module, items: Sequence[InferenceItem], manifest: Manifest, to_device: ToDevice
     ) -> list[list[dict[str, Any]]]:
