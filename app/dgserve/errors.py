@@ -91,6 +91,13 @@ class PayloadTooLargeError(DGServeError):
     code = "payload_too_large"
 
 
+class MalformedBodyError(DGServeError):
+    """A body that cannot be parsed as its declared type: a broken multipart body."""
+
+    status_code = 400
+    code = "bad_request"
+
+
 class InvalidRequestError(DGServeError):
     status_code = 422
     code = "invalid_request"

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from PIL import Image
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
@@ -74,6 +75,27 @@ async def test_body_over_the_limit(main_client: httpx.AsyncClient) -> None:
     files = [("images", ("a.png", big, "image/png"))]
     error_of(await main_client.post("/v1/models/clf/classify", files=files), 413, "payload_too_large")
     assert (await main_client.get("/healthz")).status_code == 200
+
+
+async def test_a_broken_multipart_body_is_a_400(main_app: tuple[FastAPI, httpx.AsyncClient], image: Encode) -> None:
+    app, main_client = main_app
+    no_boundary = {"content-type": "multipart/form-data"}
+    error = error_of(await main_client.post("/v1/models/clf/classify", content=b"x", headers=no_boundary),
+                     400, "bad_request")  # fmt: skip
+    assert "boundary" in error["message"]
+    garbage = {"content-type": "multipart/form-data; boundary=b0"}
+    error_of(await main_client.post("/v1/models/clf/classify", content=b"not multipart", headers=garbage),
+             400, "bad_request")  # fmt: skip
+    jpeg = image(size=(8, 8))
+    most = app.state.dgserve.settings.max_images_per_request
+    files = [("images", (f"{n}.jpg", jpeg, "image/jpeg")) for n in range(most + 1)]
+    error = error_of(await main_client.post("/v1/models/clf/classify", files=files), 400, "bad_request")
+    assert "too many files" in error["message"]
+    assert (await classify_ok(main_client, image())).status_code == 200
+
+
+async def classify_ok(client: httpx.AsyncClient, jpeg: bytes) -> httpx.Response:
+    return await client.post("/v1/models/clf/classify", files=[("images", ("ok.jpg", jpeg, "image/jpeg"))])
 
 
 async def test_undecodable_and_oversized_images(main_client: httpx.AsyncClient, image: Encode) -> None:

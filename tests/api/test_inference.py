@@ -164,3 +164,26 @@ async def test_openapi_documents_the_schemas(main_client: httpx.AsyncClient, ima
         assert name in schemas
     body = spec["paths"]["/v1/models/{name}/classify"]["post"]["requestBody"]["content"]
     assert "image/jpeg" in body and "multipart/form-data" in body
+
+
+async def test_an_inference_route_runs_authorize_and_refuses_to_build_with_anything_else() -> None:
+    # The inference routes skip FastAPI's dependency solving and run the app's authorize
+    # themselves: without it, or with one more dependency, building must fail.
+    from fastapi import APIRouter, Depends, Request, Response
+
+    from dgserve.api.auth import authorize
+    from dgserve.api.routes.inference import DirectRoute
+
+    async def other() -> None: ...
+
+    async def endpoint(request: Request, name: str) -> Response:
+        return Response()
+
+    APIRouter(dependencies=[Depends(authorize)]).add_api_route(
+        "/x/{name}", endpoint, methods=["POST"], route_class_override=DirectRoute
+    )
+    for dependencies in ([], [Depends(authorize), Depends(other)]):
+        with pytest.raises(TypeError, match="authorize and nothing else"):
+            APIRouter(dependencies=dependencies).add_api_route(
+                "/x/{name}", endpoint, methods=["POST"], route_class_override=DirectRoute
+            )

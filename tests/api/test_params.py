@@ -11,14 +11,15 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, Query
+from fastapi import Depends, FastAPI, Query
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, create_model
 from starlette.datastructures import QueryParams
 
 from dgserve.api.errors import install_error_handlers
 from dgserve.api.params import QueryModel
-from dgserve.api.routes.inference import V1Params, build_router
+from dgserve.api.auth import authorize
+from dgserve.api.routes.inference import V1Params, install
 from dgserve.tasks import Task, tasks
 
 TASKS = {task.endpoint: task for task in tasks()}
@@ -106,8 +107,8 @@ async def test_optional_lists_read_like_fastapi() -> None:
 
 @pytest.mark.parametrize("endpoint", sorted(TASKS))
 def test_inference_routes_document_their_query_like_fastapi(endpoint: str) -> None:
-    app = FastAPI()
-    app.include_router(build_router())
+    app = FastAPI(dependencies=[Depends(authorize)])
+    install(app)
     name, *query = app.openapi()["paths"][f"/v1/models/{{name}}/{endpoint}"]["post"]["parameters"]
     assert (name["name"], name["in"]) == ("name", "path")
     assert query == _twin(_model(TASKS[endpoint])).openapi()["paths"]["/echo"]["get"]["parameters"]

@@ -67,7 +67,7 @@ def create_app(settings: Settings, siblings: Siblings | None = None) -> FastAPI:
     # Inside RequestContextMiddleware, so a drain's 503 has a request id and is counted.
     app.add_middleware(DrainGuard, drain=state.drain)
     app.add_middleware(RequestContextMiddleware, on_response=partial(_observe_request, metrics_))
-    app.include_router(inference.build_router())
+    inference.install(app)
     oip_http.install(app, OipFrontend(state.service))
     for module in (analysis, inspections, models, health, metrics, inspector):  # analysis first: /v1/inspections/export
         app.include_router(module.router)

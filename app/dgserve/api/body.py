@@ -7,10 +7,9 @@ Every protocol front-end reads its body here.
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import Request
 
+from dgserve.api.multipart import parse_multipart
 from dgserve.errors import InvalidRequestError, PayloadTooLargeError
 from dgserve.serving.decode import ALLOWED_CONTENT_TYPES, check_content_type
 from dgserve.serving.service import Upload
@@ -57,30 +56,17 @@ async def read_uploads(
 
 
 async def _read_multipart(request: Request, limit: int, max_parts: int, content_types: frozenset[str]) -> list[Upload]:
-    received = 0
-
-    async def receive() -> Any:
-        nonlocal received
-        message = await request.receive()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise PayloadTooLargeError(f"body exceeds the limit of {limit} bytes")
-        return message
-
-    form = await Request(request.scope, receive).form(max_files=max_parts, max_fields=max_parts)
-    try:
-        uploads = []
-        for index, (field, value) in enumerate(form.multi_items()):
-            if isinstance(value, str):
-                continue  # plain form fields carry no image; tolerated, ignored
-            part = value.filename or field or f"#{index}"
-            media_type = (value.content_type or "").split(";", 1)[0].strip().lower()
-            if media_type not in _UNTYPED_PARTS:
-                check_content_type(media_type, part, content_types)
-            uploads.append(Upload(part, await value.read(), media_type))
-    finally:
-        await form.close()
+    parts = parse_multipart(await read_body(request, limit), request.headers.get("content-type", ""),
+                            max_files=max_parts, max_fields=max_parts)  # fmt: skip
+    uploads = []
+    for index, part in enumerate(parts):
+        if part.filename is None:
+            continue  # plain form fields carry no image; tolerated, ignored
+        name = part.filename or part.field or f"#{index}"
+        media_type = part.content_type.split(";", 1)[0].strip().lower()
+        if media_type not in _UNTYPED_PARTS:
+            check_content_type(media_type, name, content_types)
+        uploads.append(Upload(name, part.data, media_type))
     if not uploads:
         raise InvalidRequestError("the multipart body has no file parts; send each image as a file")
     return uploads

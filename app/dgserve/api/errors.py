@@ -7,8 +7,8 @@ Every error response, whatever raised it, has the body
   headers (``Retry-After`` on 503);
 * FastAPI's ``RequestValidationError`` (a bad query parameter) is a 422
   ``invalid_request`` naming the parameter;
-* Starlette's ``HTTPException`` (unknown route 404, wrong method 405, malformed
-  multipart 400) keeps its status and headers;
+* Starlette's ``HTTPException`` (unknown route 404, wrong method 405) keeps its
+  status and headers;
 * anything else is logged with the request id and answered with a plain 500
   ``internal_error`` -- by ``RequestContextMiddleware``, which sits inside Starlette's
   own error middleware so the traceback is logged once, with the request id, and

@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Annotated, Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, create_model
 from starlette.requests import ClientDisconnect
 
-from dgserve.api.deps import get_service
+from dgserve.api.auth import authorize
 from dgserve.api.errors import HELD
 from dgserve.api.params import QueryModel
 from dgserve.api.schemas import ErrorResponse, inference_response
@@ -44,7 +45,7 @@ from dgserve.inspection.tags import parse_pairs
 from dgserve.serving.service import ImagePrediction, ServingService
 from dgserve.tasks import Task, tasks
 
-__all__ = ["build_router"]
+__all__ = ["DirectRoute", "install"]
 
 T = TypeVar("T")
 
@@ -102,7 +103,8 @@ def _route(task: Task) -> tuple[Callable[..., Awaitable[Response]], QueryModel[V
     ))
     option_names = set(task.Options.model_fields)
 
-    async def endpoint(request: Request, name: str, service: Annotated[ServingService, Depends(get_service)]) -> Response:
+    async def endpoint(request: Request, name: str) -> Response:
+        service: ServingService = request.app.state.dgserve.service
         params = query.parse(request.query_params)  # 422 before anything is read
         options = task.Options(**params.model_dump(include=option_names))
         return await _infer(request, service, task, name, params, options)
@@ -111,24 +113,56 @@ def _route(task: Task) -> tuple[Callable[..., Awaitable[Response]], QueryModel[V
     return endpoint, query
 
 
-def build_router() -> APIRouter:
-    """One ``POST /v1/models/{name}/{endpoint}`` per task registered when the app is built."""
-    router = APIRouter(tags=["inference"])
+class DirectRoute(APIRoute):
+    """An inference route answered without FastAPI's per-request dependency solving.
+
+    Its one dependency is the app's ``authorize``, which the handler awaits itself
+    before anything else; the query is read by the endpoint (``QueryModel``), the body
+    by ``read_uploads`` and the service from the app. Solving the dependencies took more
+    of the event loop than any step of the route's own, on every request (docs/performance.md,
+    "The inference route's own loop time"). OpenAPI still sees the declared route.
+
+    The route must be added on the app's own router, where it sees the app's
+    dependencies; building it fails unless ``authorize`` is its only one, so that
+    neither a missing check nor a dependency the handler would not run goes unnoticed.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        calls = [d.call for d in self.dependant.dependencies]
+        if calls != [authorize]:
+            raise TypeError(f"{self.path}: a direct route runs authorize and nothing else, not {calls}")
+        endpoint = self.endpoint
+
+        async def handler(request: Request) -> Response:
+            await authorize(request)
+            response: Response = await endpoint(request, request.path_params["name"])
+            return response
+
+        return handler
+
+
+def install(app: FastAPI) -> None:
+    """One ``POST /v1/models/{name}/{endpoint}`` per task registered when the app is built.
+
+    On the app's own router, not an included one: ``DirectRoute`` checks the app's
+    dependencies, which only a route made there carries.
+    """
     for task in tasks():
         endpoint, query = _route(task)
         # The query parameters are read by the endpoint (``QueryModel``), so they are
         # documented here; FastAPI lists them after the path's ``name``.
         extra = _upload_body(task.content_types) | {"parameters": query.openapi_parameters()}
-        router.add_api_route(
+        app.router.add_api_route(
             f"/v1/models/{{name}}/{task.endpoint}",
             endpoint,
             methods=["POST"],
             name=task.endpoint,
+            tags=["inference"],
             response_model=inference_response(task),
             responses=_ERRORS,
             openapi_extra=extra,
+            route_class_override=DirectRoute,
         )
-    return router
 
 
 async def _infer(
