@@ -1,4 +1,5 @@
-"""The in-memory multipart parser gives what Starlette's form parser gives, on good and broken bodies."""
+"""The in-memory multipart parser gives what Starlette's form parser gives, on good and broken bodies,
+and refuses a body cut before its closing boundary, which Starlette's parser let through short."""
 
 from __future__ import annotations
 
@@ -42,13 +43,19 @@ CASES: dict[str, tuple[bytes, str]] = {
     "utf-8 file name": (body(file("images", "ünï.jpg", b"x")), TYPE),
     "latin-1 file name": (body(('Content-Disposition: form-data; name="i"; filename="é.jpg"'.encode("latin-1"), b"x")), TYPE),
     "empty file name": (body(file("images", "", b"x")), TYPE),
-    "no closing boundary": (body(ONE, end=False), TYPE),
-    "empty body": (b"", TYPE),
+    "only the closing boundary": (f"--{BOUNDARY}--\r\n".encode(), TYPE),
+    "charset that is not a text encoding": (body(file("images", "a.jpg", b"x")), TYPE + "; charset=hex"),
+    "latin-1 charset": (body(('Content-Disposition: form-data; name="i"; filename="é.jpg"'.encode("latin-1"), b"x")),
+                        TYPE + "; charset=latin-1"),
+    "repeated Content-Type: the first counts": (body(
+        (b'Content-Disposition: form-data; name="i"; filename="a"\r\nContent-Type: image/png\r\nContent-Type: text/plain',
+         b"x")), TYPE),  # fmt: skip
     "three files": (body(*[file("i", f"{n}.png", b"x") for n in range(3)]), TYPE),
     # broken: every one of these is a 400
     "no name": (body((b'Content-Disposition: form-data; filename="a.jpg"', b"x")), TYPE),
     "no Content-Disposition": (body((b"Content-Type: image/png", b"x")), TYPE),
     "no boundary": (body(ONE), "multipart/form-data"),
+    "over-long boundary": (body(ONE), "multipart/form-data; boundary=" + "b" * 300),
     "not multipart at all": (b"hello world", TYPE),
     "a preamble": (b"junk\r\n" + body(ONE), TYPE),
     "LF line ends": (body(ONE).replace(b"\r\n", b"\n"), TYPE),
@@ -103,6 +110,35 @@ def test_parts_and_refusals_are_starlettes(case: str) -> None:
     assert _ours(data, content_type) == asyncio.run(_starlette(data, content_type))
 
 
+CUT = {
+    "no closing boundary": body(ONE, end=False),
+    "cut inside a part": body(ONE)[:60],
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("case", CUT)
+def test_a_body_cut_before_its_closing_boundary_is_refused(case: str) -> None:
+    # Starlette's parser answers such a body with the parts it finished, so a client
+    # could get fewer answers than the images it sent, and no error.
+    assert asyncio.run(_starlette(CUT[case], TYPE))[0] == "ok"
+    with pytest.raises(MalformedBodyError, match="ends before its closing boundary"):
+        parse_multipart(CUT[case], TYPE, max_files=LIMIT, max_fields=LIMIT)
+
+
+def test_refusals_say_why() -> None:
+    def why(case: str) -> str:
+        with pytest.raises(MalformedBodyError) as refused:
+            parse_multipart(*CASES[case], max_files=LIMIT, max_fields=LIMIT)
+        return refused.value.message
+
+    assert "no boundary" in why("no boundary")
+    assert "Boundary length 300" in why("over-long boundary")
+    assert "name" in why("no name") and "name" in why("no Content-Disposition")
+    assert why("too many files") == f"too many files: at most {LIMIT}"
+    assert why("too many fields") == f"too many form fields: at most {LIMIT}"
+
+
 def test_the_cases_cover_both_outcomes() -> None:
     outcomes = {case: _ours(*CASES[case])[0] for case in CASES}
     assert outcomes["one file"] == "ok" and outcomes["no boundary"] == "400"
@@ -110,3 +146,5 @@ def test_the_cases_cover_both_outcomes() -> None:
     assert [(p[0], p[1]) for p in parts] == [("note", None), ("images", "a.png"), ("images", "b.png")]
     assert parts[2][2:] == ("IMAGE/PNG; q=1", b"P2\r\n--not-the-boundary\r\n")
     assert parts[0][3] == b""  # a plain field's value is never kept
+    assert _ours(*CASES["repeated Content-Type: the first counts"])[1][0][2] == "image/png"
+    assert _ours(*CASES["charset that is not a text encoding"])[1][0][1] == "a.jpg"

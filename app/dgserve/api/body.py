@@ -31,12 +31,19 @@ def _check_declared(request: Request, limit: int) -> None:
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, or ``PayloadTooLargeError`` (413) once it passes ``limit`` bytes."""
     _check_declared(request, limit)
-    body = bytearray()
+    chunks: list[bytes] = []
+    size = 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+        if not chunk:
+            continue  # Starlette's stream ends with an empty chunk
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
             raise PayloadTooLargeError(f"body exceeds the limit of {limit} bytes")
-    return bytes(body)
+    # One copy at most: a body that came as one bytes chunk is not copied at all.
+    if len(chunks) == 1 and type(chunks[0]) is bytes:
+        return chunks[0]
+    return b"".join(chunks)  # b"" for no chunks
 
 
 async def read_uploads(

@@ -5,8 +5,11 @@ here, so each part is a slice of bytes already in memory. Starlette's form parse
 wraps the same parser in spooled temporary files, ``UploadFile`` objects and an await
 per part; on the inference path that wrapping cost more of the event loop than the
 parsing itself (docs/performance.md, "The inference route's own loop time"), so the
-parser's callbacks are used directly here. What a client sees is unchanged: the same
-parts, names and media types, and a 400 for a body that is not multipart.
+parser's callbacks are used directly here. What a client sees is what Starlette's
+parser gave (the same parts, names and media types, and a 400 for a body that is not
+multipart), with one difference: a body that ends before its closing boundary is a 400
+here, where Starlette's parser quietly dropped the part that never ended, so a client
+could get fewer answers than the images it sent.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class _Parsing:
     headers: dict[bytes, bytes] = field(default_factory=dict)
     chunks: list[bytes] = field(default_factory=list)
     current: Part | None = None
+    ended: bool = False  # the closing boundary was reached
 
     def on_part_begin(self) -> None:
         self.headers, self.chunks, self.current = {}, [], None
@@ -56,7 +60,8 @@ class _Parsing:
         self.header_value += data[start:end]
 
     def on_header_end(self) -> None:
-        self.headers[self.header_name.lower()] = self.header_value
+        # A repeated header: the first one counts, as in Starlette's ``Headers.get``.
+        self.headers.setdefault(self.header_name.lower(), self.header_value)
         self.header_name, self.header_value = b"", b""
 
     def on_headers_finished(self) -> None:
@@ -85,10 +90,13 @@ class _Parsing:
             self.current.data = b"".join(self.chunks)
             self.parts.append(self.current)
 
+    def on_end(self) -> None:
+        self.ended = True
+
     def _text(self, raw: bytes) -> str:
         try:
             return raw.decode(self.charset)
-        except UnicodeDecodeError:
+        except (UnicodeDecodeError, LookupError):  # LookupError: a codec that is not a text encoding (hex)
             return raw.decode("latin-1")
 
 
@@ -96,7 +104,8 @@ def parse_multipart(body: bytes, content_type: str, max_files: int, max_fields: 
     """The parts of ``body`` in order, or ``MalformedBodyError`` (400).
 
     ``content_type`` is the request's header, boundary included; more than ``max_files``
-    file parts or ``max_fields`` plain fields is refused as Starlette's parser refuses it.
+    file parts or ``max_fields`` plain fields is refused as Starlette's parser refuses it,
+    and so is a body that ends before its closing boundary.
     """
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
@@ -108,18 +117,22 @@ def parse_multipart(body: bytes, content_type: str, max_files: int, max_fields: 
     except LookupError:
         charset = "latin-1"
     parsing = _Parsing(charset, max_files, max_fields)
-    parser = MultipartParser(boundary, {
-        "on_part_begin": parsing.on_part_begin,
-        "on_part_data": parsing.on_part_data,
-        "on_part_end": parsing.on_part_end,
-        "on_header_field": parsing.on_header_field,
-        "on_header_value": parsing.on_header_value,
-        "on_header_end": parsing.on_header_end,
-        "on_headers_finished": parsing.on_headers_finished,
-    })  # fmt: skip
     try:
+        # Inside the try: the parser refuses an over-long boundary as it is made.
+        parser = MultipartParser(boundary, {
+            "on_part_begin": parsing.on_part_begin,
+            "on_part_data": parsing.on_part_data,
+            "on_part_end": parsing.on_part_end,
+            "on_header_field": parsing.on_header_field,
+            "on_header_value": parsing.on_header_value,
+            "on_header_end": parsing.on_header_end,
+            "on_headers_finished": parsing.on_headers_finished,
+            "on_end": parsing.on_end,
+        })  # fmt: skip
         parser.write(body)
         parser.finalize()
     except FormParserError as exc:
         raise MalformedBodyError(f"invalid multipart body: {exc}") from exc
+    if not parsing.ended:
+        raise MalformedBodyError("the multipart body ends before its closing boundary")
     return parsing.parts

@@ -30,6 +30,7 @@ import json
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
+import fastapi.routing
 from fastapi import FastAPI, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, create_model
@@ -122,18 +123,34 @@ class DirectRoute(APIRoute):
     of the event loop than any step of the route's own, on every request (docs/performance.md,
     "The inference route's own loop time"). OpenAPI still sees the declared route.
 
-    The route must be added on the app's own router, where it sees the app's
-    dependencies; building it fails unless ``authorize`` is its only one, so that
-    neither a missing check nor a dependency the handler would not run goes unnoticed.
+    What keeps the shortcut honest:
+    - building fails unless ``authorize`` is the only dependency, the endpoint takes
+      nothing but the request and the path's ``name``, and the route is made on the
+      app's own router (an included router's extra dependencies would be skipped);
+    - while the app overrides any dependency (``app.dependency_overrides``, as tests
+      do), requests take FastAPI's own path, which honours overrides.
     """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        calls = [d.call for d in self.dependant.dependencies]
+        dependant = self.dependant
+        calls = [d.call for d in dependant.dependencies]
         if calls != [authorize]:
             raise TypeError(f"{self.path}: a direct route runs authorize and nothing else, not {calls}")
+        taken = [p.name for p in (*dependant.query_params, *dependant.header_params, *dependant.cookie_params,
+                                  *dependant.body_params)]  # fmt: skip
+        if [p.name for p in dependant.path_params] != ["name"] or taken:
+            raise TypeError(f"{self.path}: a direct route's endpoint takes the request and name only, not {taken}")
+        # FastAPI (0.165) builds an included route's handler inside that inclusion's context,
+        # whose dependencies the checks above do not see: a direct route must not be included.
+        inclusion = getattr(fastapi.routing, "_effective_route_context_var", None)
+        if inclusion is not None and inclusion.get() is not None:
+            raise TypeError(f"{self.path}: add a direct route on the app's router, not through include_router")
+        solved = super().get_route_handler()
         endpoint = self.endpoint
 
         async def handler(request: Request) -> Response:
+            if request.app.dependency_overrides:
+                return await solved(request)
             await authorize(request)
             response: Response = await endpoint(request, request.path_params["name"])
             return response
