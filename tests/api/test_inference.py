@@ -8,11 +8,10 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi import HTTPException
 
 from dgserve.api.app import create_app
 from dgserve.api.auth import authorize
-from dgserve.api.routes.inference import DirectRoute
 from dgserve.settings import Settings
 
 
@@ -173,49 +172,21 @@ async def test_openapi_documents_the_schemas(main_client: httpx.AsyncClient, ima
     assert "image/jpeg" in body and "multipart/form-data" in body
 
 
-async def test_an_inference_route_refuses_to_build_with_anything_it_would_not_run() -> None:
-    # The inference routes skip FastAPI's dependency solving and run the app's authorize
-    # themselves: without it, with one more dependency, with an endpoint that takes more
-    # than the request and the name, or through include_router, building must fail.
-    # (The endpoints' annotations name module-level imports: FastAPI resolves them there.)
-    async def other() -> None: ...
-
-    async def endpoint(request: Request, name: str) -> Response:
-        return Response()
-
-    async def greedy(request: Request, name: str, extra: int = 0) -> Response:
-        return Response()
-
-    def build(dependencies: list[Any], call: Callable[..., Any] = endpoint) -> APIRouter:
-        router = APIRouter(dependencies=dependencies)
-        router.add_api_route("/x/{name}", call, methods=["POST"], route_class_override=DirectRoute)
-        return router
-
-    fine = build([Depends(authorize)])
-    for dependencies, call, why in (([], endpoint, "authorize and nothing else"),
-                                    ([Depends(other)], endpoint, "authorize and nothing else"),
-                                    ([Depends(authorize), Depends(other)], endpoint, "authorize and nothing else"),
-                                    ([Depends(authorize)], greedy, "request and name only")):  # fmt: skip
-        with pytest.raises(TypeError, match=why):
-            build(dependencies, call)
-    app = FastAPI()
-    app.include_router(fine, dependencies=[Depends(other)])
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-        with pytest.raises(TypeError, match="include_router"):  # FastAPI builds included routes when first routed
-            await client.post("/x/a")
-
-
-async def test_an_inference_route_runs_authorize_and_honours_overrides(store_root: Any, tmp_path: Any) -> None:
+@pytest.mark.parametrize("path", ["/v1/models/clf/classify", "/v2/models/clf/infer", "/v2/models/clf/versions/1/infer"])
+async def test_an_inference_route_runs_authorize_and_honours_overrides(store_root: Any, tmp_path: Any, path: str) -> None:
+    # The inference routes are direct routes (dgserve.api.direct): they run authorize themselves.
     settings = Settings(model_store=store_root, data_dir=tmp_path, models=["clf"], grpc_port=None,
                         api_keys="k" * 32 + ":infer")  # fmt: skip
     app = create_app(settings)  # not started: every answer below comes before the service is needed
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-        refused = await client.post("/v1/models/clf/classify", content=b"x", headers={"content-type": "image/jpeg"})
-        assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+        refused = await client.post(path, content=b"x", headers={"content-type": "image/jpeg"})
+        assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Bearer")
+        error = refused.json()["error"]
+        assert (error["code"] == "unauthorized") if path.startswith("/v1") else isinstance(error, str)
 
         async def deny() -> None:
             raise HTTPException(418, "overridden")
 
         app.dependency_overrides[authorize] = deny
-        overridden = await client.post("/v1/models/clf/classify", content=b"x", headers={"content-type": "image/jpeg"})
+        overridden = await client.post(path, content=b"x", headers={"content-type": "image/jpeg"})
         assert overridden.status_code == 418

@@ -7,30 +7,34 @@ Outputs go back as JSON ``data`` or, when asked (``binary_data`` on an output, o
 ``binary_data_output`` on the request), as binary data after the JSON in the same way.
 
 Errors are ``{"error": "<message>"}`` with the status the protocol expects (400 for a
-malformed request, 404 unknown model, 413, 503 + Retry-After, 504), handled by this
-router's own route class so ``/v1``'s error format is untouched.
+malformed request, 404 unknown model, 413, 503 + Retry-After, 504), handled by these
+routes' own route class so ``/v1``'s error format is untouched.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.requests import ClientDisconnect
 
 from dgserve.api.body import read_body
+from dgserve.api.direct import DirectRoute
+from dgserve.api.disconnect import CLIENT_CLOSED_REQUEST, until_disconnect
 from dgserve.api.errors import HELD
 from dgserve.errors import DGServeError
 from dgserve.oip.frontend import InferRequest, InferResponse, OipFrontend, RequestedOutput
 from dgserve.oip.tensors import ProtocolError, from_json_data, from_raw
 
-__all__ = ["ERROR_CONTENT", "HEADER_LENGTH", "build_router", "get_frontend", "install", "parse_request", "render_response"]
+__all__ = ["ERROR_CONTENT", "HEADER_LENGTH", "get_frontend", "install", "parse_request", "render_response"]
 
 HEADER_LENGTH = "inference-header-content-length"
+_E = TypeVar("_E", bound=Callable[..., Any])
 
 
 class OipRoute(APIRoute):
@@ -51,6 +55,10 @@ class OipRoute(APIRoute):
                 return JSONResponse({"error": str(exc.errors())}, 400)
 
         return guarded
+
+
+class _DirectOipRoute(OipRoute, DirectRoute):
+    """The infer routes: OIP's errors around a ``DirectRoute``'s handler."""
 
 
 async def get_frontend(request: Request) -> OipFrontend:
@@ -94,57 +102,73 @@ _INFER_BODY: dict[str, Any] = {
 
 
 def install(app: FastAPI, frontend: OipFrontend) -> None:
-    """Serve ``frontend`` under ``/v2`` on ``app``."""
+    """Serve ``frontend`` under ``/v2`` on ``app``.
+
+    The routes go on the app's own router, where the infer routes can be ``DirectRoute``s:
+    they answer every inference request, and skip FastAPI's dependency solving
+    (``dgserve.api.direct``), as ``/v1``'s do.
+    """
     app.state.dgserve_oip = frontend
-    app.include_router(build_router())
 
+    def route(method: str, path: str, route_class: type[APIRoute] = OipRoute, **kwargs: Any) -> Callable[[_E], _E]:
+        def add(endpoint: _E) -> _E:
+            app.router.add_api_route(path, endpoint, methods=[method], route_class_override=route_class,
+                                     tags=["open inference protocol"], **kwargs)  # fmt: skip
+            return endpoint
 
-def build_router() -> APIRouter:
-    router = APIRouter(route_class=OipRoute, tags=["open inference protocol"])
+        return add
 
-    @router.get("/v2", summary="Server metadata")
+    @route("GET", "/v2", summary="Server metadata")
     async def server_metadata(frontend: Frontend) -> dict[str, Any]:
         return frontend.server_metadata()
 
-    @router.get("/v2/health/live", summary="Server liveness", response_class=Response, responses={200: _EMPTY})
+    @route("GET", "/v2/health/live", summary="Server liveness", response_class=Response, responses={200: _EMPTY})
     async def live() -> Response:
         return Response(status_code=200)
 
-    @router.get("/v2/health/ready", summary="Server readiness", response_class=Response,
-                responses={200: _EMPTY, 503: {"description": "not ready", **_EMPTY}})  # fmt: skip
+    @route("GET", "/v2/health/ready", summary="Server readiness", response_class=Response,
+           responses={200: _EMPTY, 503: {"description": "not ready", **_EMPTY}})  # fmt: skip
     async def ready(frontend: Frontend) -> Response:
         return Response(status_code=200 if frontend.server_ready() else 503)
 
     for suffix in ("", "/versions/{version}"):
         base = "/v2/models/{name}" + suffix
 
-        @router.get(base, summary="Model metadata", responses=_errors(400, 404))
+        @route("GET", base, summary="Model metadata", responses=_errors(400, 404))
         async def model_metadata(frontend: Frontend, name: str, version: str | None = None) -> dict[str, Any]:
             return frontend.model_metadata(name, version)
 
-        @router.get(base + "/ready", summary="Model readiness", response_class=Response,
-                    responses={200: _EMPTY, 503: {"description": "not ready", **_EMPTY}, **_errors(400, 404)})
+        @route("GET", base + "/ready", summary="Model readiness", response_class=Response,
+               responses={200: _EMPTY, 503: {"description": "not ready", **_EMPTY}, **_errors(400, 404)})  # fmt: skip
         async def model_ready(frontend: Frontend, name: str, version: str | None = None) -> Response:
             return Response(status_code=200 if frontend.model_ready(name, version) else 503)
 
-        @router.post(base + "/infer", summary="Inference", response_class=Response, openapi_extra=_INFER_BODY,
-                     responses={200: {"description": "the outputs: JSON, then any binary tensor data",
-                                      "content": {"application/json": {"schema": {"type": "object"}},
-                                                  "application/octet-stream": {"schema": {}}}},
-                                **_errors(400, 404, 413, 503, 504)})  # fmt: skip
-        async def infer(request: Request, frontend: Frontend, name: str, version: str | None = None) -> Response:
+        # Without a version in the path, ``?version=`` names one (an optional string query
+        # parameter, which a direct route passes on as given).
+        @route("POST", base + "/infer", route_class=_DirectOipRoute, summary="Inference", response_class=Response,
+               openapi_extra=_INFER_BODY,
+               responses={200: {"description": "the outputs: JSON, then any binary tensor data",
+                                "content": {"application/json": {"schema": {"type": "object"}},
+                                            "application/octet-stream": {"schema": {}}}},
+                          **_errors(400, 404, 413, 503, 504)})  # fmt: skip
+        async def infer(request: Request, name: str, version: str | None = None) -> Response:
+            frontend: OipFrontend = request.app.state.dgserve_oip
             known = frontend.lookup(name, version)  # 404 before anything else
             request.scope["state"]["model"] = (known.name, known.version)  # metric labels from here on
             served, task, reservation = frontend.admit(name, version, request.scope["state"].get(HELD))
             with reservation:  # the queue place held while the body is read and parsed
-                body = await read_body(request, frontend.service.settings.max_body_bytes)
+                try:
+                    body = await read_body(request, frontend.service.settings.max_body_bytes)
+                except ClientDisconnect:
+                    return Response(status_code=CLIENT_CLOSED_REQUEST)
                 parsed = parse_request(body, request.headers.get(HEADER_LENGTH))
-                response = await frontend.infer(served, task, parsed, reservation)
+                # A client that leaves takes its images out of the queue before compute.
+                response = await until_disconnect(request, frontend.infer(served, task, parsed, reservation))
+            if response is None:
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
             content, headers = render_response(response, bool(parsed.parameters.get("binary_data_output", False)))
             media = "application/octet-stream" if HEADER_LENGTH in headers else "application/json"
             return Response(content, media_type=media, headers=headers)
-
-    return router
 
 
 def parse_request(body: bytes, header_length: str | None) -> InferRequest:

@@ -25,18 +25,16 @@ request takes, and why:
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
-import fastapi.routing
 from fastapi import FastAPI, Request, Response
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, create_model
 from starlette.requests import ClientDisconnect
 
-from dgserve.api.auth import authorize
+from dgserve.api.direct import DirectRoute
+from dgserve.api.disconnect import CLIENT_CLOSED_REQUEST, until_disconnect
 from dgserve.api.errors import HELD
 from dgserve.api.params import QueryModel
 from dgserve.api.schemas import ErrorResponse, inference_response
@@ -46,11 +44,8 @@ from dgserve.inspection.tags import parse_pairs
 from dgserve.serving.service import ImagePrediction, ServingService
 from dgserve.tasks import Task, tasks
 
-__all__ = ["DirectRoute", "install"]
+__all__ = ["install"]
 
-T = TypeVar("T")
-
-CLIENT_CLOSED_REQUEST = 499  # nginx's convention; only ever seen in logs and metrics
 
 def _upload_body(content_types: frozenset[str]) -> dict[str, Any]:
     """The OpenAPI request body of a task's route: one upload of its content types, or multipart."""
@@ -114,50 +109,6 @@ def _route(task: Task) -> tuple[Callable[..., Awaitable[Response]], QueryModel[V
     return endpoint, query
 
 
-class DirectRoute(APIRoute):
-    """An inference route answered without FastAPI's per-request dependency solving.
-
-    Its one dependency is the app's ``authorize``, which the handler awaits itself
-    before anything else; the query is read by the endpoint (``QueryModel``), the body
-    by ``read_uploads`` and the service from the app. Solving the dependencies took more
-    of the event loop than any step of the route's own, on every request (docs/performance.md,
-    "The inference route's own loop time"). OpenAPI still sees the declared route.
-
-    What keeps the shortcut honest:
-    - building fails unless ``authorize`` is the only dependency, the endpoint takes
-      nothing but the request and the path's ``name``, and the route is made on the
-      app's own router (an included router's extra dependencies would be skipped);
-    - while the app overrides any dependency (``app.dependency_overrides``, as tests
-      do), requests take FastAPI's own path, which honours overrides.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        dependant = self.dependant
-        calls = [d.call for d in dependant.dependencies]
-        if calls != [authorize]:
-            raise TypeError(f"{self.path}: a direct route runs authorize and nothing else, not {calls}")
-        taken = [p.name for p in (*dependant.query_params, *dependant.header_params, *dependant.cookie_params,
-                                  *dependant.body_params)]  # fmt: skip
-        if [p.name for p in dependant.path_params] != ["name"] or taken:
-            raise TypeError(f"{self.path}: a direct route's endpoint takes the request and name only, not {taken}")
-        # FastAPI (0.165) builds an included route's handler inside that inclusion's context,
-        # whose dependencies the checks above do not see: a direct route must not be included.
-        inclusion = getattr(fastapi.routing, "_effective_route_context_var", None)
-        if inclusion is not None and inclusion.get() is not None:
-            raise TypeError(f"{self.path}: add a direct route on the app's router, not through include_router")
-        solved = super().get_route_handler()
-        endpoint = self.endpoint
-
-        async def handler(request: Request) -> Response:
-            if request.app.dependency_overrides:
-                return await solved(request)
-            await authorize(request)
-            response: Response = await endpoint(request, request.path_params["name"])
-            return response
-
-        return handler
-
-
 def install(app: FastAPI) -> None:
     """One ``POST /v1/models/{name}/{endpoint}`` per task registered when the app is built.
 
@@ -197,7 +148,7 @@ async def _infer(
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         items = await service.prepare(served, uploads, options)
         work = service.infer(served, items, deadline, tags=tags, reservation=reservation)
-        predictions = await _until_disconnect(request, work)
+        predictions = await until_disconnect(request, work)
     if predictions is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     body = _render(served.name, served.version, task.name, predictions, params.connectivity)
@@ -211,32 +162,6 @@ def committed_header(predictions: Sequence[ImagePrediction]) -> dict[str, str]:
     """``X-Inspection-Committed: false`` when some record was not yet durable as the answer went out."""
     committed = all(p.committed for p in predictions if p.id is not None)
     return {COMMITTED_HEADER: "true" if committed else "false"}
-
-
-# --- waiting ------------------------------------------------------------------------------
-
-
-async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
-    """``work``'s result, or None (``work`` cancelled) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        task.cancel()
-        await asyncio.wait((task,))
-        return None
-    finally:
-        watcher.cancel()
-        task.cancel()
-
-
-async def _disconnected(request: Request) -> None:
-    # The body has been read, so the next message can only be the disconnect (which
-    # servers also send once the response is complete; by then nobody is waiting).
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 # --- response --------------------------------------------------------------------------------
