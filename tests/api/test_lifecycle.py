@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 import pytest_asyncio
 from fastapi import FastAPI
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from dgserve.model_store import ModelStore
 
@@ -202,3 +204,35 @@ async def test_client_disconnect_drops_the_request_before_compute(
     assert len(gate.batches) == 1  # the abandoned request was never computed
     cancelled = 'dgserve_rejections_total{model="clf",reason="cancelled",version="1"} 1.0'
     assert cancelled not in before and cancelled in (await client.get("/metrics")).text
+
+
+async def test_a_cancelled_grpc_call_drops_the_request_before_compute(
+    run_app: Any, make_settings: Callable[..., Any], gate: Any, image: Encode
+) -> None:
+    """OIP over gRPC: a client that cancels its call (or whose deadline passes) takes its
+    image out of the queue before compute, as an HTTP client that disconnects does."""
+    settings = make_settings(warmup=False, grpc_port=0, batching={"clf": {"max_batch_size": 1, "max_queue_size": 1}})
+    async with run_app(settings) as (app, client):
+        gate.install(app.state.dgserve.service.models.lookup("clf"))
+        batcher = app.state.dgserve.service.models.lookup("clf").batcher
+        first = await occupy_worker(client, gate, image())
+        data = image(seed=5)
+        request = service_pb2.ModelInferRequest(model_name="clf", raw_input_contents=[struct.pack("<I", len(data)) + data])
+        request.inputs.add(name="image", datatype="BYTES", shape=[1])
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.state.dgserve.grpc_port}") as channel:
+            infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+            cancelled = infer(request)
+            await eventually(lambda: batcher.queue_depth == 1)
+            cancelled.cancel()
+            await eventually(lambda: batcher.queue_depth == 0)
+            with pytest.raises(grpc.aio.AioRpcError) as expired:  # a deadline ends the call the same way
+                await infer(request, timeout=0.5)
+            assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await eventually(lambda: batcher.queue_depth == 0)
+            gate.open()
+            assert (await first).status_code == 200
+            assert len(gate.batches) == 1  # neither image was ever computed
+            # ...and the server still answers over gRPC.
+            assert len((await infer(request)).raw_output_contents) > 0
+        metrics = (await client.get("/metrics")).text
+        assert 'dgserve_rejections_total{model="clf",reason="cancelled",version="1"} 2.0' in metrics
