@@ -4,12 +4,13 @@ for anything it would not run as FastAPI does."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.routing import APIRoute
+from starlette.requests import HTTPConnection
 
 from dgserve.api.direct import DirectRoute
 
@@ -21,6 +22,10 @@ calls: list[str] = []
 
 async def first(request: Request) -> None:
     calls.append(f"first {request.path_params}")
+
+
+async def keyword_only(*, request: Request) -> None:
+    calls.append("keyword")
 
 
 async def second(request: Request) -> None:
@@ -65,6 +70,30 @@ async def header(request: Request, name: str, x_token: str | None = Header(None)
     return Response()
 
 
+async def wants_value(request: Request, name: str, value: None = Depends(first)) -> Response:
+    return Response()
+
+
+def synchronous_endpoint(request: Request, name: str) -> Response:
+    return Response()
+
+
+async def connection(request: Request, name: str, conn: HTTPConnection) -> Response:
+    return Response()
+
+
+async def returns_dict(request: Request, name: str) -> dict[str, str]:
+    return {}
+
+
+async def constrained(request: Request, name: Annotated[str, Path(max_length=3)]) -> Response:
+    return Response()
+
+
+async def aliased(request: Request, name: str, v: Annotated[str | None, Query(validation_alias="ver")] = None) -> Response:
+    return Response()
+
+
 def app_with(route_class: type[APIRoute], dependencies: list[Any], endpoint: Callable[..., Any] = echo) -> FastAPI:
     app = FastAPI(dependencies=dependencies)
     for path in ("/m/{name}", "/m/{name}/v/{version}"):
@@ -84,12 +113,13 @@ async def answers(app: FastAPI, path: str, headers: dict[str, str] | None = None
 @pytest.mark.parametrize("path", ["/m/a", "/m/a?version=2", "/m/a%20b?tag=x&tag=y&version=", "/m/a/v/3?version=9",
                                   "/m/a?other=1", "/m/%C3%A9/v/%20"])  # fmt: skip
 async def test_a_direct_route_answers_as_fastapis_own(path: str) -> None:
-    dependencies = [Depends(first), Depends(second)]
+    # The same dependency twice runs once (FastAPI's per-request cache); one takes the request by keyword only.
+    dependencies = [Depends(first), Depends(keyword_only), Depends(second), Depends(first)]
     direct = await answers(app_with(DirectRoute, dependencies), path)
     assert direct == await answers(app_with(APIRoute, dependencies), path)
-    assert direct[0] == 200 and direct[2][1] == "second"  # both dependencies ran, in order
+    assert direct[0] == 200 and direct[2][1:] == ["keyword", "second"]  # every dependency ran, in order
     denied = await answers(app_with(DirectRoute, dependencies), path, {"x-deny": "1"})
-    assert denied[0] == 500 and denied[2] == direct[2][:1]  # the endpoint did not run
+    assert denied[0] == 500 and denied[2] == direct[2][:2]  # the endpoint did not run
 
 
 @ASYNC
@@ -115,11 +145,24 @@ async def test_a_direct_route_honours_dependency_overrides() -> None:
         (first, required_query, "'q' must be an optional string query"),
         (first, int_path, "'name' must be a string path"),
         (first, header, "not \\['x_token'\\]"),
+        (first, wants_value, "takes no dependency's value"),
+        (first, synchronous_endpoint, "coroutine function returning a Response"),
+        (first, returns_dict, "coroutine function returning a Response"),
+        (first, connection, "FastAPI-provided objects"),
+        (first, constrained, "'name' must be a string path"),
+        (first, aliased, "'v' must be an optional string query"),
     ],
 )
 def test_a_direct_route_refuses_what_it_would_not_run(dependency: Any, endpoint: Any, why: str) -> None:
     with pytest.raises(TypeError, match=why):
         app_with(DirectRoute, [Depends(dependency)], endpoint)
+
+
+def test_a_direct_route_refuses_a_path_convertor_that_is_not_a_string() -> None:
+    app = FastAPI()
+    with pytest.raises(TypeError, match="'name' must be a string path"):
+        app.router.add_api_route("/m/{name:int}", echo, methods=["POST"], route_class_override=DirectRoute)
+    app.router.add_api_route("/p/{name:path}", echo, methods=["POST"], route_class_override=DirectRoute)
 
 
 @ASYNC

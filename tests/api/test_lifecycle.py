@@ -161,6 +161,43 @@ def oip_request(data: bytes) -> tuple[str, bytes, list[tuple[bytes, bytes]]]:
     return "/v2/models/clf/infer", head + blob, headers
 
 
+def upload(protocol: str, data: bytes) -> tuple[str, bytes, list[tuple[bytes, bytes]]]:
+    """``(path, body, headers)`` of one image's inference request over ``protocol``."""
+    if protocol == "oip":
+        return oip_request(data)
+    return "/v1/models/clf/classify", data, [(b"content-type", b"image/jpeg")]
+
+
+def leaving_client(
+    app: FastAPI, protocol: str, data: bytes, sent: int | None = None
+) -> tuple[asyncio.Future[None], asyncio.Event, list[dict[str, Any]]]:
+    """One request straight into the ASGI app, whose client sends ``sent`` bytes of its body
+    (all of it by default), then disconnects once the returned event is set: the request's
+    task, that event, and the messages the app sent."""
+    path, body, headers = upload(protocol, data)
+    sent = len(body) if sent is None else sent
+    first, gone, messages = True, asyncio.Event(), []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": body[:sent], "more_body": sent < len(body)}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [*headers, (b"content-length", b"%d" % len(body)), (b"host", b"test")],
+        "client": ("127.0.0.1", 1234), "server": ("test", 80),
+    }  # fmt: skip
+    return asyncio.ensure_future(app(scope, receive, send)), gone, messages
+
+
 @pytest.mark.parametrize("protocol", ["v1", "oip"])
 async def test_client_disconnect_drops_the_request_before_compute(
     tiny_queue: tuple[FastAPI, httpx.AsyncClient], gate: Any, image: Encode, protocol: str
@@ -169,32 +206,7 @@ async def test_client_disconnect_drops_the_request_before_compute(
     batcher = app.state.dgserve.service.models.lookup("clf").batcher
     before = (await client.get("/metrics")).text
     first = await occupy_worker(client, gate, image())
-    if protocol == "oip":
-        path, body, headers = oip_request(image(seed=5))
-    else:
-        path, body, headers = "/v1/models/clf/classify", image(seed=5), [(b"content-type", b"image/jpeg")]
-    sent, gone = False, asyncio.Event()
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    messages: list[dict[str, Any]] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        messages.append(message)
-
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": b"",
-        "root_path": "", "headers": [*headers, (b"host", b"test")],
-        "client": ("127.0.0.1", 1234), "server": ("test", 80),
-    }
-    request = asyncio.ensure_future(app(scope, receive, send))
+    request, gone, messages = leaving_client(app, protocol, image(seed=5))
     await eventually(lambda: batcher.queue_depth == 1)
     gone.set()
     await asyncio.wait_for(request, WAIT_S)
@@ -236,3 +248,17 @@ async def test_a_cancelled_grpc_call_drops_the_request_before_compute(
             assert len((await infer(request)).raw_output_contents) > 0
         metrics = (await client.get("/metrics")).text
         assert 'dgserve_rejections_total{model="clf",reason="cancelled",version="1"} 2.0' in metrics
+
+
+@pytest.mark.parametrize("protocol", ["v1", "oip"])
+async def test_a_client_gone_mid_body_is_499_and_gives_back_its_queue_place(
+    tiny_queue: tuple[FastAPI, httpx.AsyncClient], image: Encode, protocol: str
+) -> None:
+    app, client = tiny_queue
+    batcher = app.state.dgserve.service.models.lookup("clf").batcher
+    data = image(seed=6)
+    request, gone, messages = leaving_client(app, protocol, data, sent=len(data) // 2)
+    await eventually(lambda: batcher.full)  # admitted: the queue's one place is held while the body comes
+    gone.set()
+    await asyncio.wait_for(request, WAIT_S)
+    assert messages[0]["status"] == 499 and not batcher.full and batcher.queue_depth == 0

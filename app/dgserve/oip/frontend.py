@@ -26,7 +26,7 @@ inspection record; the task's options (``top_k``, ``score_threshold``) are taken
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,9 +44,10 @@ from dgserve.serving.served_models import ServedModel
 from dgserve.serving.service import ImagePrediction, ServingService, Upload
 from dgserve.tasks import Options, Task, TensorSpec, get_task
 
-__all__ = ["EXTENSIONS", "InferRequest", "InferResponse", "OipFrontend", "RequestedOutput"]
+__all__ = ["EXTENSIONS", "InferRequest", "InferResponse", "OipFrontend", "RequestedOutput", "Watch"]
 
 EXTENSIONS = ["binary_tensor_data", "dgserve_connectivity"]
+Watch = Callable[[Awaitable[list[ImagePrediction]]], Awaitable[list[ImagePrediction] | None]]
 IMAGE_INPUT, TENSOR_INPUT, ID_OUTPUT = "image", "input", "inspection_id"
 
 
@@ -155,8 +156,12 @@ class OipFrontend:
         return served, get_task(served.manifest.task), reservation
 
     async def infer(
-        self, served: ServedModel, task: Task, request: InferRequest, reservation: Reservation | None = None
-    ) -> InferResponse:
+        self, served: ServedModel, task: Task, request: InferRequest, reservation: Reservation | None = None,
+        watch: Watch | None = None,
+    ) -> InferResponse | None:
+        """Decode, batch and answer ``request``. ``watch`` wraps the wait for the batch, as
+        ``/v1`` does (``api/disconnect.py``): None from it (the client left, its images taken
+        out of the queue) is None here."""
         options = _options(task, request.parameters)
         timeout_us = request.parameters.get("timeout")
         if timeout_us is not None and (not isinstance(timeout_us, int | float) or timeout_us <= 0):
@@ -164,7 +169,10 @@ class OipFrontend:
         deadline = self.service.deadline(None if timeout_us is None else timeout_us / 1000.0)
         tags = _tags(request.parameters.get("tags"))
         items = await self._items(served, request.inputs, options)
-        answers = await self.service.infer(served, items, deadline, request.id, tags, reservation)
+        work = self.service.infer(served, items, deadline, request.id, tags, reservation)
+        answers = await (work if watch is None else watch(work))
+        if answers is None:
+            return None
         outputs = self._outputs(served, task, request, answers)
         # Whether every inspection record was durable before this answer went out.
         committed = all(a.committed for a in answers if a.id is not None)

@@ -95,7 +95,9 @@ class _Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
                     parameters=_parameters(request.parameters),
                     outputs=[RequestedOutput(o.name) for o in request.outputs] or None,
                 )
+                # A cancelled call (or one past its deadline) cancels this wait: grpc.aio ends the handler.
                 response = await self.frontend.infer(served, task, parsed, reservation)
+                assert response is not None  # None only comes from a watch
         except DGServeError as exc:
             await context.abort(_STATUS.get(exc.status_code, grpc.StatusCode.INTERNAL), exc.message)
             raise  # abort raises; this line is never reached

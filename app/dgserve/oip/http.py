@@ -14,6 +14,7 @@ routes' own route class so ``/v1``'s error format is untouched.
 from __future__ import annotations
 
 import json
+from functools import partial
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
@@ -62,7 +63,7 @@ class _DirectOipRoute(OipRoute, DirectRoute):
 
 
 async def get_frontend(request: Request) -> OipFrontend:
-    """The app's one OIP front-end, made with the router."""
+    """The app's one OIP front-end, made with its routes (the infer routes read it from the app)."""
     frontend: OipFrontend = request.app.state.dgserve_oip
     return frontend
 
@@ -162,8 +163,9 @@ def install(app: FastAPI, frontend: OipFrontend) -> None:
                 except ClientDisconnect:
                     return Response(status_code=CLIENT_CLOSED_REQUEST)
                 parsed = parse_request(body, request.headers.get(HEADER_LENGTH))
-                # A client that leaves takes its images out of the queue before compute.
-                response = await until_disconnect(request, frontend.infer(served, task, parsed, reservation))
+                # A client that leaves while its images wait takes them out of the queue before compute.
+                watch = partial(until_disconnect, request)
+                response = await frontend.infer(served, task, parsed, reservation, watch)
             if response is None:
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
             content, headers = render_response(response, bool(parsed.parameters.get("binary_data_output", False)))
