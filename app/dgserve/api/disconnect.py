@@ -5,12 +5,14 @@ request's images stay queued and are computed for nobody. ``until_disconnect`` l
 for the ``http.disconnect`` message while the work runs and cancels the work when it
 comes, which removes the request's images from the batcher's queue before any compute
 (counted as ``cancelled`` in the rejection metrics). The route then answers
-``CLIENT_CLOSED_REQUEST``, which only the logs and metrics ever see.
+``CLIENT_CLOSED_REQUEST``, which only the logs and metrics ever see. A ``receive`` that
+fails is not a disconnect: it is logged, and the work goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -19,6 +21,8 @@ from starlette.requests import Request
 __all__ = ["CLIENT_CLOSED_REQUEST", "until_disconnect"]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention; only ever seen in logs and metrics
 
@@ -34,6 +38,12 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             return task.result()
+        if watcher.exception() is not None:
+            # The transport could not say (a proxy's receive failed, as Ray Serve's can): that
+            # is not the client leaving, so the work goes on and its answer is tried.
+            log.warning("watching for the client's disconnect failed; the request goes on",
+                        exc_info=watcher.exception())  # fmt: skip
+            return await task
         task.cancel()
         await asyncio.wait((task,))
         return None
