@@ -14,8 +14,8 @@ routes' own route class so ``/v1``'s error format is untouched.
 from __future__ import annotations
 
 import json
-from functools import partial
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request, Response
