@@ -87,7 +87,8 @@ async def test_refuses_what_a_full_queue_refuses_and_nothing_else(
         through_app = await client.post("/v1/models/clf/classify", content=body, headers={"content-type": "image/jpeg"})
         assert through_app.status_code == 503 and through_app.json()["error"]["code"] == "overloaded"
 
-        for versioned in (b"/v1/models/clf/classify?version=1", b"/v2/models/clf/infer", b"/v2/models/clf/versions/1/infer"):
+        for versioned in (b"/v1/models/clf/classify?version=1", b"/v2/models/clf/infer", b"/v2/models/clf/versions/1/infer",
+                          b"/v2/models/clf/infer?version=1", b"/v2/models/clf/versions/1/infer?version=9"):  # fmt: skip
             assert refusal(admission, b"POST", versioned, []) is not None, versioned
         _, _, oip_body = await call(refusal(admission, b"POST", b"/v2/models/clf/infer", []))
         assert set(json.loads(oip_body)) == {"error"}  # the protocol's error shape
@@ -98,6 +99,7 @@ async def test_refuses_what_a_full_queue_refuses_and_nothing_else(
             (b"POST", b"/v1/models/nosuch/classify"),  # the app's 404
             (b"POST", b"/v1/models/clf/classify?version=9"),  # the app's 404
             (b"POST", b"/v2/models/clf/versions/9/infer"),
+            (b"POST", b"/v2/models/clf/infer?version=9"),  # the app's 404, not the default version's queue
         ]:
             assert refusal(admission, method, other, []) is None, other
         with_keys = Admission(state.service, ApiKeys(((b"\0" * 32, frozenset({"infer"})),)), state.drain,

@@ -53,7 +53,7 @@ __all__ = ["HELD", "Admission", "AsgiApp", "EarlyAnswer"]
 AsgiApp = Callable[[dict[str, Any], Callable[..., Awaitable[Any]], Callable[..., Awaitable[None]]], Awaitable[None]]
 
 _V1 = re.compile(rb"/v1/models/([^/?]+)/([a-z_-]+)/?(?:\?(.*))?")
-_V2 = re.compile(rb"/v2/models/([^/?]+)(?:/versions/([0-9]+))?/infer/?(?:\?.*)?")
+_V2 = re.compile(rb"/v2/models/([^/?]+)(?:/versions/([0-9]+))?/infer/?(?:\?(.*))?")
 _VERSION = re.compile(rb"(?:^|&)version=([0-9]+)(?:&|$)")
 _HEALTHZ = re.compile(rb"/healthz(?:\?.*)?")
 _ALIVE_BODY = b'{"status":"ok"}'  # what the app's /healthz answers (api/routes/health.py)
@@ -105,8 +105,10 @@ class Admission:
             if v2 is None:
                 return None
             name, endpoint, oip = v2.group(1), None, True
-            version = int(v2.group(2)) if v2.group(2) else None
-            template = _V2_TEMPLATES[version is not None]
+            template = _V2_TEMPLATES[v2.group(2) is not None]
+            # The unversioned route also takes ?version= (oip/http.py); a version in the path wins.
+            found = None if v2.group(2) else _VERSION.search(v2.group(3) or b"")
+            version = int(v2.group(2)) if v2.group(2) else int(found.group(1)) if found else None
         served = self._served(name.decode("utf-8", "replace"), version)
         if served is None or served.batcher is None or served.manifest is None:
             return None
