@@ -6,8 +6,10 @@
 The real app (``create_app``, the bundled shapes-dgnet, batches of up to 32 within
 5 ms) runs in this process on uvloop, with no sockets: ``--clients`` callers each send
 one request at a time straight into the ASGI app, as uvicorn would after parsing it.
-What is left is everything dgserve does on the loop for a request: routing, the API
-key check, the body, admission, the batcher, the record, the response. The decode
+What is left is everything the app does on the loop for a request: routing, the API
+key check (keys are off here), the body, the route's admission, the batcher, the record,
+the response. HTTP parsing and the early admission gate (``api/admission.py``), which
+run in the connection's protocol before the app, are not counted. The decode
 pool and the model run in their own threads as in the server, so their work is not
 counted: the figure is the loop thread's CPU time (``time.thread_time``) per request.
 

@@ -97,9 +97,8 @@ class Admission:
             return None
         v1 = _V1.fullmatch(url)
         if v1 is not None:
-            name, endpoint, query = v1.group(1), v1.group(2).decode(), v1.group(3) or b""
-            found = _VERSION.search(query)
-            version, template, oip = (int(found.group(1)) if found else None), _V1_TEMPLATE % endpoint, False
+            name, endpoint, oip = v1.group(1), v1.group(2).decode(), False
+            version, template = _query_version(v1.group(3)), _V1_TEMPLATE % endpoint
         else:
             v2 = _V2.fullmatch(url)
             if v2 is None:
@@ -107,8 +106,7 @@ class Admission:
             name, endpoint, oip = v2.group(1), None, True
             template = _V2_TEMPLATES[v2.group(2) is not None]
             # The unversioned route also takes ?version= (oip/http.py); a version in the path wins.
-            found = None if v2.group(2) else _VERSION.search(v2.group(3) or b"")
-            version = int(v2.group(2)) if v2.group(2) else int(found.group(1)) if found else None
+            version = int(v2.group(2)) if v2.group(2) else _query_version(v2.group(3))
         served = self._served(name.decode("utf-8", "replace"), version)
         if served is None or served.batcher is None or served.manifest is None:
             return None
@@ -154,6 +152,12 @@ class Admission:
     def _alive(self, headers: Sequence[tuple[bytes, bytes]]) -> EarlyAnswer:
         observe = partial(self.metrics.observe_request, "", "", "/healthz", 200)  # as the app counts it
         return EarlyAnswer(200, _json_headers(_ALIVE_BODY, _request_id(headers)), _ALIVE_BODY, observe, paced=False)
+
+
+def _query_version(query: bytes | None) -> int | None:
+    """The ``version=`` a query string names, as the routes read it; None without one."""
+    found = _VERSION.search(query or b"")
+    return int(found.group(1)) if found else None
 
 
 def _request_id(headers: Sequence[tuple[bytes, bytes]]) -> str:
