@@ -246,6 +246,8 @@ log "3. dgserve healthy after $((SECONDS - start)) s: $(curl -fsS "$API/readyz")
 uid=$("$ENGINE" exec "$DG" id -u)
 [ "$uid" != 0 ] || die "dgserve runs as root"
 log "   runs as uid $uid; devices: $("$ENGINE" exec "$DG" printenv DGSERVE_DEVICES)"
+migrate=$("$ENGINE" exec "$DG" cat /proc/sys/net/ipv4/tcp_migrate_req)
+[ "$migrate" = 1 ] || die "the CPU override's sysctl did not reach the container (tcp_migrate_req=$migrate)"
 
 # --- 4. classify and detect --------------------------------------------------------------------------
 python3 - "$WORK/image.png" <<'PY'

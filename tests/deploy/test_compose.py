@@ -134,6 +134,9 @@ def test_cpu_override_removes_the_gpu_reservation(lib: SimpleNamespace) -> None:
     dgserve = merged["services"]["dgserve"]
     assert gpu_devices(dgserve) == []
     assert dgserve["environment"]["DGSERVE_DEVICES"] == "cpu"
+    # Its 2 server processes: a dead one's queued connections go to the other (the server
+    # warns when this is 0; tests/api/test_server_processes.py shows what it changes).
+    assert dgserve["sysctls"] == {"net.ipv4.tcp_migrate_req": 1}
     # ... and changes nothing else
     assert dgserve["healthcheck"] == base["services"]["dgserve"]["healthcheck"]
     assert merged["services"]["prometheus"] == base["services"]["prometheus"]

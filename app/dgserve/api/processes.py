@@ -11,7 +11,9 @@ What they share:
   kernel spreads new connections across them by a hash of their addresses, as
   nginx's ``reuseport`` does. One socket accepted from by every child balances badly
   with keep-alive clients: whichever child wakes first takes a whole burst of new
-  connections and keeps them (measured: one round at 388 images/s, the next at 657);
+  connections and keeps them (measured: one round at 388 images/s, the next at 657).
+  A child that dies takes the connections queued on its socket with it, unless the
+  kernel hands them on (``migration_advice``);
 * the inspection store: SQLite in WAL mode takes writers from several processes, and
   migrates under its write lock when they open it at once; PostgreSQL migrates under an
   advisory lock;
@@ -63,7 +65,7 @@ from types import FrameType
 from dgserve.api.siblings import Siblings, socket_path
 from dgserve.settings import Settings
 
-__all__ = ["configure_logging", "run", "serve_processes"]
+__all__ = ["MIGRATE_REQ_SYSCTL", "configure_logging", "migration_advice", "run", "serve_processes"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 # Past each child's own limits (grace, drain timeout, uvicorn's backstop), a child still
 # running is stuck: it is killed.
 _STUCK_S = 60.0
+MIGRATE_REQ_SYSCTL = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 
 
 def configure_logging(settings: Settings) -> None:
@@ -102,11 +105,35 @@ def serve_processes(settings: Settings) -> int:
     runtime = Path(tempfile.mkdtemp(prefix="dgserve-"))
     supervisor = _Supervisor(settings.model_copy(update={"port": port}), runtime)
     log.info("serving on %s:%d from %d processes (their metrics sockets are in %s)", settings.host, port, count, runtime)
+    if (advice := migration_advice()) is not None:
+        log.warning("%s", advice)
     try:
         return supervisor.run()
     finally:
         reserved.close()
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+def migration_advice(sysctl: Path = MIGRATE_REQ_SYSCTL) -> str | None:
+    """What to set, where the kernel would reset the connections a dying child had queued.
+
+    Each child has its own listening socket. When one dies (OOM, a crash, ``kill -9``), the
+    connections the kernel had accepted for it and it had not yet taken are reset, unless
+    ``net.ipv4.tcp_migrate_req`` hands them to another socket of the group (Linux 5.14 on,
+    per network namespace). The supervisor cannot set it in a container, whose ``/proc/sys``
+    is read-only: docker-compose.cpu.yml does, and deploy/kubernetes/README.md says how.
+    """
+    try:
+        value = sysctl.read_text().strip()
+    except OSError:
+        return None  # not Linux, or a kernel without it: nothing to set
+    if value != "0":
+        return None
+    return (
+        "net.ipv4.tcp_migrate_req is 0: if a server process dies, the connections the kernel "
+        "queued for it are reset; set it to 1 (sysctl, or the container's sysctls) to hand them "
+        "to the other processes"
+    )
 
 
 class _Supervisor:
