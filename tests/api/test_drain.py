@@ -38,14 +38,16 @@ from dgserve.data.scenes import render_classification, render_detection_scene
 CLASSIFY_CLIENTS = 16
 DETECT_CLIENTS = 4
 DETECT_IMAGES = 4  # per request of a steady detect client
-# Queued just before the signal, per server process: more than the drain computes (each
-# process computes about 100 of these images a second here; the drain lasts 3 s).
-BURST_REQUESTS, BURST_IMAGES = 8, 48
+# Queued just before the signal, per server process and round: a round at a time until the
+# queue holds HEADROOM times what the drain would compute at the rate measured before it (a
+# faster host needs more). Measured under the steady load and the burst's uploads, that rate
+# was 22-32 images/s here, where the drain itself computes about 100 a second.
+BURST_REQUESTS, BURST_IMAGES, HEADROOM = 8, 48, 5
 GRACE_S, DRAIN_S = 1.0, 3.0
 ENV = {
     "DGSERVE_MODELS": "shapes-dgnet,shapes-detector", "DGSERVE_SHUTDOWN_GRACE_S": str(GRACE_S),
     "DGSERVE_DRAIN_TIMEOUT_S": str(DRAIN_S), "DGSERVE_INSPECTION_DURABILITY": "async",
-    "DGSERVE_MAX_QUEUE_SIZE": "1024",  # no overload 503s: only the drain's
+    "DGSERVE_MAX_QUEUE_SIZE": "8192",  # no overload 503s: only the drain's
 }  # fmt: skip
 
 Post = Callable[[httpx.Client], httpx.Response]
@@ -125,12 +127,27 @@ def test_sigterm_loses_no_accepted_request(tmp_path: Path, processes: int) -> No
         for thread in threads:
             thread.start()
         _wait_for(lambda: sum(o.kind == "200" for o in outcomes) >= 30, "steady load")
-        burst = [threading.Thread(target=_client, args=(server.base, _detect(scenes), outcomes, True))
-                 for _ in range(BURST_REQUESTS * processes)]  # fmt: skip
-        for thread in burst:
-            thread.start()
+        burst: list[threading.Thread] = []
+
+        def more_burst() -> None:
+            for _ in range(BURST_REQUESTS * processes):
+                burst.append(threading.Thread(target=_client, args=(server.base, _detect(scenes), outcomes, True)))
+                burst[-1].start()
+
+        more_burst()
         # /metrics sums the processes' queues.
         _wait_for(lambda: _queued(server.base, "shapes-detector") >= 2 * BURST_IMAGES * processes, "queued burst")
+        # What the drain computes depends on the host: measure it, with the queue full.
+        computed, measured = _computed(server.base, "shapes-detector"), time.monotonic()
+        time.sleep(1.5)
+        rate = (_computed(server.base, "shapes-detector") - computed) / (time.monotonic() - measured)
+        for _ in range(10):
+            if _queued(server.base, "shapes-detector") >= HEADROOM * rate * DRAIN_S:
+                break
+            more_burst()
+            time.sleep(1.0)
+        queued = _queued(server.base, "shapes-detector")
+        assert queued >= HEADROOM * rate * DRAIN_S, f"{queued} images queued; the drain computes {rate:.0f}/s"
 
         assert server.proc is not None
         signalled = time.monotonic()
@@ -152,7 +169,8 @@ def test_sigterm_loses_no_accepted_request(tmp_path: Path, processes: int) -> No
     cut = sum(o.kind == "503 shutting_down" and o.ended >= signalled + DRAIN_S for o in outcomes)
     print(f"{len(outcomes)} requests: {dict(kinds)}; in flight at SIGTERM and answered while draining: "
           f"{dict(drained)}, of which {cut} 503 at the drain timeout; /readyz {ready.status_code} "
-          f"{readyz_s:.3f} s after SIGTERM; exited after {exited:.1f} s")  # fmt: skip
+          f"{readyz_s:.3f} s after SIGTERM; exited after {exited:.1f} s; {queued:.0f} detect images "
+          f"queued at the signal, computed at {rate:.0f}/s")  # fmt: skip
     assert ready.status_code == 503 and ready.json()["error"]["code"] == "shutting_down" and readyz_s < 1.0
     assert alive == 200
     assert returncode == 0 and exited < DRAIN_S + 10, server.log_text()
@@ -185,6 +203,12 @@ def _queued(base: str, model: str) -> float:
         if line.startswith("dgserve_queue_depth{") and f'model="{model}"' in line:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def _computed(base: str, model: str) -> float:
+    """Images ``model`` has computed, over every server process: its batch sizes' sum."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{base}/metrics", timeout=5).text.splitlines()
+               if line.startswith("dgserve_batch_size_sum{") and f'model="{model}"' in line)  # fmt: skip
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:

@@ -128,7 +128,7 @@ async def test_delay_counts_from_first_item_not_last() -> None:
 async def test_delay_counts_from_enqueue_not_from_when_a_worker_frees_up() -> None:
     gate = asyncio.Event()
     h = Recorder(gate)
-    delay = 0.25
+    delay = 1.0  # long against a loaded machine's stalls: a fresh delay would be 1 s more
     async with make([h], max_batch_size=2, max_delay_s=delay) as b:
         busy = [asyncio.ensure_future(b.submit(i)) for i in (1, 2)]
         await asyncio.wait_for(h.entered.wait(), WAIT)

@@ -213,10 +213,15 @@ class _Supervisor:
         code = child.exitcode
         if self.stopping:
             if code is not None and code < 0 and -code in self.passed_on:
-                # Still starting when the signal came: uvicorn (or the default action, before
-                # uvicorn's handlers are in) ends it by the very signal it was passed.
-                log.info("server process %d (pid %s) stopped by %s before it served", index, child.pid,
-                         signal.Signals(-code).name)  # fmt: skip
+                # uvicorn re-raises the signal it was passed once it has stopped (and before
+                # its handlers are in, the default action ends the process by it).
+                log.info("server process %d (pid %s) stopped by %s", index, child.pid, signal.Signals(-code).name)
+            elif code != 0 and not socket_path(self.runtime, index).exists():
+                # Its app never started, so it served nothing: however the stop reached it
+                # (SIGINT's KeyboardInterrupt in multiprocessing's start-up, before
+                # _child_main catches it, ends it with status 1), it did as it was asked.
+                log.info("server process %d (pid %s) stopped before it served (exit status %s)", index, child.pid,
+                         code)  # fmt: skip
             elif code != 0:
                 log.warning("server process %d (pid %s) ended with exit status %s", index, child.pid, code)
                 self.failed = True
@@ -279,19 +284,21 @@ def _socket(host: str, port: int) -> socket.socket:
 
 def _child_main(settings: Settings, runtime: Path, index: int, parent: int) -> None:
     """One server process (spawned: the supervisor's state is not inherited)."""
-    os.setpgid(0, 0)  # the supervisor passes signals on; a terminal's reach it alone
-    _die_with(parent)
-    from dgserve.api.server import serve
-
-    configure_logging(settings)
-    siblings = Siblings(runtime, index, settings.server_process_count)
-    # Bound, not listening: uvicorn's server listens once the app has started, so the
-    # kernel sends this process no connection before then (see Siblings).
     try:
+        os.setpgid(0, 0)  # the supervisor passes signals on; a terminal's reach it alone
+        _die_with(parent)
+        from dgserve.api.server import serve
+
+        configure_logging(settings)
+        siblings = Siblings(runtime, index, settings.server_process_count)
+        # Bound, not listening: uvicorn's server listens once the app has started, so the
+        # kernel sends this process no connection before then (see Siblings).
         serve(settings, sockets=[_socket(settings.host, settings.port)], siblings=siblings)
     except KeyboardInterrupt:
         # The SIGINT the supervisor passed on (its own process group keeps a terminal's
-        # away): uvicorn re-raises it once it has stopped. Asked to stop, it stopped.
+        # away): uvicorn re-raises it once it has stopped, and before uvicorn's handlers
+        # are in, it is raised wherever this process is (importing torch, say). Asked to
+        # stop, it stopped.
         pass
 
 
