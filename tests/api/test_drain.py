@@ -41,13 +41,15 @@ DETECT_IMAGES = 4  # per request of a steady detect client
 # Queued just before the signal, per server process and round: a round at a time until the
 # queue holds HEADROOM times what the drain would compute at the rate measured before it (a
 # faster host needs more). Measured under the steady load and the burst's uploads, that rate
-# was 22-32 images/s here, where the drain itself computes about 100 a second.
-BURST_REQUESTS, BURST_IMAGES, HEADROOM = 8, 48, 5
+# was 22-48 images/s here, where the drain itself computes about 100 a second per process:
+# so HEADROOM 12 queues about 3x what the drain computes.
+BURST_REQUESTS, BURST_IMAGES, HEADROOM = 8, 48, 12
 GRACE_S, DRAIN_S = 1.0, 3.0
 ENV = {
     "DGSERVE_MODELS": "shapes-dgnet,shapes-detector", "DGSERVE_SHUTDOWN_GRACE_S": str(GRACE_S),
     "DGSERVE_DRAIN_TIMEOUT_S": str(DRAIN_S), "DGSERVE_INSPECTION_DURABILITY": "async",
     "DGSERVE_MAX_QUEUE_SIZE": "8192",  # no overload 503s: only the drain's
+    "DGSERVE_DEFAULT_TIMEOUT_MS": "300000",  # and no deadline's 504 for the burst queued longest
 }  # fmt: skip
 
 Post = Callable[[httpx.Client], httpx.Response]
@@ -136,17 +138,17 @@ def test_sigterm_loses_no_accepted_request(tmp_path: Path, processes: int) -> No
 
         more_burst()
         # /metrics sums the processes' queues.
-        _wait_for(lambda: _queued(server.base, "shapes-detector") >= 2 * BURST_IMAGES * processes, "queued burst")
+        _wait_for(lambda: _queued(server.base, processes) >= 2 * BURST_IMAGES * processes, "queued burst")
         # What the drain computes depends on the host: measure it, with the queue full.
-        computed, measured = _computed(server.base, "shapes-detector"), time.monotonic()
+        computed, measured = _computed(server.base, processes), time.monotonic()
         time.sleep(1.5)
-        rate = (_computed(server.base, "shapes-detector") - computed) / (time.monotonic() - measured)
+        rate = (_computed(server.base, processes) - computed) / (time.monotonic() - measured)
         for _ in range(10):
-            if _queued(server.base, "shapes-detector") >= HEADROOM * rate * DRAIN_S:
+            if _queued(server.base, processes) >= HEADROOM * rate * DRAIN_S:
                 break
             more_burst()
             time.sleep(1.0)
-        queued = _queued(server.base, "shapes-detector")
+        queued = _queued(server.base, processes)
         assert queued >= HEADROOM * rate * DRAIN_S, f"{queued} images queued; the drain computes {rate:.0f}/s"
 
         assert server.proc is not None
@@ -197,18 +199,27 @@ def test_sigterm_loses_no_accepted_request(tmp_path: Path, processes: int) -> No
     assert unreadable == set()
 
 
-def _queued(base: str, model: str) -> float:
-    """Images in ``model``'s batching queue, from ``/metrics``."""
-    for line in httpx.get(f"{base}/metrics", timeout=5).text.splitlines():
-        if line.startswith("dgserve_queue_depth{") and f'model="{model}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+def _detector_metric(base: str, processes: int, name: str) -> float:
+    """The detector's sample ``name`` in ``/metrics``, summed over every server process. A
+    sibling that does not answer in time is left out of a scrape (``dgserve_server_processes``
+    then says fewer): such a scrape is asked again."""
+    for _ in range(20):
+        text = httpx.get(f"{base}/metrics", timeout=5).text
+        if processes == 1 or f"dgserve_server_processes {processes}.0" in text:
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith(name + "{") and 'model="shapes-detector"' in line)  # fmt: skip
+        time.sleep(0.05)
+    raise AssertionError(f"a server process left out of 20 scrapes of {base}/metrics")
 
 
-def _computed(base: str, model: str) -> float:
-    """Images ``model`` has computed, over every server process: its batch sizes' sum."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{base}/metrics", timeout=5).text.splitlines()
-               if line.startswith("dgserve_batch_size_sum{") and f'model="{model}"' in line)  # fmt: skip
+def _queued(base: str, processes: int) -> float:
+    """Images in the detector's batching queues."""
+    return _detector_metric(base, processes, "dgserve_queue_depth")
+
+
+def _computed(base: str, processes: int) -> float:
+    """Images the detector has computed: its batch sizes' sum."""
+    return _detector_metric(base, processes, "dgserve_batch_size_sum")
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
@@ -216,3 +227,50 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0)
     while not condition():
         assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
         time.sleep(0.05)
+
+
+_STUCK_SERVER = """
+import asyncio, contextlib, os, signal, socket, sys, threading, time
+import uvicorn
+from starlette.applications import Starlette
+from dgserve.api import drain
+
+drain.TAIL_S, drain._STUCK_DUMP_S = 0.0, 0.5  # the dump 0.6 s after SIGTERM, not 30 s
+mode = sys.argv[1]
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    yield
+    if mode == "awaits":
+        await asyncio.sleep(3)  # a close awaiting what does not come
+    elif mode == "blocks":
+        time.sleep(3)  # the loop itself held
+
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+config = uvicorn.Config(Starlette(lifespan=lifespan), log_level="warning")
+server = drain.DrainingServer(config, drain.DrainState(), lambda: asyncio.sleep(0), grace_s=0.0, timeout_s=0.1)
+threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()  # once it serves
+server.run([sock])
+time.sleep(2)  # a dump still armed would come now
+print("exited")
+"""
+
+
+@pytest.mark.parametrize("mode", ["awaits", "blocks", "finishes"])
+def test_a_stuck_shutdown_writes_where_it_is_stuck(mode: str) -> None:
+    """A shutdown past its limits logs its tasks' stacks, which show a close awaiting for
+    ever, and a second later every thread's, which show a loop held by a blocking call; one
+    that finishes logs neither, even after it."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _STUCK_SERVER, mode], capture_output=True, text=True, timeout=60,
+                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[2] / "app")})  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "exited", done.stderr
+    tasks = "shutdown stuck; the event loop's tasks" in done.stderr
+    threads = "most recent call first" in done.stderr  # faulthandler's dump
+    if mode == "finishes":
+        assert not tasks and not threads, done.stderr
+    else:
+        assert tasks if mode == "awaits" else threads, done.stderr
+        assert "in lifespan" in done.stderr, done.stderr  # where it was stuck

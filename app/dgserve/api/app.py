@@ -104,6 +104,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.service.start()
         if state.siblings is not None:  # one of several: listen once it serves (api/siblings.py)
             await state.service.loaded()  # uvicorn starts listening when this returns
+            state.siblings.mark_serving()
         grpc_server = await _start_grpc(state)
         yield
     finally:

@@ -22,6 +22,8 @@ Kubernetes and ``docker stop`` send) and, counting from the signal:
    ``RequestContextMiddleware`` answers as JSON 503), and then the lifespan closes the
    service, which flushes the inspection store: every answered request's record is
    committed before the process exits.
+5. A shutdown still running ``_STUCK_DUMP_S`` past all that is stuck: every thread's
+   stack goes to stderr, so the logs say on what, before it is killed.
 
 A second SIGTERM, or SIGINT (Ctrl+C at a terminal), skips the rest: uvicorn's own
 shutdown, at once, with the backstop as its timeout.
@@ -30,6 +32,9 @@ shutdown, at once, with the backstop as its timeout.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
+import gc
+import inspect
 import logging
 import signal
 import socket
@@ -59,6 +64,10 @@ BACKSTOP_S = 3.0
 # The most the HTTP shutdown takes past DGSERVE_DRAIN_TIMEOUT_S (Kubernetes' grace period
 # must cover it: tests/deploy/test_kubernetes.py).
 TAIL_S = ANSWER_S + BACKSTOP_S
+# Past the drain and TAIL_S, what the lifespan's close may still take: the gRPC service's
+# 5 s grace and the store's flush retries (about 15 s against a database that is down).
+# A shutdown still running then is stuck: every thread's stack goes to stderr, once.
+_STUCK_DUMP_S = 25.0
 # Liveness must not fail while the replica drains, and Prometheus scrapes to the end.
 _STILL_OPEN = frozenset({"/healthz", "/metrics"})
 _POLL_S = 0.05
@@ -100,6 +109,34 @@ class DrainGuard:
         return send_closing
 
 
+def _log_task_stacks() -> None:
+    """Log where each of the loop's tasks waits: the shutdown has run past its limits."""
+    stacks = "".join(f"{task!r}\n{_await_stack(task.get_coro())}" for task in asyncio.all_tasks())
+    log.error("shutdown stuck; the event loop's tasks, each from its outermost call to what it awaits:\n%s", stacks)
+
+
+def _await_stack(awaitable: object) -> str:
+    """Each frame of a suspended coroutine's chain of awaits. ``Task.print_stack`` shows
+    only the outermost (Python 3.11), which says nothing of what it waits on."""
+    lines = []
+    for _ in range(100):  # a chain of awaits ends; this bounds a cycle all the same
+        frame = next((f for a in ("cr_frame", "gi_frame", "ag_frame") if (f := getattr(awaitable, a, None))), None)
+        if frame is not None:
+            lines.append(f'  File "{frame.f_code.co_filename}", line {frame.f_lineno}, in {frame.f_code.co_name}\n')
+            inner = next((w for a in ("cr_await", "gi_yieldfrom", "ag_await") if (w := getattr(awaitable, a, None))), None)
+        elif type(awaitable).__name__ in ("async_generator_asend", "async_generator_athrow"):
+            # An async generator's step (an asynccontextmanager's __aexit__ awaits one)
+            # holds the generator without naming it: only the GC's referents do.
+            inner = next((r for r in gc.get_referents(awaitable) if inspect.isasyncgen(r)), None)
+        else:
+            inner = None
+        if inner is None:
+            lines.append(f"  awaiting {awaitable!r}\n")
+            break
+        awaitable = inner
+    return "".join(lines)
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, whose first SIGTERM starts the drain (module docstring)."""
 
@@ -118,6 +155,7 @@ class DrainingServer(uvicorn.Server):
         self._timeout_s = timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # the drain and adopted connections, kept referenced
+        self._stuck_dump: asyncio.TimerHandle | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -131,6 +169,20 @@ class DrainingServer(uvicorn.Server):
         # flag here turns /readyz 503 before the loop even wakes up.
         self.drain.draining = True
         self._loop.call_soon_threadsafe(self._spawn, self._drain())
+        # What a stuck shutdown waits on is then in the logs, before the supervisor or the
+        # orchestrator kills the process: the stacks of the loop's tasks (a close awaiting
+        # what never comes) and, should the loop itself be blocked, of every thread.
+        stuck_s = self._timeout_s + TAIL_S + _STUCK_DUMP_S
+        self._stuck_dump = self._loop.call_later(stuck_s, _log_task_stacks)
+        faulthandler.dump_traceback_later(stuck_s + 1.0, exit=False)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().shutdown(sockets)  # the lifespan's close too
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+            if self._stuck_dump is not None:
+                self._stuck_dump.cancel()
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -29,10 +29,10 @@ app (a test checks). It:
   (``PR_SET_PDEATHSIG``), even after ``kill -9``;
 * restarts a child that dies. Each child listens once its models have loaded, so
   nothing answers on the port while every child is still loading. A child that dies
-  before its app has started (its metrics socket does not exist yet),
+  before it served (before its models loaded: no ``serving_path`` marker yet),
   ``_START_FAILURES`` times in a row, stops the server with exit status 1: that is a
-  broken configuration (a key it refuses, a port it cannot bind), and restarting it
-  would only loop;
+  broken configuration (a key it refuses, a port it cannot bind, a store it cannot
+  open), and restarting it would only loop;
 * waits for the orphans of a child that died (its reader and model processes, which
   exit when their pipes to it close). It asks to be their parent
   (``PR_SET_CHILD_SUBREAPER``), as it would be as PID 1 in a container, where nobody
@@ -62,7 +62,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
-from dgserve.api.siblings import Siblings, socket_path
+from dgserve.api.siblings import Siblings, serving_path, socket_path
 from dgserve.settings import Settings
 
 __all__ = ["MIGRATE_REQ_SYSCTL", "configure_logging", "migration_advice", "run", "serve_processes"]
@@ -76,6 +76,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 # Past each child's own limits (grace, drain timeout, uvicorn's backstop), a child still
 # running is stuck: it is killed.
 _STUCK_S = 60.0
+# Read at start with several processes (migration_advice); a path the tests read and set too.
 MIGRATE_REQ_SYSCTL = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 
 
@@ -121,19 +122,21 @@ def migration_advice(sysctl: Path = MIGRATE_REQ_SYSCTL) -> str | None:
     connections the kernel had accepted for it and it had not yet taken are reset, unless
     ``net.ipv4.tcp_migrate_req`` hands them to another socket of the group (Linux 5.14 on,
     per network namespace). The supervisor cannot set it in a container, whose ``/proc/sys``
-    is read-only: docker-compose.cpu.yml does, and deploy/kubernetes/README.md says how.
+    is read-only: docker-compose.cpu.yml does, and docs/deploy.md says how on Kubernetes.
     """
+    reset = "if a server process dies, the connections the kernel queued for it are reset"
     try:
         value = sysctl.read_text().strip()
+    except FileNotFoundError:
+        if not sys.platform.startswith("linux"):
+            return None  # another kernel: none of this applies
+        return f"this kernel has no net.ipv4.tcp_migrate_req (Linux 5.14 has): {reset}"
     except OSError:
-        return None  # not Linux, or a kernel without it: nothing to set
+        return None  # unreadable: nothing known to say
     if value != "0":
         return None
-    return (
-        "net.ipv4.tcp_migrate_req is 0: if a server process dies, the connections the kernel "
-        "queued for it are reset; set it to 1 (sysctl, or the container's sysctls) to hand them "
-        "to the other processes"
-    )
+    return (f"net.ipv4.tcp_migrate_req is 0: {reset}; set it to 1 (sysctl, or the container's sysctls) "
+            "to hand them to the other processes")  # fmt: skip
 
 
 class _Supervisor:
@@ -200,6 +203,7 @@ class _Supervisor:
 
     def _start(self, index: int) -> None:
         socket_path(self.runtime, index).unlink(missing_ok=True)  # it makes its own once its app starts
+        serving_path(self.runtime, index).unlink(missing_ok=True)  # and this once it serves
         child = self._context.Process(
             target=_child_main, args=(self.settings, self.runtime, index, os.getpid()),
             name=f"dgserve-server-{index}",
@@ -216,28 +220,31 @@ class _Supervisor:
                 # uvicorn re-raises the signal it was passed once it has stopped (and before
                 # its handlers are in, the default action ends the process by it).
                 log.info("server process %d (pid %s) stopped by %s", index, child.pid, signal.Signals(-code).name)
-            elif code != 0 and not socket_path(self.runtime, index).exists():
-                # Its app never started, so it served nothing: however the stop reached it
-                # (SIGINT's KeyboardInterrupt in multiprocessing's start-up, before
-                # _child_main catches it, ends it with status 1), it did as it was asked.
-                log.info("server process %d (pid %s) stopped before it served (exit status %s)", index, child.pid,
-                         code)  # fmt: skip
+            elif code == 1 and signal.SIGINT in self.passed_on and not self._served(index):
+                # It never served, and SIGINT's KeyboardInterrupt in multiprocessing's
+                # start-up, before _child_main can catch it, ends a process with status 1:
+                # it did as it was asked. (A crash then, -11 say, still counts as one.)
+                log.info("server process %d (pid %s) stopped by SIGINT before it served", index, child.pid)
             elif code != 0:
                 log.warning("server process %d (pid %s) ended with exit status %s", index, child.pid, code)
                 self.failed = True
             return
-        starting = not socket_path(self.runtime, index).exists()  # its app never started
+        starting = not self._served(index)
         self.start_failures[index] = self.start_failures[index] + 1 if starting else 0
         if self.start_failures[index] >= _START_FAILURES:
             log.error("server process %d (pid %s) died with exit status %s", index, child.pid, code)
             self.failed = True
-            self._stop(f"server process {index} died {_START_FAILURES} times in a row before its app started")
+            self._stop(f"server process {index} died {_START_FAILURES} times in a row before it served")
             for other in self.children.values():
                 _send(other, signal.SIGTERM)
             return
         log.error("server process %d (pid %s) died with exit status %s; starting another", index, child.pid, code)
         time.sleep(_RESTART_PAUSE_S)
         self._start(index)
+
+    def _served(self, index: int) -> bool:
+        """Whether the child now at ``index`` loaded its models and listened (``Siblings.mark_serving``)."""
+        return serving_path(self.runtime, index).exists()
 
     def _reap_orphans(self) -> None:
         """Wait for every ended process that is not one of the server processes (each of

@@ -2,9 +2,12 @@
 
 Each has a Unix socket in the supervisor's runtime directory, on which it answers with
 its metrics exposition; a process answering a scrape reads its siblings' there and
-merges them (``metrics/merge.py``). A process's socket exists once its app has started,
-which is also how the supervisor tells a process that died starting from one that died
-serving (``api/processes.py``). Only asyncio here: the supervisor imports it too.
+merges them (``metrics/merge.py``). Once its models are loaded, just before it listens,
+a process also leaves a marker file (``serving_path``), which it never removes: that is
+how the supervisor tells a process that died starting from one that died serving
+(``api/processes.py``). The socket would not do: it exists from the app's start, before
+the models load, and Python 3.13's asyncio removes it when the server closes. Only
+asyncio here: the supervisor imports it too.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Siblings", "socket_path"]
+__all__ = ["Siblings", "serving_path", "socket_path"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,10 @@ _ANSWER_S = 2.0
 
 def socket_path(directory: Path, index: int) -> Path:
     return directory / f"metrics-{index}.sock"
+
+
+def serving_path(directory: Path, index: int) -> Path:
+    return directory / f"serving-{index}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +49,10 @@ class Siblings:
 
     def path(self, index: int) -> Path:
         return socket_path(self.directory, index)
+
+    def mark_serving(self) -> None:
+        """Say to the supervisor that this process has loaded its models and now listens."""
+        serving_path(self.directory, self.index).touch()
 
     async def serve(self, render: Callable[[], bytes]) -> asyncio.AbstractServer:
         """Answer each connection on this process's socket with ``render()``, then close it."""
