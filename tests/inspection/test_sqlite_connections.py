@@ -74,6 +74,33 @@ async def test_commits_leave_checkpoints_to_the_thread_which_copies_them_soon(
         assert rows == 400
 
 
+def test_a_stop_between_the_threads_wait_and_its_clear_still_stops_it(tmp_path: Path) -> None:
+    """``stop()`` sets both events and joins. Landing after the thread's interval ran out and
+    before it cleared ``_dirty``, it lost its wake-up: the thread went back to waiting for a
+    write that never came, and the join hung a server process's shutdown for good (found by
+    py-spy in a replacement process still alive 50 minutes after its SIGTERM)."""
+    path = tmp_path / "t.db"
+    sqlite3.connect(path).close()
+    checkpointer = Checkpointer(path, 1000, interval_s=0.01)
+    raced = threading.Event()
+
+    class StopLandsBeforeTheClear(threading.Event):
+        def clear(self) -> None:
+            if not raced.is_set():  # stop()'s two sets, then the thread's own clear
+                checkpointer._stopping.set()
+                super().set()
+                raced.set()
+            super().clear()
+
+    checkpointer._dirty = StopLandsBeforeTheClear()
+    checkpointer.start()
+    checkpointer.wrote()
+    assert raced.wait(5)
+    assert checkpointer._thread is not None
+    checkpointer._thread.join(5)  # the rest of stop(): its join
+    assert not checkpointer._thread.is_alive(), "the checkpoint thread missed its stop"
+
+
 def test_a_wal_past_its_limit_is_truncated(tmp_path: Path) -> None:
     path = tmp_path / "t.db"
     with closing(sqlite3.connect(path, isolation_level=None)) as writer:

@@ -106,6 +106,11 @@ class Checkpointer:
                 if self._stopping.wait(self._interval_s):
                     return
                 self._dirty.clear()
+                if self._stopping.is_set():
+                    # stop() set both events after the wait above and before this clear,
+                    # which took its wake-up away: the wait above would never return again,
+                    # and stop()'s join would hang the server's shutdown for ever.
+                    return
                 try:
                     self.checkpoint(conn)
                 except sqlite3.Error as exc:  # a busy or failing file: the next write tries again
