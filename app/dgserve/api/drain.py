@@ -22,8 +22,9 @@ Kubernetes and ``docker stop`` send) and, counting from the signal:
    ``RequestContextMiddleware`` answers as JSON 503), and then the lifespan closes the
    service, which flushes the inspection store: every answered request's record is
    committed before the process exits.
-5. A shutdown still running ``_STUCK_DUMP_S`` past all that is stuck: every thread's
-   stack goes to stderr, so the logs say on what, before it is killed.
+5. A shutdown still running ``_STUCK_DUMP_S`` past all that is stuck: each task's chain
+   of awaits is logged, and a second later every thread's stack goes to stderr, so the
+   logs say on what, before it is killed.
 
 A second SIGTERM, or SIGINT (Ctrl+C at a terminal), skips the rest: uvicorn's own
 shutdown, at once, with the backstop as its timeout.
@@ -66,7 +67,7 @@ BACKSTOP_S = 3.0
 TAIL_S = ANSWER_S + BACKSTOP_S
 # Past the drain and TAIL_S, what the lifespan's close may still take: the gRPC service's
 # 5 s grace and the store's flush retries (about 15 s against a database that is down).
-# A shutdown still running then is stuck: every thread's stack goes to stderr, once.
+# A shutdown still running then is stuck: it logs where, once (module docstring, step 5).
 _STUCK_DUMP_S = 25.0
 # Liveness must not fail while the replica drains, and Prometheus scrapes to the end.
 _STILL_OPEN = frozenset({"/healthz", "/metrics"})
