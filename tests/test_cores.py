@@ -48,7 +48,7 @@ def v1_tree(tmp_path: Path, controllers: str, path: str, quota_us: int, period_u
 @pytest.mark.parametrize(
     ("cpu_max", "quota", "cores"),
     [("max 100000", None, AFFINITY), ("100000 100000", 1.0, 1), ("150000 100000", 1.5, 1),
-     ("50000 100000", 0.5, 1), ("6400000 100000", 64.0, AFFINITY)],
+     ("50000 100000", 0.5, 1), (f"{(AFFINITY + 1) * 100000} 100000", AFFINITY + 1.0, AFFINITY)],
 )  # fmt: skip
 def test_cgroup_v2_cpu_max_bounds_the_cores(tmp_path: Path, cpu_max: str, quota: float | None, cores: int) -> None:
     proc, root = v2_tree(tmp_path, "/kubepods/pod1/c1", {"kubepods/pod1/c1": cpu_max})

@@ -252,24 +252,32 @@ import uvicorn
 from starlette.applications import Starlette
 from dgserve.api import drain
 
-drain.TAIL_S, drain._STUCK_DUMP_S = 0.0, 0.5  # the dump 0.6 s after SIGTERM, not 30 s
+# The dump 1.6 s after SIGTERM, not 30 s: past the few tenths a shutdown that finishes
+# takes, even on a loaded host, and well inside the stalls below.
+drain.TAIL_S, drain._STUCK_DUMP_S = 0.0, 1.5
 mode = sys.argv[1]
 
 @contextlib.asynccontextmanager
 async def lifespan(app):
     yield
     if mode == "awaits":
-        await asyncio.sleep(3)  # a close awaiting what does not come
+        await asyncio.sleep(5)  # a close awaiting what does not come
     elif mode == "blocks":
-        time.sleep(3)  # the loop itself held
+        time.sleep(5)  # the loop itself held
 
 sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
 config = uvicorn.Config(Starlette(lifespan=lifespan), log_level="warning")
 server = drain.DrainingServer(config, drain.DrainState(), lambda: asyncio.sleep(0), grace_s=0.0, timeout_s=0.1)
-threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()  # once it serves
+
+def signal_once_serving():
+    while not server.started:
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=signal_once_serving, daemon=True).start()
 server.run([sock])
-time.sleep(2)  # a dump still armed would come now
+time.sleep(3)  # a dump still armed would come now
 print("exited")
 """
 

@@ -275,6 +275,13 @@ def _signal_stops_cleanly(server: ServerProcess, sig: signal.Signals) -> None:
     assert not any(pid_running(p) for p in children)
 
 
+def _has_torch(pid: int) -> bool:
+    try:
+        return b"libtorch" in Path(f"/proc/{pid}/maps").read_bytes()
+    except OSError:  # not there (yet, or any more)
+        return False
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_while_the_processes_start_is_a_clean_stop(tmp_path: Path, sig: signal.Signals) -> None:
@@ -286,7 +293,8 @@ def test_a_signal_while_the_processes_start_is_a_clean_stop(tmp_path: Path, sig:
     try:
         assert server.proc is not None
         _wait_for(lambda: len(server_children(server.proc.pid)) == 2, "two server processes")
-        time.sleep(1.0)  # into their imports
+        # Into their imports: a fixed sleep here was a guess at this host's speed.
+        _wait_for(lambda: all(_has_torch(p) for p in server_children(server.proc.pid)), "torch loading")
         assert "Application startup complete" not in server.log_text()  # still loading
         _signal_stops_cleanly(server, sig)
     finally:
