@@ -248,6 +248,7 @@ uid=$("$ENGINE" exec "$DG" id -u)
 log "   runs as uid $uid; devices: $("$ENGINE" exec "$DG" printenv DGSERVE_DEVICES)"
 migrate=$("$ENGINE" exec "$DG" cat /proc/sys/net/ipv4/tcp_migrate_req)
 [ "$migrate" = 1 ] || die "the CPU override's sysctl did not reach the container (tcp_migrate_req=$migrate)"
+log "   net.ipv4.tcp_migrate_req=$migrate in the container (the host's: $(cat /proc/sys/net/ipv4/tcp_migrate_req 2>/dev/null || echo none))"
 
 # --- 4. classify and detect --------------------------------------------------------------------------
 python3 - "$WORK/image.png" <<'PY'
