@@ -52,7 +52,7 @@ def _faults_per_forward(malloc: str) -> int:
 def test_kept_blocks_end_the_page_faults_of_each_forward() -> None:
     default, kept = _faults_per_forward("default"), _faults_per_forward("kept")
     print(f"median minor page faults of a forward: {default} as glibc sets it, {kept} keeping large blocks")
-    # 17,216-18,784 here (67-73 MiB of pages the kernel zeroes again, each forward); 4,704 on
+    # 14,080-18,784 here (55-73 MiB of pages the kernel zeroes again, each forward); 4,704 on
     # the CI host before huge pages were turned off above. The floor only checks that the
     # default really faults, so that the second line measures something.
     assert default > 1_000

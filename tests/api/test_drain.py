@@ -188,7 +188,8 @@ def test_sigterm_loses_no_accepted_request(tmp_path: Path, processes: int) -> No
     print(f"{len(outcomes)} requests: {dict(kinds)}; in flight at SIGTERM and answered while draining: "
           f"{dict(drained)}, of which {cut} 503 at the drain timeout; /readyz {ready.status_code} "
           f"{readyz_s:.3f} s after SIGTERM; exited after {exited:.1f} s; {queued:.0f} detect images "
-          f"queued at the signal, of which the drain could compute {most:.0f} at most; probes in the grace: {[p.kind for p in probes]}")  # fmt: skip
+          f"queued at the signal, of which the drain could compute {most:.0f} at most; probes in the grace: "
+          f"{[p.kind for p in probes]}")  # fmt: skip
     assert ready.status_code == 503 and ready.json()["error"]["code"] == "shutting_down" and readyz_s < 1.0
     assert alive == 200
     assert returncode == 0 and exited < DRAIN_S + 10, server.log_text()
@@ -238,15 +239,20 @@ def _computed(base: str, processes: int) -> float:
     return _detector_metric(base, processes, "dgserve_batch_size_sum")
 
 
+def _compute_seconds(base: str, processes: int) -> float:
+    """The detector's time spent computing its batches, as the server measured it."""
+    return _detector_metric(base, processes, "dgserve_compute_seconds_sum")
+
+
 def _idle_rate(base: str, processes: int, post: Post) -> float:
     """The images a second one process's detector computes with nothing else to do: the
     fastest of two requests sent alone, from the compute time the server measured."""
     rates = []
     with httpx.Client(base_url=base, timeout=120) as http:
         for _ in range(2):
-            images, seconds = _computed(base, processes), _detector_metric(base, processes, "dgserve_compute_seconds_sum")
+            images, seconds = _computed(base, processes), _compute_seconds(base, processes)
             assert post(http).status_code == 200
-            spent = _detector_metric(base, processes, "dgserve_compute_seconds_sum") - seconds
+            spent = _compute_seconds(base, processes) - seconds
             rates.append((_computed(base, processes) - images) / spent)
     return max(rates)
 
