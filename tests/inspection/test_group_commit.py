@@ -26,13 +26,20 @@ async def test_concurrent_commits_share_transactions(
 ) -> None:
     backend = make_backend()
     transactions: list[int] = []
-    write = backend.write_batch
+    write, write_now = backend.write_batch, backend.write_batch_now
 
     def counted(records: Sequence[StoredRecord], graphs: Mapping[str, str]) -> None:
         transactions.append(len(records))
         write(records, graphs)
 
+    def counted_now(records: Sequence[StoredRecord], graphs: Mapping[str, str]) -> bool:
+        wrote = write_now(records, graphs)
+        if wrote:
+            transactions.append(len(records))
+        return wrote
+
     backend.write_batch = counted  # type: ignore[method-assign]
+    backend.write_batch_now = counted_now  # type: ignore[method-assign]
     store: InspectionStore = await started(InspectionStore(backend))  # type: ignore[misc]
 
     async def answer(n: int) -> bool:
@@ -58,6 +65,7 @@ async def test_a_commit_that_outlasts_its_timeout_answers_false_and_the_record_s
         write(records, graphs)
 
     backend.write_batch = slow  # type: ignore[method-assign]
+    backend.write_batch_now = lambda records, graphs: False  # type: ignore[method-assign]
     store: InspectionStore = await started(InspectionStore(backend))  # type: ignore[misc]
     record = _record(1)
     assert await store.put(record)
@@ -69,3 +77,79 @@ async def test_a_commit_that_outlasts_its_timeout_answers_false_and_the_record_s
     await store.flush()
     assert (await store.get(record.id)).prediction == {"n": 1}
     assert await store.commit(timeout_s=30)  # nothing left to wait for
+
+
+async def test_a_batch_an_answer_waits_on_is_offered_to_the_backend_on_the_loop(
+    make_backend: Callable[[], InspectionBackend], started: Callable[..., object]
+) -> None:
+    backend = make_backend()
+    loop_thread = threading.get_ident()
+    calls: list[tuple[str, int, bool]] = []  # (method, records, on the loop's thread)
+    write, write_now = backend.write_batch, backend.write_batch_now
+    refuse = True
+
+    def thread_write(records: Sequence[StoredRecord], graphs: Mapping[str, str]) -> None:
+        calls.append(("write_batch", len(records), threading.get_ident() == loop_thread))
+        write(records, graphs)
+
+    def now(records: Sequence[StoredRecord], graphs: Mapping[str, str]) -> bool:
+        calls.append(("write_batch_now", len(records), threading.get_ident() == loop_thread))
+        return not refuse and write_now(records, graphs)
+
+    backend.write_batch = thread_write  # type: ignore[method-assign]
+    backend.write_batch_now = now  # type: ignore[method-assign]
+    store: InspectionStore = await started(InspectionStore(backend, flush_interval_s=0.2))  # type: ignore[misc]
+
+    # Written behind, once its flush interval is up (nobody waits): the worker thread only.
+    assert await store.put(_record(1))
+    while store.pending:
+        await asyncio.sleep(0.01)
+    assert calls == [("write_batch", 1, False)]
+
+    # Waited on, and the backend says it would wait: offered on the loop, then the thread.
+    calls.clear()
+    assert await store.put(_record(2))
+    assert await store.commit(timeout_s=30)
+    assert calls == [("write_batch_now", 1, True), ("write_batch", 1, False)]
+
+    # Waited on, and taken: written on the loop, whatever the backend does with the offer.
+    calls.clear()
+    refuse = False
+    assert await store.put(_record(3))
+    assert await store.commit(timeout_s=30)
+    assert calls[0] == ("write_batch_now", 1, True)
+    assert await asyncio.to_thread(backend.count) == 3
+
+
+async def test_a_failed_write_on_the_loop_is_retried_in_the_thread(
+    make_backend: Callable[[], InspectionBackend], started: Callable[..., object]
+) -> None:
+    backend = make_backend()
+    failures = 0
+
+    def broken(records: Sequence[StoredRecord], graphs: Mapping[str, str]) -> bool:
+        nonlocal failures
+        failures += 1
+        raise OSError("disk I/O error")
+
+    backend.write_batch_now = broken  # type: ignore[method-assign]
+    store: InspectionStore = await started(InspectionStore(backend))  # type: ignore[misc]
+    record = _record(1)
+    assert await store.put(record)
+    assert await store.commit(timeout_s=30)  # the retry, in the worker thread, committed it
+    assert failures == 1
+    assert (await store.get(record.id)).prediction == {"n": 1}
+    assert await asyncio.to_thread(backend.count) == 1
+
+
+async def test_write_batch_now_writes_every_record_or_none(make_backend: Callable[[], InspectionBackend]) -> None:
+    backend = make_backend()
+    await asyncio.to_thread(backend.open)
+    try:
+        rows = [StoredRecord(f"r{i}", "m", 1, "t", 1_000 + i, '{"i":%d}' % i, "{}") for i in range(3)]
+        wrote = backend.write_batch_now(rows, {})
+        assert await asyncio.to_thread(backend.count) == (3 if wrote else 0)
+        if wrote:
+            assert await asyncio.to_thread(backend.get, "r1") == rows[1]
+    finally:
+        await asyncio.to_thread(backend.close)

@@ -61,6 +61,8 @@ def intercept_writes(backend: InspectionBackend, before: Callable[[], None]) -> 
         real(records, graphs)
 
     backend.write_batch = write_batch  # type: ignore[method-assign]
+    # Every batch then goes through the intercepted thread: none is written on the loop.
+    backend.write_batch_now = lambda records, graphs: False  # type: ignore[method-assign]
 
 
 class Gate:

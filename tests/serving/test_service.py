@@ -117,7 +117,7 @@ async def test_with_storage_failing_answers_go_out_at_once_marked_uncommitted(se
         failures.append(1)
         raise OSError("disk full")
 
-    store._queue._write = refuse  # the backend starts refusing writes
+    store._queue._write = store._queue._write_now = refuse  # the backend starts refusing writes, both ways
     served, _ = service.admit("shapes-dgnet", None, CLASSIFY)
     items = await service.prepare(served, [Upload(None, png(5), "image/png")], ClassificationOptions())
     # The first answer waits out its commit wait through the retries; a short one keeps the test short.

@@ -11,7 +11,8 @@ business, as long as what it reads back is the text it was given.
 
 The methods are synchronous and blocking: the store calls them in worker threads
 (``asyncio.to_thread``), several at once (a read while a batch is written, retention
-while a listing pages), so every method must be thread-safe. ``open`` is called once
+while a listing pages), so every method must be thread-safe. One is called on the
+event loop instead: ``write_batch_now``, which must never wait. ``open`` is called once
 before any other method, ``close`` once after the store has stopped writing.
 """
 
@@ -198,6 +199,16 @@ class InspectionBackend(abc.ABC):
         so one already stored is kept as it is (best found cheaply, not compressed or sent
         again). New graphs commit in the same transaction as the first records naming them.
         """
+
+    def write_batch_now(self, records: Sequence[StoredRecord], graphs: Mapping[str, str]) -> bool:
+        """``write_batch``, on the event loop, for a batch that an answer waits on.
+
+        Write at once and return ``True`` only where nothing can make the call wait: no
+        lock held elsewhere, no round trip to a server, little to encode. Otherwise
+        write nothing and return ``False``; the store then writes the batch through
+        ``write_batch`` in a worker thread. The default never writes now.
+        """
+        return False
 
     @abc.abstractmethod
     def get(self, inspection_id: str) -> StoredRecord | None:

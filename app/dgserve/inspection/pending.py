@@ -4,7 +4,9 @@
 storage; one writer task takes up to ``batch_size`` records at a time and hands them
 to ``write`` (the backend's ``write_batch``) in a worker thread. A batch is written
 when it is full, when its oldest record has waited ``flush_interval_s``, or at once
-when someone flushes, waits for room, or stops the queue.
+when someone flushes, waits for room, or stops the queue. A batch that someone waits
+on goes to ``write_now`` (``write_batch_now``) first, on the loop, which writes it
+only if it can do so without waiting.
 
 When the queue is full (storage is down or behind), ``when_full`` decides: ``"wait"``
 makes ``put`` wait for room (back-pressure, nothing lost), ``"drop"`` refuses the new
@@ -49,6 +51,8 @@ _RETRY_MAX_S = 5.0
 CLOSE_ATTEMPTS = 3
 
 WriteBatch = Callable[[Sequence[StoredRecord], Mapping[str, str]], None]
+# The backend's write_batch_now: writes at once on the loop, or says False and writes nothing.
+WriteBatchNow = Callable[[Sequence[StoredRecord], Mapping[str, str]], bool]
 WhenFull = Literal["wait", "drop"]
 # Why records were lost: refused by a full queue, or given up on when closing.
 DropReason = Literal["queue_full", "closing"]
@@ -123,12 +127,19 @@ class Pending:
 class PendingQueue:
     """Queued records by id, and the task that writes them through ``write``, batched
     as ``batching`` says. ``location`` names the storage in log messages; ``observer``
-    hears of drops and failed writes."""
+    hears of drops and failed writes. ``write_now``, where given, is tried first for a
+    batch that someone waits on (``flush``, ``commit``)."""
 
     def __init__(
-        self, write: WriteBatch, location: str, batching: Batching, observer: QueueObserver | None = None
+        self,
+        write: WriteBatch,
+        location: str,
+        batching: Batching,
+        observer: QueueObserver | None = None,
+        write_now: WriteBatchNow | None = None,
     ) -> None:
         self._write = write
+        self._write_now = write_now
         self._location = location
         self._batching = batching
         self._observer: QueueObserver = observer or _Unobserved()
@@ -304,8 +315,15 @@ class PendingQueue:
 
             batch = list(itertools.islice(self._queue, self._batching.batch_size))
             graphs = {digest: text for p in batch for digest, text in p.graphs.items()}
+            rows = [p.row for p in batch]
             try:
-                await asyncio.to_thread(self._write, [p.row for p in batch], graphs)
+                # An answer waits on this batch: the backend writes it here if it can without
+                # waiting, which costs it less than the hand-off to a thread and back. A
+                # retry goes to the thread.
+                waited_on = self._flush_target > self._durable_seq and not failures
+                write_now = self._write_now if waited_on else None
+                if write_now is None or not write_now(rows, graphs):
+                    await asyncio.to_thread(self._write, rows, graphs)
             except Exception as exc:
                 failures += 1
                 self._failing = True

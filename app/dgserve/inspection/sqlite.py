@@ -9,7 +9,8 @@ worker threads; what is specific to SQLite, and why:
   answer waits for (``sqlite_connections.py``). A file system on which SQLite refuses
   WAL (some network mounts) is refused. One writer connection, behind a lock, writes each batch in one
   ``BEGIN IMMEDIATE`` transaction; reads use a pool of read-only connections, which
-  WAL lets read while the writer writes.
+  WAL lets read while the writer writes. A small batch that an answer waits on is
+  written on the event loop when the write lock is free (``write_batch_now``).
 * **On disk.** Table ``inspections``. ``created_at_us`` is an integer of microseconds
   since the Unix epoch (UTC), so it sorts and compares exactly; both indexes end in
   ``id``, so listing pages by ``(created_at_us, id)`` is an index range scan, however
@@ -54,7 +55,7 @@ from typing import Any
 
 from dgserve.analysis.summary import Selection
 from dgserve.inspection import rollups
-from dgserve.inspection.sqlite_connections import Checkpointer, ReaderPool, enter_wal
+from dgserve.inspection.sqlite_connections import Checkpointer, ReaderPool, begin_now, enter_wal, write_transaction
 from dgserve.inspection.backend import AnalysisPage, Filters, InspectionBackend, PageQuery, StoredRecord
 from dgserve.inspection.sqlrows import (
     ANALYSIS_INSERT_COLUMNS,
@@ -152,18 +153,9 @@ _BUSY_TIMEOUT_MS = 5_000
 _ID_CHUNK = 500
 
 
-@contextlib.contextmanager
-def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    # IMMEDIATE takes the write lock up front, so a busy file fails at BEGIN (after
-    # busy_timeout) instead of half-way through a batch.
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        if conn.in_transaction:
-            conn.rollback()
-        raise
-    conn.execute("COMMIT")
+# What ``write_batch_now`` writes on the event loop: a model batch's records, not a backlog.
+_NOW_MAX_RECORDS = 64
+_NOW_MAX_BYTES = 256 * 2**10
 
 
 class SQLiteBackend(rollups.Reads, InspectionBackend):
@@ -211,7 +203,7 @@ class SQLiteBackend(rollups.Reads, InspectionBackend):
                 )
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA wal_autocheckpoint = 0")  # the Checkpointer's thread does them
-            with _write_transaction(conn):  # read under the lock: processes opening it at once migrate in turn
+            with write_transaction(conn):  # read under the lock: processes opening it at once migrate in turn
                 (version,) = conn.execute("PRAGMA user_version").fetchone()
                 if version > _SCHEMA_VERSION:
                     raise RuntimeError(
@@ -272,26 +264,41 @@ class SQLiteBackend(rollups.Reads, InspectionBackend):
         stored: set[str] = set()
         if graphs:
             with self._conn_lock:
-                conn = self._writer()
-                stored = {d for d in graphs if conn.execute("SELECT 1 FROM graphs WHERE digest = ?", (d,)).fetchone()}
+                stored = _stored_graphs(self._writer(), graphs)
         # No writer (in any process) ever deletes a graph, so one found above is still
         # there at COMMIT; new ones are compressed outside the lock, like the rows.
         bodies = [(d, compress(text)) for d, text in graphs.items() if d not in stored]
         with self._conn_lock:
             conn = self._writer()
-            with _write_transaction(conn):
-                conn.executemany("INSERT OR IGNORE INTO graphs (digest, body) VALUES (?, ?)", bodies)
-                rollups.write(_db(conn), records)  # reads the rows it replaces, so first
-                forget_replaced(conn.execute, "?", [r.id for r in records])
-                conn.executemany(_INSERT, rows)
-                conn.executemany(_INSERT_ANALYSIS, [analysis_params(r) for r in rows])
-                conn.executemany(_INSERT_THUMBNAIL, thumbnail_params(records))
+            with write_transaction(conn):
+                _insert(conn, records, rows, bodies)
             self._wrote()
+
+    def write_batch_now(self, records: Sequence[StoredRecord], graphs: Mapping[str, str]) -> bool:
+        # A model batch's records take 0.5-1.4 ms to write here (8 records of the bundled
+        # model on the 2-core hosts: benchmarks/inspection_write.py), less than the hand-off
+        # to a worker thread and back, which on a busy event loop waits for the GIL. Whatever
+        # could wait is left to write_batch: another thread or process holding the write
+        # lock (retention, a truncating checkpoint, the other server process), a backlog,
+        # a large record, a new shared graph to compress.
+        size = sum(len(r.prediction) + len(r.connectivity or "") + len(r.thumbnail or b"") for r in records)
+        if len(records) > _NOW_MAX_RECORDS or size > _NOW_MAX_BYTES or not self._conn_lock.acquire(blocking=False):
+            return False
+        try:
+            conn = self._writer()
+            if len(_stored_graphs(conn, graphs)) < len(graphs) or not begin_now(conn, _BUSY_TIMEOUT_MS):
+                return False
+            with write_transaction(conn, begun=True):
+                _insert(conn, records, [record_params(r) for r in records], [])
+            self._wrote()
+            return True
+        finally:
+            self._conn_lock.release()
 
     def delete_expired(self, *, older_than_us: int | None, keep_newest: int | None) -> int:
         with self._conn_lock:
             conn = self._writer()
-            with _write_transaction(conn):
+            with write_transaction(conn):
                 db = _db(conn)
                 deleted = delete_expired(conn.execute, "?", older_than_us=older_than_us, keep_newest=keep_newest,
                                          forget=lambda where, params: rollups.forget(db, where, params))  # fmt: skip
@@ -355,6 +362,21 @@ class SQLiteBackend(rollups.Reads, InspectionBackend):
                 overlap += n
             conn.execute("COMMIT")
         return int(stored) - int(overlap)
+
+
+def _stored_graphs(conn: sqlite3.Connection, graphs: Mapping[str, str]) -> set[str]:
+    return {d for d in graphs if conn.execute("SELECT 1 FROM graphs WHERE digest = ?", (d,)).fetchone()}
+
+
+def _insert(conn: sqlite3.Connection, records: Sequence[StoredRecord], rows: list[tuple[Any, ...]],
+            bodies: list[tuple[str, bytes]]) -> None:  # fmt: skip
+    """The writes of one batch, inside its transaction: new graphs, rollups, rows."""
+    conn.executemany("INSERT OR IGNORE INTO graphs (digest, body) VALUES (?, ?)", bodies)
+    rollups.write(_db(conn), records)  # reads the rows it replaces, so first
+    forget_replaced(conn.execute, "?", [r.id for r in records])
+    conn.executemany(_INSERT, rows)
+    conn.executemany(_INSERT_ANALYSIS, [analysis_params(r) for r in rows])
+    conn.executemany(_INSERT_THUMBNAIL, thumbnail_params(records))
 
 
 def _db(conn: sqlite3.Connection) -> rollups.Db:

@@ -27,6 +27,11 @@ connection holds the write lock, SQLite refuses the switch at once, without wait
 busy timeout, because the two could otherwise deadlock: so server processes opening such
 a file together got "database is locked" about once in 200 starts. The switch is retried
 until the busy timeout instead.
+
+**Transactions** (``write_transaction``, ``begin_now``). Writes take the write lock
+up front (``BEGIN IMMEDIATE``), waiting up to the busy timeout where another
+connection holds it. ``begin_now`` is for the event loop, which must not wait: it
+answers at once, with the lock or without.
 """
 
 from __future__ import annotations
@@ -39,13 +44,44 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["Checkpointer", "ReaderPool", "enter_wal"]
+__all__ = ["Checkpointer", "ReaderPool", "begin_now", "enter_wal", "write_transaction"]
 
 log = logging.getLogger(__name__)
 
 INTERVAL_S = 1.0
 TRUNCATE_BYTES = 64 * 2**20
 _WAL_RETRY_S = 0.005
+
+
+@contextlib.contextmanager
+def write_transaction(conn: sqlite3.Connection, begun: bool = False) -> Iterator[None]:
+    """A write transaction, committed at the end or rolled back on an error; ``begun``: by ``begin_now``."""
+    # IMMEDIATE takes the write lock up front, so a busy file fails at BEGIN (after
+    # busy_timeout) instead of half-way through a batch.
+    if not begun:
+        conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.rollback()
+        raise
+    conn.execute("COMMIT")
+
+
+def begin_now(conn: sqlite3.Connection, busy_timeout_ms: int) -> bool:
+    """``BEGIN IMMEDIATE`` without waiting: ``False`` at once where another connection
+    holds the write lock. ``busy_timeout_ms``: the connection's own, put back after."""
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+            return False
+        raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+    return True
 
 
 def enter_wal(conn: sqlite3.Connection, timeout_ms: int) -> str:

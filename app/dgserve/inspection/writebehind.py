@@ -7,6 +7,9 @@ How it behaves, and why (the backend, ``backend.py``, only stores and reads rows
   in-memory queue. One writer task takes up to ``batch_size`` records at a time and
   hands them to the backend as one transaction, in a worker thread
   (``asyncio.to_thread``), so the event loop never waits on the database or the disk.
+  A batch that an answer waits on is offered to the backend's ``write_batch_now``
+  first, which writes it on the loop only where that cannot wait (SQLite: a free
+  write lock and a few small records).
   A batch is written when it is full, when its oldest record has waited
   ``flush_interval_s``, or at once when someone calls ``flush``/``close``.
   Serialising stays on the caller's side because moving it would not help: the C
@@ -134,7 +137,7 @@ class InspectionStore(AnalysisReads):
         self._clock = clock
 
         self._state: _State = "new"
-        self._queue = PendingQueue(backend.write_batch, backend.location, batching, observer)
+        self._queue = PendingQueue(backend.write_batch, backend.location, batching, observer, backend.write_batch_now)
         self._stop_retention = asyncio.Event()
         self._graph_texts = GraphTextCache(_GRAPH_CACHE_BYTES)
         self._retention_task: asyncio.Task[None] | None = None
