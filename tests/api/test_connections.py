@@ -4,16 +4,16 @@
   server reads and throws away the rest of the body (lingering close);
 * slow-loris clients, trickling headers or a body, are answered 408 and closed within
   the read timeouts, and a normal request is served while 500 of them are open;
+* slow uploads give back the queue places they took at their headers;
 * one connection over ``DGSERVE_MAX_CONNECTIONS`` gets 503 and is closed.
 
-Latency under the slow clients is measured and printed, never asserted: this box's
-cores are shared.
+Latency under the slow clients is printed, never asserted: this box's cores are shared.
+``benchmarks/slow_clients.py`` measures it (its slow clients are the ones used here).
 """
 
 from __future__ import annotations
 
 import io
-import selectors
 import socket
 import sys
 import threading
@@ -26,11 +26,14 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).parent))
 from server_process import ServerProcess  # noqa: E402
+from slow_clients import Loris, watch  # noqa: E402  (benchmarks/, on the path server_process sets)
 
 from dgserve.data.scenes import render_classification
+from dgserve.serving.reservation import UPLOAD_HOLD_S
 
 TIMEOUT_S = 2.0
 SLACK_S = 3.0  # for a loaded 2-core machine: the timer fires late, the test thread reads late
@@ -77,60 +80,6 @@ def test_every_client_sees_413_for_a_64_mib_body(server: ServerProcess, path: st
     assert httpx.get(server.base + "/healthz", timeout=10).status_code == 200
 
 
-class _Loris:
-    """A client that sends ``head`` and then one byte of ``trickle`` every ``every_s``."""
-
-    def __init__(self, port: int, head: bytes, trickle: bytes) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.setblocking(False)
-        self.opened = time.monotonic()
-        self.sock.send(head)
-        self.trickle = trickle
-        self.received = b""
-        self.closed_at: float | None = None
-
-    def tick(self) -> None:
-        try:
-            self.sock.send(self.trickle)
-        except OSError:
-            self.close()
-
-    def readable(self) -> None:
-        try:
-            data = self.sock.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
-            self.received += data
-        else:
-            self.close()
-
-    def close(self) -> None:
-        if self.closed_at is None:
-            self.closed_at = time.monotonic()
-
-
-def _watch(clients: list[_Loris], deadline: float) -> None:
-    """Read what each loris is sent, and trickle its next byte every 0.5 s, until all are closed."""
-    selector = selectors.DefaultSelector()
-    for client in clients:
-        selector.register(client.sock, selectors.EVENT_READ, client)
-    next_tick = 0.0
-    while time.monotonic() < deadline and any(c.closed_at is None for c in clients):
-        for key, _ in selector.select(timeout=0.1):
-            key.data.readable()
-        if time.monotonic() >= next_tick:
-            next_tick = time.monotonic() + 0.5
-            for client in clients:
-                if client.closed_at is None:
-                    client.tick()
-    for client in clients:
-        selector.unregister(client.sock)
-        client.sock.close()
-
-
 def _timed_classify(http: httpx.Client, png: bytes) -> tuple[httpx.Response, float]:
     started = time.perf_counter()
     response = http.post(CLASSIFY, content=png, headers={"Content-Type": "image/png"})
@@ -141,12 +90,13 @@ def test_slow_loris_connections_are_closed_and_others_served(server: ServerProce
     with httpx.Client(base_url=server.base, timeout=30) as http:
         baseline_ms = min(_timed_classify(http, png)[1] for _ in range(5))
     head = b"POST " + CLASSIFY.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-    slow_headers = [_Loris(server.port, head, b"X") for _ in range(LORIS // 2)]
-    slow_bodies = [_Loris(server.port, head + b"Content-Length: 100000\r\n\r\n", b"\0") for _ in range(LORIS // 2)]
+    body_head = head + b"Content-Length: 100000\r\n\r\n"
+    slow_headers = [Loris.open(server.port, head, b"X") for _ in range(LORIS // 2)]
+    slow_bodies = [Loris.open(server.port, body_head, b"\0", "body") for _ in range(LORIS // 2)]
     clients = slow_headers + slow_bodies
     # Watched from now on, beside the classify below, so that each close is seen when it
     # happens, however long a loaded machine takes over the classify.
-    watcher = threading.Thread(target=_watch, args=(clients, time.monotonic() + TIMEOUT_S + SLACK_S + 5))
+    watcher = threading.Thread(target=watch, args=(clients, time.monotonic() + TIMEOUT_S + SLACK_S + 5))
     watcher.start()
 
     with httpx.Client(base_url=server.base, timeout=30) as http:
@@ -168,6 +118,40 @@ def test_slow_loris_connections_are_closed_and_others_served(server: ServerProce
     print(f"answered 408 before closing: {answered}/{LORIS}")
     assert answered >= LORIS * 0.9  # a reset can beat the answer to a client that keeps writing
     assert httpx.get(server.base + "/healthz", timeout=10).status_code == 200
+
+
+def test_slow_uploads_give_their_queue_places_back(tmp_path: Path, png: bytes) -> None:
+    """A place taken at an upload's headers is held for UPLOAD_HOLD_S of its body only: 16 slow
+    uploads against a queue of 8 fill it at first (8 of them are refused), and then no longer keep
+    a normal classify out, though all 16 are still sending."""
+    env = {"DGSERVE_MAX_QUEUE_SIZE": "8", "DGSERVE_BODY_TIMEOUT_S": "60"}
+    with ServerProcess(tmp_path, env) as proc:
+        head = b"POST " + CLASSIFY.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        slow = [Loris.open(proc.port, head + b"Content-Length: 100000\r\n\r\n", b"\0", "body") for _ in range(16)]
+        try:
+            deadline = time.monotonic() + 30
+            while _rejected(proc) < 8:  # the queue was full: every place is held by a slow upload
+                assert time.monotonic() < deadline, f"{_rejected(proc):g} refusals"
+                time.sleep(0.1)
+            # Held for the body's timeout (60 s), as before, the places would refuse this for a minute.
+            deadline = time.monotonic() + UPLOAD_HOLD_S + 10
+            while (answer := httpx.post(proc.base + CLASSIFY, content=png, headers={"Content-Type": "image/png"},
+                                        timeout=30)).status_code == 503:  # fmt: skip
+                assert time.monotonic() < deadline, "slow uploads still hold the queue"
+                time.sleep(0.2)
+            assert answer.status_code == 200, answer.text
+            for client in slow:
+                client.readable()
+            assert sum(c.closed_at is None for c in slow) == 16, "every slow upload is still open"
+        finally:
+            for client in slow:
+                client.sock.close()
+
+
+def _rejected(proc: ServerProcess) -> float:
+    text = httpx.get(proc.base + "/metrics", timeout=10).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "dgserve_rejections_total" and s.labels.get("reason") == "queue_full")  # fmt: skip
 
 
 def test_a_body_sent_at_the_rate_floor_is_not_timed_out(server: ServerProcess, png: bytes) -> None:

@@ -31,6 +31,7 @@ from dgserve.api.errors import HELD
 from dgserve.errors import DGServeError
 from dgserve.oip.frontend import InferRequest, InferResponse, OipFrontend, RequestedOutput
 from dgserve.oip.tensors import ProtocolError, from_json_data, from_raw
+from dgserve.serving.reservation import while_uploading
 
 __all__ = ["ERROR_CONTENT", "HEADER_LENGTH", "get_frontend", "install", "parse_request", "render_response"]
 
@@ -157,9 +158,10 @@ def install(app: FastAPI, frontend: OipFrontend) -> None:
             known = frontend.lookup(name, version)  # 404 before anything else
             request.scope["state"]["model"] = (known.name, known.version)  # metric labels from here on
             served, task, reservation = frontend.admit(name, version, request.scope["state"].get(HELD))
-            with reservation:  # the queue place held while the body is read and parsed
+            with reservation:  # the queue place, held while the body is read (its first second) and parsed
                 try:
-                    body = await read_body(request, frontend.service.settings.max_body_bytes)
+                    read = read_body(request, frontend.service.settings.max_body_bytes)
+                    body = await while_uploading(reservation, read)
                 except ClientDisconnect:
                     return Response(status_code=CLIENT_CLOSED_REQUEST)
                 parsed = parse_request(body, request.headers.get(HEADER_LENGTH))

@@ -41,6 +41,7 @@ from dgserve.api.schemas import ErrorResponse, inference_response
 from dgserve.connectivity import strip_matrices
 from dgserve.api.body import read_uploads
 from dgserve.inspection.tags import parse_pairs
+from dgserve.serving.reservation import while_uploading
 from dgserve.serving.service import ImagePrediction, ServingService
 from dgserve.tasks import Task, tasks
 
@@ -141,9 +142,9 @@ async def _infer(
     known = service.models.lookup(name, params.version)  # 404 for names the store does not have
     request.scope["state"]["model"] = (known.name, known.version)  # metric labels from here on
     served, reservation = service.admit(name, params.version, task, request.scope["state"].get(HELD))
-    with reservation:  # the queue place held while the body is read and decoded
+    with reservation:  # the queue place, held while the body is read (its first second: while_uploading) and decoded
         try:
-            uploads = await read_uploads(request, service.settings, task.content_types)
+            uploads = await while_uploading(reservation, read_uploads(request, service.settings, task.content_types))
         except ClientDisconnect:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         items = await service.prepare(served, uploads, options)
