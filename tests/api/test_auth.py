@@ -4,7 +4,11 @@ hashed-key file, and that no key reaches a log or a message."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
+import re
+import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,12 @@ import httpx
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+sys.path.insert(0, str(Path(__file__).parent))
+from server_process import ServerProcess  # noqa: E402
+
+from dgserve.api import auth
 from dgserve.api.auth import ApiKeys
+from dgserve.errors import ForbiddenError, UnauthorizedError
 from dgserve.settings import Settings
 
 pytestmark = [pytest.mark.timeout(600)]
@@ -138,3 +147,77 @@ def test_keys_off_by_default_and_bad_configuration_refused(tmp_path: Path) -> No
     keys = ApiKeys.from_settings(Settings(api_keys=f"{INFER}:infer,{INFER}:read"))
     assert keys.scopes_of(INFER) == {"infer", "read"}  # every entry is compared, and their scopes add up
     assert keys.scopes_of(READ) == frozenset()
+
+
+def test_every_known_key_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each check compares the presented key's SHA-256 digest with every known digest by hmac.compare_digest, and
+    stops at none: ``==`` returns at the first differing byte, and a stop at the match would tell by its time
+    which entry matched."""
+    hashes = tmp_path / "keys.sha256"
+    hashes.write_text(f"{hashlib.sha256(FILED.encode()).hexdigest()} read\n")
+    keys = ApiKeys.from_settings(Settings(api_keys=KEYS, api_keys_file=hashes))
+    known = Counter(digest for digest, _ in keys.entries)
+    assert sum(known.values()) == 4  # three keys from DGSERVE_API_KEYS, one hash from the file
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: Any, b: Any) -> bool:
+        calls.append((bytes(a), bytes(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)  # what auth.py calls: hmac.compare_digest
+    if hasattr(auth, "compare_digest"):  # were the name imported into auth.py (from hmac import ...)
+        monkeypatch.setattr(auth, "compare_digest", spy)
+
+    wrong = "a-wrong-key-0123456789abcdef"
+    # The first entry, a middle one, the file's (last), one whose scope falls short, and an unknown key.
+    cases: list[tuple[str, str, type[Exception] | None]] = [
+        (INFER, "infer", None), (BOTH, "read", None), (FILED, "read", None), (READ, "infer", ForbiddenError),
+        (wrong, "any", UnauthorizedError),
+    ]  # fmt: skip
+    for key, need, refused in cases:
+        calls.clear()
+        if refused is None:
+            keys.check(key, need)
+        else:
+            with pytest.raises(refused):
+                keys.check(key, need)
+        presented = hashlib.sha256(key.encode()).digest()
+        assert calls, f"{key}: no hmac.compare_digest call (a plain == leaks by its time)"
+        # Each call sets the presented digest (never the key itself) against one known digest, whichever order.
+        others = Counter(b if a == presented else a for a, b in calls if presented in (a, b))
+        assert len(others) == len(known) and sum(others.values()) == len(calls), f"{key}: {len(calls)} calls"
+        assert others == known, f"{key}: every known digest compared once, the ones after a match included"
+
+
+@pytest.mark.timeout(300)
+def test_a_real_server_logs_no_key(tmp_path: Path, image: Callable[..., bytes]) -> None:
+    """Everything a real server writes (stdout and stderr: uvicorn's access log, our logs at debug level) while
+    keys come both ways, and a wrong one: the access log shows each request, and no key is in it."""
+    wrong = "a-wrong-key-0123456789abcdef"
+    env = {"DGSERVE_API_KEYS": KEYS, "DGSERVE_ACCESS_LOG": "true", "DGSERVE_LOG_LEVEL": "debug",
+           "DGSERVE_SHUTDOWN_GRACE_S": "0.5"}  # nothing arrives during the stop: no need to wait the 5 s
+    jpeg = {"content": image(), "headers": {"content-type": "image/jpeg"}}
+    classify = "/v1/models/shapes-dgnet/classify"
+    with ServerProcess(tmp_path / "server", env) as server:
+        answers = {
+            ("GET", "/v1/inspections", httpx.get(server.base + "/v1/inspections", headers=bearer(READ)).status_code),
+            ("GET", "/v1/inspections",
+             httpx.get(server.base + "/v1/inspections", headers={"X-API-Key": INFER}).status_code),
+            ("GET", "/v1/models", httpx.get(server.base + "/v1/models", headers=bearer(wrong)).status_code),
+            # inference: the admission gate checks these keys before the app does
+            ("POST", classify, httpx.post(server.base + classify, content=jpeg["content"],
+                                          headers={**jpeg["headers"], "X-API-Key": INFER}).status_code),
+            ("POST", classify, httpx.post(server.base + classify, content=jpeg["content"],
+                                          headers={**jpeg["headers"], "X-API-Key": wrong}).status_code),
+        }  # fmt: skip
+    assert answers == {("GET", "/v1/inspections", 200), ("GET", "/v1/inspections", 403), ("GET", "/v1/models", 401),
+                       ("POST", classify, 200), ("POST", classify, 401)}  # fmt: skip
+    assert server.proc is not None and server.proc.returncode is not None, "stopped, its output complete"
+    output = server.log.read_text(errors="replace")
+    # The capture is the server's own output: the access log holds a line for each request above.
+    for method, path, status in answers:
+        assert re.search(rf'"{method} {re.escape(path)} HTTP/1\.1" {status}\b', output), (method, path, status)
+    for key in (INFER, READ, BOTH, wrong):
+        assert key not in output
+        assert key[:12] not in output, "not even part of a key"

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
+from dgserve.api.auth import ApiKeys
 from dgserve.settings import Settings
 
 _INTERPOLATION = re.compile(r"\$\{([^}]*)\}")
@@ -142,3 +146,57 @@ def test_cpu_override_removes_the_gpu_reservation(lib: SimpleNamespace) -> None:
     assert merged["services"]["prometheus"] == base["services"]["prometheus"]
     assert set(override["services"]) == {"dgserve"}
 
+
+def interpolate(value: str, shell: dict[str, str]) -> str:
+    """Compose's ``${VAR:-default}`` / ``${VAR-default}`` against ``shell`` (the shell and `.env` together)."""
+
+    def one(match: re.Match[str]) -> str:
+        parsed = _WITH_DEFAULT.match(match.group(1))
+        assert parsed, match.group(0)
+        name, operator, default = parsed.groups()
+        if name not in shell or (operator == ":-" and shell[name] == ""):
+            return default
+        return shell[name]
+
+    return _INTERPOLATION.sub(one, value)
+
+
+def test_interpolation_follows_compose() -> None:
+    assert interpolate("${A:-x}", {}) == "x" and interpolate("${A:-x}", {"A": ""}) == "x"
+    assert interpolate("${A-x}", {"A": ""}) == "" and interpolate("a${A:-}b", {"A": "1"}) == "a1b"
+
+
+def test_api_keys_pass_through_from_the_environment(lib: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/deploy.md ("API keys"): compose passes DGSERVE_API_KEYS from `.env`, so setting it there turns
+    keys on, on the GPU stack and under the CPU override alike; unset, the API stays open."""
+    base = lib.load_compose(lib.COMPOSE)
+    merged = lib.merge_compose(base, lib.load_compose(lib.COMPOSE_CPU))
+    doc = lib.DEPLOY_DOC.read_text()
+    assert "Compose passes `DGSERVE_API_KEYS` from `.env`" in doc, "the guide and this test describe the same wiring"
+    key = "compose-key-0123456789abcdef"
+    for stack in (base, merged):
+        env = stack["services"]["dgserve"]["environment"]
+        # The value is only the interpolation: a key written into the file would end up in git.
+        assert env["DGSERVE_API_KEYS"] == "${DGSERVE_API_KEYS:-}"
+        for shell, scopes in (({"DGSERVE_API_KEYS": f"{key}:infer"}, {"infer"}), ({}, None)):
+            # What the server process sees: the service's environment as compose resolves it.
+            for name in list(os.environ):
+                if name.startswith("DGSERVE_"):
+                    monkeypatch.delenv(name)
+            for name, value in env.items():
+                monkeypatch.setenv(name, interpolate(str(value), shell))
+            keys = ApiKeys.from_settings(Settings())
+            if scopes is None:
+                assert not keys.enabled, "with no DGSERVE_API_KEYS in `.env` the API stays open"
+            else:
+                assert keys.enabled and keys.scopes_of(key) == scopes
+
+
+def test_files_that_hold_keys_stay_out_of_git(lib: SimpleNamespace) -> None:
+    # `.env` holds DGSERVE_API_KEYS (the compose file says so), and dgserve.env, which compose also reads into
+    # the server's environment, may hold keys too: neither may be committed.
+    ignored = {line.strip() for line in (lib.ROOT / ".gitignore").read_text().splitlines()}
+    assert {".env", "dgserve.env"} <= ignored
+    # ... nor copied into the image: the Dockerfile copies named paths only, never the whole context.
+    sources = [line.split()[1:-1] for line in lib.DOCKERFILE.read_text().splitlines() if line.startswith("COPY ")]
+    assert sources and all(src not in (".", "./", ".env") for srcs in sources for src in srcs), sources

@@ -617,6 +617,94 @@ def test_kserve_runtime_and_inference_service(kubectl: str) -> None:
     assert pdb["spec"]["selector"]["matchLabels"]["serving.kserve.io/inferenceservice"] == isvc["metadata"]["name"]
 
 
+# --- API keys ----------------------------------------------------------------------------------------------
+
+# docs/deploy.md, "API keys": Kubernetes reads DGSERVE_API_KEYS from this optional Secret and key.
+API_KEYS_SECRET, API_KEYS_SECRET_KEY = "dgserve-api-keys", "keys"
+API_KEYS_ENV = "DGSERVE_API_KEYS"
+# The manifests as written, each with the number of containers in it that run the dgserve image.
+SERVER_MANIFESTS = {"base/deployment.yaml": 1, "overlays/kserve/servingruntime.yaml": 1}
+# What each build yields of them: the cpu overlay patches the base's env list, so it is checked as built.
+SERVER_CONTAINERS = {"base": 1, **{overlay: 1 for overlay in EXPECTED_KINDS}}
+
+
+def dgserve_containers(value: Any, where: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """(where, container) for every mapping anywhere in ``value`` that runs the dgserve image, whatever the
+    kind holding it (Deployment, ServingRuntime, a future one): a new place that runs the server is checked too."""
+    found = []
+    if isinstance(value, dict):
+        image = value.get("image")
+        if isinstance(image, str) and image.rsplit("/", 1)[-1].split(":")[0].split("@")[0] == "dgserve":
+            found.append((f"{where}/{value.get('name')}", value))
+        for key, item in value.items():
+            found.extend(dgserve_containers(item, f"{where}/{key}"))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found.extend(dgserve_containers(item, f"{where}[{i}]"))
+    return found
+
+
+def env_entries(value: Any) -> list[dict[str, Any]]:
+    """Every ``env`` entry anywhere in ``value`` (containers, and an InferenceService's model, which KServe
+    merges into the runtime's container, so that its env would override the runtime's)."""
+    if isinstance(value, list):
+        return [entry for item in value for entry in env_entries(item)]
+    if not isinstance(value, dict):
+        return []
+    own = [e for e in value["env"] if isinstance(e, dict)] if isinstance(value.get("env"), list) else []
+    return own + [entry for item in value.values() for entry in env_entries(item)]
+
+
+def check_api_keys_from_secret(objects: list[dict[str, Any]], expected_containers: int) -> None:
+    containers = dgserve_containers(objects)
+    assert len(containers) == expected_containers, [where for where, _ in containers]
+    for where, c in containers:
+        keys = env_of(c).get(API_KEYS_ENV)
+        assert keys is not None, f"{where}: no {API_KEYS_ENV}, so the server runs with the API open"
+        # optional: the pod starts (open) without the Secret; the key is read by name, never written here.
+        assert keys == {"name": API_KEYS_ENV, "valueFrom": {"secretKeyRef": {
+            "name": API_KEYS_SECRET, "key": API_KEYS_SECRET_KEY, "optional": True}}}, where  # fmt: skip
+    # Nothing else sets the keys: not a plain value beside it, not an InferenceService's env over it.
+    entries = [e for e in env_entries(objects) if e.get("name") in (API_KEYS_ENV, API_KEYS_ENV + "_FILE")]
+    assert len(entries) == expected_containers and all("value" not in e for e in entries), entries
+    for obj in objects:
+        if obj["kind"] == "ConfigMap":  # a ConfigMap is readable by whoever can read the namespace's config
+            assert not {API_KEYS_ENV, API_KEYS_ENV + "_FILE"} & set(obj.get("data", {})), obj["metadata"]["name"]
+
+
+def test_the_api_keys_secret_is_the_one_the_guide_names() -> None:
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    said = re.search(r"Kubernetes reads it from the optional\s+Secret `([^`]+)`, key `([^`]+)`", doc)
+    assert said, "docs/deploy.md no longer says which Secret holds the keys"
+    assert (said[1], said[2]) == (API_KEYS_SECRET, API_KEYS_SECRET_KEY)
+    # The command the guide gives creates exactly that Secret and key.
+    command = re.search(r"kubectl create secret generic (\S+) .*?--from-literal=(\w+)=", doc)
+    assert command and (command[1], command[2]) == (API_KEYS_SECRET, API_KEYS_SECRET_KEY)
+
+
+@pytest.mark.parametrize("manifest", sorted(SERVER_MANIFESTS))
+def test_server_manifests_read_api_keys_from_the_optional_secret(manifest: str) -> None:
+    """As written, without kubectl: every manifest that runs the server reads the keys from the Secret."""
+    objects = [o for o in yaml.safe_load_all((KUBE_DIR / manifest).read_text()) if o]
+    check_api_keys_from_secret(objects, SERVER_MANIFESTS[manifest])
+
+
+def test_every_manifest_that_runs_the_server_is_listed() -> None:
+    running = sorted(
+        str(path.relative_to(KUBE_DIR)) for path in KUBE_DIR.rglob("*.yaml")
+        if dgserve_containers([o for o in yaml.safe_load_all(path.read_text()) if o])
+    )  # fmt: skip
+    assert running == sorted(SERVER_MANIFESTS), "a new manifest that runs the server needs the API keys Secret"
+
+
+@pytest.mark.parametrize("build_name", sorted(SERVER_CONTAINERS))
+def test_built_servers_read_api_keys_from_the_optional_secret(kubectl: str, build_name: str) -> None:
+    """As applied: the base and every overlay, patches included."""
+    directory = KUBE_DIR / "base" if build_name == "base" else OVERLAYS_DIR / build_name
+    objects = json.loads(json.dumps(_build(kubectl, directory)))
+    check_api_keys_from_secret(objects, SERVER_CONTAINERS[build_name])
+
+
 # --- Prometheus in the cluster ------------------------------------------------------------------------------
 
 

@@ -288,3 +288,22 @@ async def test_a_replica_answers_once_its_records_are_committed(tmp_path: Path, 
         assert response.status_code == 200 and response.headers["x-inspection-committed"] == "true"
         # Committed before the answer, although the queue would have waited an hour.
         assert response.json()["results"][0]["id"] in stored_ids(tmp_path)
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(300)
+async def test_api_keys_in_the_ray_environment_guard_a_replica(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DGSERVE_API_KEYS`` in the nodes' environment or the config's ``runtime_env`` reaches each
+    replica like any setting; the example config's proxy listens on every interface."""
+    infer, read = "i" * 24, "r" * 24
+    monkeypatch.setenv("DGSERVE_API_KEYS", f"{infer}:infer,{read}:read")
+    async with replica({"settings": bundled_settings(tmp_path)}) as (_, client):
+        anonymous = await classify(client, 0)
+        assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Bearer")
+        wrong_scope = await client.post("/v1/models/shapes-dgnet/classify", content=png(0),
+                                        headers={"content-type": "image/png", "x-api-key": read})  # fmt: skip
+        assert wrong_scope.status_code == 403
+        bearer = {"content-type": "image/png", "authorization": f"Bearer {infer}"}
+        allowed = await client.post("/v1/models/shapes-dgnet/classify", content=png(0), headers=bearer)
+        assert allowed.status_code == 200
+        assert (await client.get("/readyz")).status_code == 200  # probes stay open
