@@ -4,23 +4,25 @@
                                                    [--read-workers N]
 
 One real server with the bundled shapes-dgnet. Each round runs the same classify load
-(``--clients`` keep-alive connections, one 64x64 JPEG each) four times, in turn:
-alone, while one client loops ``GET /v1/inspections?limit=1000`` as NDJSON, while one
-client loops the Parquet export, and while one loops the connectivity summary grouped
-by label. The reading client runs in a process of its own, on the same cores, and is
-as lean as the load generator (``reader``). ``--read-workers`` sets
-``DGSERVE_READ_WORKERS`` (0: the reads run in the server's threads, as before the
-reader processes). A run of 1,500 requests takes about 5 s here; even so, a summary's
-median moves by up to a tenth from one invocation to the next. It prints each case's
-throughput and p99 as a ratio to the alone run of the same round, then min / median / max over rounds. The
-target: a continuous read costs inference at most 15 % of its throughput, and its p99
-stays within 2x.
+(``--clients`` keep-alive connections, one 64x64 JPEG each) six times, in turn: alone,
+while one client loops ``GET /v1/inspections?limit=1000`` as NDJSON, while one client
+loops the Parquet export, while one loops the connectivity summary grouped by label, and
+while one loops each of the two pictures (the summary's PNG, and one record's PNG:
+matplotlib's drawing, the heaviest read per request). The reading client runs in a
+process of its own, on the same cores, and is as lean as the load generator
+(``reader``). ``--read-workers`` sets ``DGSERVE_READ_WORKERS`` (0: the reads run in the
+server's threads, as before the reader processes). A run of 1,500 requests takes about
+5 s here; even so, a summary's median moves by up to a tenth from one invocation to the
+next. It prints each case's throughput and p99 as a ratio to the alone run of the same
+round, then min / median / max over rounds. The target: a continuous read costs
+inference at most 15 % of its throughput, and its p99 stays within 2x.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing
 import os
 import statistics
@@ -28,6 +30,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Callable
 from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event
@@ -40,6 +43,8 @@ READS: dict[str, str] = {
     "listing": "/v1/inspections?limit=1000&format=ndjson",
     "export": "/v1/inspections/export?format=parquet",
     "summary": "/v1/models/shapes-dgnet/connectivity?group_by=label",
+    "summary picture": "/v1/models/shapes-dgnet/connectivity.png?group_by=label",
+    "record picture": "/v1/inspections/{id}/connectivity.png",  # a stored record's id, once there are some
 }
 
 
@@ -121,12 +126,14 @@ def main() -> None:
             wait_ready(base, server)
             classify(port, 2000, args.clients)  # warm-up, and 2000 records for the reads to read
             run = lambda: classify(port, args.requests, args.clients)  # noqa: E731
+            with urllib.request.urlopen(f"{base}/v1/inspections?limit=1", timeout=60) as listing:
+                stored = json.load(listing)["records"][0]["id"]
             ratios: dict[str, list[tuple[float, float]]] = {name: [] for name in READS}
             for round_ in range(1, args.rounds + 1):
                 alone = run()
                 print(f"round {round_}: alone {alone[0]:.1f} req/s, p99 {alone[1] * 1000:.0f} ms", flush=True)
                 for name, path in READS.items():
-                    rate, p99, reads = with_reader(port, path, run)
+                    rate, p99, reads = with_reader(port, path.replace("{id}", stored), run)
                     ratios[name].append((rate / alone[0], p99 / alone[1]))
                     print(f"  with the {name} looping ({reads} reads): {rate:.1f} req/s ({rate / alone[0]:.2f}x), "
                           f"p99 {p99 * 1000:.0f} ms ({p99 / alone[1]:.2f}x)", flush=True)  # fmt: skip
