@@ -153,3 +153,55 @@ async def test_write_batch_now_writes_every_record_or_none(make_backend: Callabl
             assert await asyncio.to_thread(backend.get, "r1") == rows[1]
     finally:
         await asyncio.to_thread(backend.close)
+
+
+async def test_commits_waiting_when_the_writer_dies_fail_at_once(
+    make_backend: Callable[[], InspectionBackend], started: Callable[..., object]
+) -> None:
+    """Never left hanging: a waiting answer learns of a dead writer, not at its timeout."""
+    backend = make_backend()
+    release = threading.Event()
+    write = backend.write_batch
+
+    def stuck(records: Sequence[StoredRecord], graphs: Mapping[str, str]) -> None:
+        release.wait(timeout=30)
+        write(records, graphs)
+
+    backend.write_batch = stuck  # type: ignore[method-assign]
+    backend.write_batch_now = lambda records, graphs: False  # type: ignore[method-assign]
+    store: InspectionStore = await started(InspectionStore(backend))  # type: ignore[misc]
+    try:
+        assert await store.put(_record(1))
+        waiting = [asyncio.ensure_future(store.commit(timeout_s=30)) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert not any(w.done() for w in waiting)
+        store._queue._task.cancel()  # type: ignore[union-attr]  # the writer dies mid-write
+        outcomes = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
+        assert all(isinstance(o, RuntimeError) and "has stopped" in str(o) for o in outcomes), outcomes
+    finally:
+        release.set()
+
+
+async def test_a_cancelled_commit_leaves_the_others_to_commit(
+    make_backend: Callable[[], InspectionBackend], started: Callable[..., object]
+) -> None:
+    backend = make_backend()
+    release = threading.Event()
+    write = backend.write_batch
+
+    def held(records: Sequence[StoredRecord], graphs: Mapping[str, str]) -> None:
+        release.wait(timeout=30)
+        write(records, graphs)
+
+    backend.write_batch = held  # type: ignore[method-assign]
+    backend.write_batch_now = lambda records, graphs: False  # type: ignore[method-assign]
+    store: InspectionStore = await started(InspectionStore(backend))  # type: ignore[misc]
+    assert await store.put(_record(1))
+    gone = asyncio.ensure_future(store.commit(timeout_s=30))  # a client that leaves
+    assert await store.put(_record(2))
+    staying = asyncio.ensure_future(store.commit(timeout_s=30))
+    await asyncio.sleep(0.05)
+    gone.cancel()
+    release.set()
+    assert await asyncio.wait_for(staying, 10)
+    assert gone.cancelled() and not store._queue._committers  # nothing left behind
