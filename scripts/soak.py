@@ -17,9 +17,10 @@ seconds:
 
 The RSS of the server's whole process tree (server processes, model and reader
 processes) is sampled every 2 s. At the end it prints requests done, answers by status,
-classify p50/p99, throughput per minute, and the tree's RSS after the warm-up
-(``--warmup``, default a quarter of the run, at most 60 s), at the end and at most,
-with the growth. It exits 1 if RSS grew more than 5 % after the warm-up, if any answer
+each answer that was neither a 2xx nor a 503 (which request, its status, the start of its
+body), classify p50/p99, throughput per minute, and the tree's RSS at the start, after
+the warm-up (``--warmup``, default a quarter of the run, at most 60 s), at the end and
+at most, with the growth after the warm-up. It exits 1 if RSS grew more than 5 % after the warm-up, if any answer
 was neither a 2xx nor a 503, or if any request was lost (reset, timed out, or an
 answered id not found).
 """
@@ -65,15 +66,18 @@ class Tally:
         self.lock = threading.Lock()
         self.statuses: Counter[int] = Counter()
         self.lost: list[str] = []
+        self.unexpected: list[str] = []  # each answer neither 2xx nor 503: who got it, and what it said
         self.done_at: list[float] = []  # completion times of 2xx answers
         self.latencies: list[float] = []
         self.bursts = 0
 
-    def answer(self, status: int, at: float) -> None:
+    def answer(self, status: int, at: float, where: str = "", body: str = "") -> None:
         with self.lock:
             self.statuses[status] += 1
             if 200 <= status < 300:
                 self.done_at.append(at)
+            elif status != 503:
+                self.unexpected.append(f"{where}: {status} {body[:200]}")
 
 
 def classify_load(port: int, clients: int, stop_at: float, tally: Tally) -> None:
@@ -89,6 +93,8 @@ def classify_load(port: int, clients: int, stop_at: float, tally: Tally) -> None
             for error in result.errors:
                 if error.startswith("HTTP "):
                     tally.statuses[int(error[5:])] += 1
+                    if error != "HTTP 503":
+                        tally.unexpected.append(f"classify: {error}")
                 else:
                     tally.lost.append(f"classify: {error}")
 
@@ -112,6 +118,8 @@ def overload_bursts(port: int, clients: int, every: float, stop_at: float, tally
             for error in result.errors:
                 if error.startswith("HTTP "):
                     tally.statuses[int(error[5:])] += 1
+                    if error != "HTTP 503":
+                        tally.unexpected.append(f"overload: {error}")
                 else:
                     tally.lost.append(f"overload: {error}")
 
@@ -133,16 +141,20 @@ def reads_loop(base: str, stop_at: float, tally: Tally) -> None:
                         response = client.post(path, content=image, headers={"content-type": "image/jpeg"})
                     else:
                         with client.stream("GET", path) as response:
-                            for _ in response.iter_bytes():
-                                pass
+                            if response.status_code == 200:
+                                for _ in response.iter_bytes():
+                                    pass
+                            else:
+                                response.read()  # an error's JSON, for the report
                 except httpx.HTTPError as exc:
                     tally.lost.append(f"{method} {path}: {type(exc).__name__}: {exc}")
                     continue
-                tally.answer(response.status_code, time.monotonic())
+                body = "" if response.status_code == 200 else response.text
+                tally.answer(response.status_code, time.monotonic(), f"{method} {path}", body)
                 if method == "POST" and response.status_code == 200:
                     for result in response.json()["results"]:
                         got = client.get(f"/v1/inspections/{result['id']}")
-                        tally.answer(got.status_code, time.monotonic())
+                        tally.answer(got.status_code, time.monotonic(), f"GET /v1/inspections/{result['id']}", got.text)
                         if got.status_code != 200:
                             tally.lost.append(f"answered id {result['id']}: GET gave {got.status_code}")
             time.sleep(1.0)
@@ -211,9 +223,14 @@ def soak(server: subprocess.Popen[bytes], base: str, port: int, args: argparse.N
     per_minute = Counter(int((t - started) // 60) for t in tally.done_at)
     print("2xx per minute: " + ", ".join(f"min {m + 1}: {per_minute[m]}" for m in sorted(per_minute)))
     print(f"overload bursts of {args.overload_clients} connections: {tally.bursts}")
+    print(f"RSS of the server's {samples[0][2]} processes at start {samples[0][1] / 1024:.1f} MiB")
     print(f"RSS of the server's {after[-1][2]} processes after warm-up ({warmup:.0f} s) {start_kb / 1024:.1f} MiB, "
           f"end {end_kb / 1024:.1f} MiB, max {max_kb / 1024:.1f} MiB, growth {growth * 100:+.1f} %")  # fmt: skip
     errors = {status: n for status, n in tally.statuses.items() if not (200 <= status < 300 or status == 503)}
+    for line in tally.unexpected[:50]:
+        print(f"unexpected answer: {line}")
+    if len(tally.unexpected) > 50:
+        print(f"... and {len(tally.unexpected) - 50} more")
     failed = []
     if growth > RSS_GROWTH_MAX:
         failed.append(f"RSS grew {growth * 100:.1f} % (> {RSS_GROWTH_MAX * 100:.0f} %)")
