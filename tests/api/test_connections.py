@@ -121,13 +121,15 @@ def test_slow_loris_connections_are_closed_and_others_served(server: ServerProce
 
 
 def test_slow_uploads_give_their_queue_places_back(tmp_path: Path, png: bytes) -> None:
-    """A place taken at an upload's headers is held for UPLOAD_HOLD_S of its body only: 16 slow
-    uploads against a queue of 8 fill it at first (8 of them are refused), and then no longer keep
-    a normal classify out, though all 16 are still sending."""
+    """A place taken at an upload's headers is held for UPLOAD_HOLD_S of its body only: 16 uploads
+    that send their headers and then nothing fill a queue of 8 at first (8 of them are refused),
+    and then no longer keep a normal classify out, though all 16 are still open. One that then
+    sends its body takes a place again and is served."""
     env = {"DGSERVE_MAX_QUEUE_SIZE": "8", "DGSERVE_BODY_TIMEOUT_S": "60"}
     with ServerProcess(tmp_path, env) as proc:
-        head = b"POST " + CLASSIFY.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-        slow = [Loris.open(proc.port, head + b"Content-Length: 100000\r\n\r\n", b"\0", "body") for _ in range(16)]
+        head = (b"POST " + CLASSIFY.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(png))  # fmt: skip
+        slow = [Loris.open(proc.port, head, b"", "body") for _ in range(16)]
         try:
             deadline = time.monotonic() + 30
             while _rejected(proc) < 8:  # the queue was full: every place is held by a slow upload
@@ -143,6 +145,12 @@ def test_slow_uploads_give_their_queue_places_back(tmp_path: Path, png: bytes) -
             for client in slow:
                 client.readable()
             assert sum(c.closed_at is None for c in slow) == 16, "every slow upload is still open"
+            # An admitted one (no answer yet) sends its body at last: its place again, then its answer.
+            late = next(c for c in slow if not c.received)
+            late.sock.setblocking(True)
+            late.sock.settimeout(30)
+            late.sock.sendall(png)
+            assert late.sock.recv(65536).startswith(b"HTTP/1.1 200 ")
         finally:
             for client in slow:
                 client.sock.close()

@@ -160,12 +160,15 @@ async def test_commits_waiting_when_the_writer_dies_fail_at_once(
 ) -> None:
     """Never left hanging: a waiting answer learns of a dead writer, not at its timeout."""
     backend = make_backend()
-    release = threading.Event()
+    release, finished = threading.Event(), threading.Event()
     write = backend.write_batch
 
     def stuck(records: Sequence[StoredRecord], graphs: Mapping[str, str]) -> None:
-        release.wait(timeout=30)
-        write(records, graphs)
+        try:
+            release.wait(timeout=30)
+            write(records, graphs)
+        finally:
+            finished.set()
 
     backend.write_batch = stuck  # type: ignore[method-assign]
     backend.write_batch_now = lambda records, graphs: False  # type: ignore[method-assign]
@@ -180,13 +183,11 @@ async def test_commits_waiting_when_the_writer_dies_fail_at_once(
         assert all(isinstance(o, RuntimeError) and "has stopped" in str(o) for o in outcomes), outcomes
     finally:
         release.set()
+        await asyncio.to_thread(finished.wait, 10)  # the thread's write ends before the backend closes
 
 
-async def test_a_cancelled_commit_leaves_the_others_to_commit(
-    make_backend: Callable[[], InspectionBackend], started: Callable[..., object]
-) -> None:
-    backend = make_backend()
-    release = threading.Event()
+def _held_writes(backend: InspectionBackend, release: threading.Event) -> None:
+    """Writes that wait for ``release``: storage that hangs without failing."""
     write = backend.write_batch
 
     def held(records: Sequence[StoredRecord], graphs: Mapping[str, str]) -> None:
@@ -195,13 +196,44 @@ async def test_a_cancelled_commit_leaves_the_others_to_commit(
 
     backend.write_batch = held  # type: ignore[method-assign]
     backend.write_batch_now = lambda records, graphs: False  # type: ignore[method-assign]
+
+
+async def test_a_cancelled_commit_leaves_the_others_to_commit(
+    make_backend: Callable[[], InspectionBackend], started: Callable[..., object]
+) -> None:
+    backend = make_backend()
+    release = threading.Event()
+    _held_writes(backend, release)
     store: InspectionStore = await started(InspectionStore(backend))  # type: ignore[misc]
-    assert await store.put(_record(1))
-    gone = asyncio.ensure_future(store.commit(timeout_s=30))  # a client that leaves
-    assert await store.put(_record(2))
-    staying = asyncio.ensure_future(store.commit(timeout_s=30))
-    await asyncio.sleep(0.05)
-    gone.cancel()
-    release.set()
+    try:
+        assert await store.put(_record(1))
+        gone = asyncio.ensure_future(store.commit(timeout_s=30))  # a client that leaves
+        await asyncio.sleep(0.05)  # its waiter needs record 1, whose write has started
+        assert await store.put(_record(2))
+        staying = asyncio.ensure_future(store.commit(timeout_s=30))  # needs record 2: the next write
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        await asyncio.sleep(0)
+        assert gone.cancelled() and not staying.done()
+    finally:
+        release.set()
     assert await asyncio.wait_for(staying, 10)
-    assert gone.cancelled() and not store._queue._committers  # nothing left behind
+    assert not store._queue._committers  # nothing left behind
+
+
+async def test_commits_given_up_on_while_a_write_hangs_do_not_pile_up(
+    make_backend: Callable[[], InspectionBackend], started: Callable[..., object]
+) -> None:
+    backend = make_backend()
+    release = threading.Event()
+    _held_writes(backend, release)
+    store: InspectionStore = await started(InspectionStore(backend))  # type: ignore[misc]
+    try:
+        for n in range(40):  # each answer times out against a write that neither ends nor fails
+            assert await store.put(_record(n))
+            assert not await store.commit(timeout_s=0.01)
+        assert len(store._queue._committers) <= 2, len(store._queue._committers)
+    finally:
+        release.set()
+    await store.flush()
+    assert await asyncio.to_thread(backend.count) == 40

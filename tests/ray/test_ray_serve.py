@@ -294,7 +294,7 @@ async def test_a_replica_answers_once_its_records_are_committed(tmp_path: Path, 
 @pytest.mark.timeout(300)
 async def test_api_keys_in_the_ray_environment_guard_a_replica(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``DGSERVE_API_KEYS`` in the nodes' environment or the config's ``runtime_env`` reaches each
-    replica like any setting; the example config's proxy listens on every interface."""
+    replica like any setting (the example config's proxy listens on every interface: README)."""
     infer, read = "i" * 24, "r" * 24
     monkeypatch.setenv("DGSERVE_API_KEYS", f"{infer}:infer,{read}:read")
     async with replica({"settings": bundled_settings(tmp_path)}) as (_, client):

@@ -161,6 +161,7 @@ class PendingQueue:
         self._progress = asyncio.Event()
         # Answers waiting for a commit (``commit``): the seq each needs, and its future, in seq order.
         self._committers: deque[tuple[int, asyncio.Future[bool]]] = deque()
+        self._abandoned = 0  # of those, timed out or cancelled before their commit (see commit)
         self._error: BaseException | None = None
         self._failing = False  # the last write failed: storage is down or refusing
         self._task: asyncio.Task[None] | None = None
@@ -268,9 +269,8 @@ class PendingQueue:
         if self._failing:
             return False
         self.raise_if_stopped()
-        # A future the writer settles as it commits, not ``wait_for(self.flush())``: that is
-        # a task per answer and three more turns of a busy event loop before the answer
-        # goes out, which cost sync answers throughput against async (issue 13, finding 3).
+        # A future the writer settles as it commits: ``wait_for(self.flush())`` was a task per
+        # answer and three more turns of a busy event loop before it went out (issue 13, finding 3).
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
         self._committers.append((self._seq, waiter))
@@ -281,6 +281,13 @@ class PendingQueue:
             return await waiter
         finally:
             timer.cancel()
+            if waiter.cancelled() or (waiter.exception() is None and not waiter.result()):
+                # Given up on: a write that hangs without failing commits nothing that would
+                # drop it, and every answer adds one. Past half, keep only those still waiting.
+                self._abandoned += 1
+                if self._abandoned * 2 > len(self._committers):
+                    self._committers = deque(c for c in self._committers if not c[1].done())
+                    self._abandoned = 0
 
     def _full(self) -> bool:
         limits = self._batching

@@ -36,8 +36,11 @@ class Reservation:
 
     def __init__(self, batcher: Any) -> None:
         self._batcher = batcher
+        self._hold()
+
+    def _hold(self) -> None:
         self._held = True
-        batcher._reserved += 1
+        self._batcher._reserved += 1
 
     @property
     def batcher(self) -> Any:
@@ -62,8 +65,7 @@ class Reservation:
         (counted) if the queue filled meanwhile, before anything is decoded."""
         if not self._held:
             self._batcher.check_admission()
-            self._held = True
-            self._batcher._reserved += 1
+            self._hold()
 
     def __enter__(self) -> Reservation:
         return self
