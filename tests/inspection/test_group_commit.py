@@ -186,8 +186,10 @@ async def test_commits_waiting_when_the_writer_dies_fail_at_once(
         await asyncio.to_thread(finished.wait, 10)  # the thread's write ends before the backend closes
 
 
-def _held_writes(backend: InspectionBackend, release: threading.Event) -> None:
-    """Writes that wait for ``release``: storage that hangs without failing."""
+async def _held_writes(
+    backend: InspectionBackend, release: threading.Event, started: Callable[..., object]
+) -> InspectionStore:
+    """A started store whose writes wait for ``release``: storage that hangs without failing."""
     write = backend.write_batch
 
     def held(records: Sequence[StoredRecord], graphs: Mapping[str, str]) -> None:
@@ -196,15 +198,14 @@ def _held_writes(backend: InspectionBackend, release: threading.Event) -> None:
 
     backend.write_batch = held  # type: ignore[method-assign]
     backend.write_batch_now = lambda records, graphs: False  # type: ignore[method-assign]
+    return await started(InspectionStore(backend))  # type: ignore[misc, no-any-return]
 
 
 async def test_a_cancelled_commit_leaves_the_others_to_commit(
     make_backend: Callable[[], InspectionBackend], started: Callable[..., object]
 ) -> None:
-    backend = make_backend()
-    release = threading.Event()
-    _held_writes(backend, release)
-    store: InspectionStore = await started(InspectionStore(backend))  # type: ignore[misc]
+    backend, release = make_backend(), threading.Event()
+    store = await _held_writes(backend, release, started)
     try:
         assert await store.put(_record(1))
         gone = asyncio.ensure_future(store.commit(timeout_s=30))  # a client that leaves
@@ -224,10 +225,8 @@ async def test_a_cancelled_commit_leaves_the_others_to_commit(
 async def test_commits_given_up_on_while_a_write_hangs_do_not_pile_up(
     make_backend: Callable[[], InspectionBackend], started: Callable[..., object]
 ) -> None:
-    backend = make_backend()
-    release = threading.Event()
-    _held_writes(backend, release)
-    store: InspectionStore = await started(InspectionStore(backend))  # type: ignore[misc]
+    backend, release = make_backend(), threading.Event()
+    store = await _held_writes(backend, release, started)
     try:
         for n in range(40):  # each answer times out against a write that neither ends nor fails
             assert await store.put(_record(n))

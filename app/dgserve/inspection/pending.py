@@ -183,7 +183,12 @@ class PendingQueue:
 
     def raise_if_stopped(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"{self!r} has stopped") from self._error
+            raise self._stopped()
+
+    def _stopped(self) -> RuntimeError:
+        stopped = RuntimeError(f"{self!r} has stopped")
+        stopped.__cause__ = self._error
+        return stopped
 
     # --- the writer task --------------------------------------------------------------
 
@@ -262,15 +267,15 @@ class PendingQueue:
         failing, so that no answer waits on storage that is down.
 
         Concurrent callers share the writes (group commit): whoever finds a write under
-        way is served by the next one, which takes everything queued by then.
+        way is served by the next one, which takes everything queued by then. Each waits on
+        a future the writer settles as it commits (``_pulse``), not on ``wait_for(flush())``:
+        a task per answer, and three more turns of a busy loop before it went out.
         """
         if self._durable_seq >= self._seq:
             return True
         if self._failing:
             return False
         self.raise_if_stopped()
-        # A future the writer settles as it commits: ``wait_for(self.flush())`` was a task per
-        # answer and three more turns of a busy event loop before it went out (issue 13, finding 3).
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
         self._committers.append((self._seq, waiter))
@@ -282,8 +287,7 @@ class PendingQueue:
         finally:
             timer.cancel()
             if waiter.cancelled() or (waiter.exception() is None and not waiter.result()):
-                # Given up on: a write that hangs without failing commits nothing that would
-                # drop it, and every answer adds one. Past half, keep only those still waiting.
+                # A write that hangs without failing drops no waiter: past half, keep the live ones.
                 self._abandoned += 1
                 if self._abandoned * 2 > len(self._committers):
                     self._committers = deque(c for c in self._committers if not c[1].done())
@@ -299,13 +303,10 @@ class PendingQueue:
         committers = self._committers
         while committers and (committers[0][0] <= self._durable_seq or committers[0][1].done()):
             _settle(committers.popleft()[1], True)  # committed (or timed out, or cancelled, already)
-        if self._error is not None:
-            while committers:
-                stopped = RuntimeError(f"{self!r} has stopped")
-                stopped.__cause__ = self._error
-                waiter = committers.popleft()[1]
-                if not waiter.done():
-                    waiter.set_exception(stopped)
+        while self._error is not None and committers:  # the writer is gone: nobody waits for it
+            waiter = committers.popleft()[1]
+            if not waiter.done():
+                waiter.set_exception(self._stopped())
 
     async def _wait_until(self, done: Callable[[], bool]) -> None:
         while not done():
@@ -357,24 +358,14 @@ class PendingQueue:
                 self._failing = True
                 self._observer.inspection_write_failed()
                 if self._stopping and failures >= CLOSE_ATTEMPTS:
-                    log.error(
-                        "closing %s: giving up after %d failed writes; %d inspection records are lost",
-                        self._location,
-                        failures,
-                        len(self._queue),
-                        exc_info=exc,
-                    )
+                    log.error("closing %s: giving up after %d failed writes; %d inspection records are lost",
+                              self._location, failures, len(self._queue), exc_info=exc)  # fmt: skip
                     self._observer.inspection_records_dropped(len(self._queue), "closing")
                     self._error = exc
                     return
                 delay = min(_RETRY_MIN_S * 2 ** (failures - 1), _RETRY_MAX_S)
-                log.warning(
-                    "writing %d inspection records to %s failed (%s); they stay queued, retrying in %.2fs",
-                    len(batch),
-                    self._location,
-                    exc,
-                    delay,
-                )
+                log.warning("writing %d inspection records to %s failed (%s); they stay queued, retrying in %.2fs",
+                            len(batch), self._location, exc, delay)  # fmt: skip
                 await asyncio.sleep(delay)
                 continue
             failures, self._failing = 0, False
